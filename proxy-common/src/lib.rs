@@ -1,0 +1,342 @@
+//! Types shared by the kernel programs (`proxy-ebpf`) and the node proxy (`proxy`).
+//!
+//! Everything here is `#[repr(C)]`, `Copy` and free of implicit padding: the same bytes are
+//! written by one side and read by the other, so a layout change must happen on both sides
+//! at once. Addresses are stored as the kernel hands them to BPF programs: each `u32` of an
+//! address holds four bytes in network order (the in-memory byte order of the address).
+//! Ports are stored in host order.
+#![no_std]
+#![deny(unsafe_code)]
+
+// === names ===
+
+/// Names of the programs in the object file, as `bpftool prog show` lists them.
+/// The kernel keeps 15 characters of a program name, so each is at most that long.
+pub mod program {
+    /// cgroup/connect4 on the workload cgroup parent.
+    pub const CONNECT4: &str = "mesh_connect4";
+    /// cgroup/connect6 on the workload cgroup parent.
+    pub const CONNECT6: &str = "mesh_connect6";
+    /// sock_ops on the workload cgroup parent.
+    pub const SOCKOPS_WORKLOAD: &str = "mesh_sockops_wl";
+    /// sock_ops on the proxy's own cgroup.
+    pub const SOCKOPS_PROXY: &str = "mesh_sockops_px";
+    /// sk_msg attached to the SOCKHASH.
+    pub const MSG_REDIRECT: &str = "mesh_msg_redir";
+    /// Every program, in load order.
+    pub const ALL: [&str; 5] = [
+        CONNECT4,
+        CONNECT6,
+        SOCKOPS_WORKLOAD,
+        SOCKOPS_PROXY,
+        MSG_REDIRECT,
+    ];
+}
+
+/// Names of the maps in the object file (the names of the statics in `proxy-ebpf/src/maps.rs`).
+pub mod map {
+    pub const CONFIG: &str = "MESH_CONFIG";
+    pub const COUNTERS: &str = "MESH_COUNTERS";
+    pub const ORIG_BY_COOKIE: &str = "MESH_ORIG_CK";
+    pub const ORIG_DST: &str = "MESH_ORIG_DST";
+    pub const SOCKS: &str = "MESH_SOCKS";
+    pub const PEERS: &str = "MESH_PEERS";
+    pub const EXPECT: &str = "MESH_EXPECT";
+    pub const TAINTED: &str = "MESH_TAINTED";
+    pub const EXCLUDED_PORTS: &str = "MESH_EXCL_PORT";
+    pub const EXCLUDED_V4: &str = "MESH_EXCL_V4";
+    pub const EXCLUDED_V6: &str = "MESH_EXCL_V6";
+    /// Every map.
+    pub const ALL: [&str; 11] = [
+        CONFIG,
+        COUNTERS,
+        ORIG_BY_COOKIE,
+        ORIG_DST,
+        SOCKS,
+        PEERS,
+        EXPECT,
+        TAINTED,
+        EXCLUDED_PORTS,
+        EXCLUDED_V4,
+        EXCLUDED_V6,
+    ];
+}
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+// === config ===
+
+/// `Config::flags`: the sock_ops programs register sockets in the SOCKHASH.
+pub const FLAG_SOCKMAP: u32 = 1;
+
+/// The single entry of `MESH_CONFIG`, written by the proxy before it attaches anything.
+/// A zeroed entry (the state right after load) means "not configured": nothing is redirected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Network namespace cookie of the proxy's listening sockets (`SO_NETNS_COOKIE`).
+    pub proxy_netns: u64,
+    /// IPv4 address workloads are sent to (network order). 0: IPv4 connects are not redirected.
+    pub redirect_ip4: u32,
+    /// Port the proxy accepts redirected connections on (host order). 0: nothing is redirected.
+    pub redirect_port: u32,
+    /// IPv6 address workloads are sent to (network order). All zero: IPv6 connects are not redirected.
+    pub redirect_ip6: [u32; 4],
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Explicit padding to a multiple of 8 bytes; always 0.
+    pub _pad: u32,
+}
+
+// === original destination ===
+
+/// The original destination of an intercepted connect, as the workload asked for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// `AF_INET` or `AF_INET6`. A v4-mapped IPv6 destination is stored as `AF_INET`.
+    pub family: u32,
+    /// Destination port, host order.
+    pub port: u32,
+    /// Destination address, network order; IPv4 uses `ip[0]` only.
+    pub ip: [u32; 4],
+}
+
+/// Key of `MESH_ORIG_DST`: the redirected connection as the proxy's accepted socket sees it.
+/// Pods on one node have distinct addresses, so the client address and port identify the
+/// connection; the proxy address and port make the key exact for several listeners.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigKey {
+    /// `AF_INET` or `AF_INET6` (v4-mapped addresses are normalised to `AF_INET`).
+    pub family: u32,
+    /// Client (workload) port, host order.
+    pub client_port: u32,
+    /// Proxy (redirect target) port, host order.
+    pub proxy_port: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+    /// Client address, network order.
+    pub client_ip: [u32; 4],
+    /// Proxy address, network order.
+    pub proxy_ip: [u32; 4],
+}
+
+// === short-circuit ===
+
+/// Key of `MESH_SOCKS`, `MESH_PEERS` and `MESH_TAINTED`: one TCP socket.
+///
+/// The network namespace cookie is part of the key because the same 4-tuple can exist in two
+/// namespaces at once (two pods each talking to themselves over 127.0.0.1); without it
+/// sk_msg could hand one pod's bytes to another pod's socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Network namespace cookie of the socket.
+    pub netns: u64,
+    /// `AF_INET` or `AF_INET6` (v4-mapped addresses are normalised to `AF_INET`).
+    pub family: u32,
+    /// Local port, host order.
+    pub local_port: u32,
+    /// Remote port, host order.
+    pub remote_port: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+    /// Local address, network order.
+    pub local_ip: [u32; 4],
+    /// Remote address, network order.
+    pub remote_ip: [u32; 4],
+}
+
+impl SockKey {
+    /// The key the other end of this connection has, if it lives in namespace `netns`.
+    pub const fn reversed_in(&self, netns: u64) -> SockKey {
+        SockKey {
+            netns,
+            family: self.family,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+        }
+    }
+
+    /// The same 4-tuple with the namespace left out, as `MESH_EXPECT` keys it.
+    pub const fn without_netns(&self) -> SockKey {
+        SockKey {
+            netns: 0,
+            ..*self
+        }
+    }
+}
+
+/// Normalises an IPv6 address that is v4-mapped (`::ffff:a.b.c.d`) to its IPv4 form.
+/// Returns the family and the address in the `[u32; 4]` layout used by the keys.
+/// A server listening on `::` accepts IPv4 clients on AF_INET6 sockets: without this the two
+/// ends of one connection would be keyed under different families and never pair.
+pub const fn normalise_ip6(ip: [u32; 4]) -> (u32, [u32; 4]) {
+    // Network-order bytes 0..10 zero and bytes 10..12 = 0xff 0xff. In the u32 that holds bytes
+    // 8..12, those two bytes are the high half on a big-endian reading of memory order.
+    if ip[0] == 0 && ip[1] == 0 && u32::from_be(ip[2]) == 0x0000_ffff {
+        (AF_INET, [ip[3], 0, 0, 0])
+    } else {
+        (AF_INET6, ip)
+    }
+}
+
+// === counters ===
+
+/// Indexes of `MESH_COUNTERS`, a per-CPU array of `u64`. The proxy sums the CPUs.
+pub mod counter {
+    /// IPv4 connects sent to the proxy.
+    pub const CONNECT4_REDIRECTED: u32 = 0;
+    /// IPv6 connects sent to the proxy.
+    pub const CONNECT6_REDIRECTED: u32 = 1;
+    /// Connects left alone: not TCP.
+    pub const BYPASS_NOT_TCP: u32 = 2;
+    /// Connects left alone: loopback destination (stays inside the pod).
+    pub const BYPASS_LOOPBACK: u32 = 3;
+    /// Connects left alone: destination port is excluded.
+    pub const BYPASS_EXCLUDED_PORT: u32 = 4;
+    /// Connects left alone: destination address is in an excluded CIDR.
+    pub const BYPASS_EXCLUDED_CIDR: u32 = 5;
+    /// Connects left alone: already addressed to the proxy.
+    pub const BYPASS_PROXY_ADDRESS: u32 = 6;
+    /// Connects left alone: the proxy has not configured this address family.
+    pub const BYPASS_UNCONFIGURED: u32 = 7;
+    /// Connects left alone: the original destination could not be recorded.
+    pub const BYPASS_RECORD_FAILED: u32 = 8;
+    /// Original destinations handed from the connect cookie to the proxy's lookup key.
+    pub const ORIG_DST_RECORDED: u32 = 9;
+    /// Sockets inserted into the SOCKHASH.
+    pub const SOCKHASH_INSERTED: u32 = 10;
+    /// SOCKHASH inserts that failed (map full, ...): the connection stays on the TCP path.
+    pub const SOCKHASH_INSERT_FAILED: u32 = 11;
+    /// Sockets not inserted because they carried payload before they were established (TCP Fast Open).
+    pub const SOCKHASH_SKIPPED_EARLY_DATA: u32 = 12;
+    /// sk_msg messages redirected to the peer socket.
+    pub const MSG_REDIRECTED: u32 = 13;
+    /// Bytes of those messages.
+    pub const MSG_REDIRECTED_BYTES: u32 = 14;
+    /// sk_msg messages passed to the TCP path.
+    pub const MSG_PASSED: u32 = 15;
+    /// Bytes of those messages.
+    pub const MSG_PASSED_BYTES: u32 = 16;
+    /// Messages passed because the peer was not (yet) in the SOCKHASH; that direction stays on TCP.
+    pub const MSG_PASSED_NO_PEER: u32 = 17;
+    /// Messages passed because an earlier message of the same direction took the TCP path.
+    pub const MSG_PASSED_TAINTED: u32 = 18;
+    /// Number of counters.
+    pub const COUNT: u32 = 19;
+
+    /// Metric-style name of each counter, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "connect4_redirected",
+        "connect6_redirected",
+        "bypass_not_tcp",
+        "bypass_loopback",
+        "bypass_excluded_port",
+        "bypass_excluded_cidr",
+        "bypass_proxy_address",
+        "bypass_unconfigured",
+        "bypass_record_failed",
+        "orig_dst_recorded",
+        "sockhash_inserted",
+        "sockhash_insert_failed",
+        "sockhash_skipped_early_data",
+        "msg_redirected",
+        "msg_redirected_bytes",
+        "msg_passed",
+        "msg_passed_bytes",
+        "msg_passed_no_peer",
+        "msg_passed_tainted",
+    ];
+}
+
+/// LPM trie key for IPv4 exclusions: prefix length, then the address in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lpm4 {
+    pub prefix_len: u32,
+    pub addr: u32,
+}
+
+/// LPM trie key for IPv6 exclusions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lpm6 {
+    pub prefix_len: u32,
+    pub addr: [u32; 4],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], Copy, made only of integers, and has no implicit padding
+    // (padding fields are explicit), so every bit pattern is valid and no byte is uninitialised.
+    #[allow(unsafe_code)]
+    mod impls {
+        use super::super::*;
+        unsafe impl aya::Pod for Config {}
+        unsafe impl aya::Pod for OrigDst {}
+        unsafe impl aya::Pod for OrigKey {}
+        unsafe impl aya::Pod for SockKey {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 4);
+        assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16);
+        assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);
+        assert_eq!(size_of::<SockKey>(), 8 + 4 * 4 + 16 + 16);
+        assert_eq!(size_of::<Lpm4>(), 8);
+        assert_eq!(size_of::<Lpm6>(), 20);
+    }
+
+    #[test]
+    fn mapped_v4_normalises() {
+        let mapped = [0, 0, u32::to_be(0xffff), u32::from_ne_bytes([10, 0, 0, 1])];
+        assert_eq!(
+            normalise_ip6(mapped),
+            (AF_INET, [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0])
+        );
+        let v6 = [u32::from_ne_bytes([0xfd, 0, 0, 0]), 0, 0, 1];
+        assert_eq!(normalise_ip6(v6), (AF_INET6, v6));
+    }
+
+    #[test]
+    fn reversed_key_swaps_ends() {
+        let k = SockKey {
+            netns: 7,
+            family: AF_INET,
+            local_port: 1,
+            remote_port: 2,
+            _pad: 0,
+            local_ip: [3, 0, 0, 0],
+            remote_ip: [4, 0, 0, 0],
+        };
+        let r = k.reversed_in(9);
+        assert_eq!(r.netns, 9);
+        assert_eq!((r.local_port, r.remote_port), (2, 1));
+        assert_eq!((r.local_ip[0], r.remote_ip[0]), (4, 3));
+        assert_eq!(r.reversed_in(7), k);
+        assert_eq!(k.without_netns().netns, 0);
+    }
+
+    #[test]
+    fn counter_names_are_unique() {
+        for (i, a) in counter::NAMES.iter().enumerate() {
+            for b in &counter::NAMES[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Kernel programs of the node proxy. Entry points only; each hook lives in its own file.
+//! See ARCHITECTURE.md for the connection path and the maps.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod maps;
+mod redirect;
+mod sockops;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+};
+
+use connect::ALLOW;
+use sockops::{SOCKOPS_OK, Side};
+
+/// Redirects outbound IPv4 TCP connects of workloads to the proxy. Never rejects: a bypass
+/// means the connect goes direct (fail-closed is the job of the pinned attachment, see
+/// ARCHITECTURE.md).
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    if let Err(bypass) = connect::try_connect4(&ctx) {
+        bypass.count();
+    }
+    ALLOW
+}
+
+/// IPv6 (and v4-mapped) counterpart of `mesh_connect4`.
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    if let Err(bypass) = connect::try_connect6(&ctx) {
+        bypass.count();
+    }
+    ALLOW
+}
+
+/// sock_ops on the workload cgroup parent.
+#[sock_ops]
+pub fn mesh_sockops_wl(ctx: SockOpsContext) -> u32 {
+    sockops::handle(&ctx, Side::Workload);
+    SOCKOPS_OK
+}
+
+/// sock_ops on the proxy's own cgroup.
+#[sock_ops]
+pub fn mesh_sockops_px(ctx: SockOpsContext) -> u32 {
+    sockops::handle(&ctx, Side::Proxy);
+    SOCKOPS_OK
+}
+
+/// sk_msg on MESH_SOCKS.
+#[sk_msg]
+pub fn mesh_msg_redir(ctx: SkMsgContext) -> u32 {
+    redirect::handle(&ctx);
+    redirect::PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects code that could get here.
+    loop {}
+}
+
+/// GPL-compatible licence string: required for the socket helpers used here.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

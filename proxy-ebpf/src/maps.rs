@@ -1,0 +1,94 @@
+//! Every map the kernel programs use, with its sizing.
+//!
+//! Names are the statics' names (`bpftool map show` prints them); `proxy_common::map` holds
+//! the same names for the userspace side. The proxy pins all of them under its pin directory.
+//! Map sizes here are defaults; the proxy may resize the big ones before load.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SockHash, HashMap},
+};
+use proxy_common::{Config, OrigDst, OrigKey, SockKey, counter};
+
+/// LPM tries must be created without preallocation (the kernel refuses otherwise).
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// One entry: the proxy's addresses, port, namespace and flags. Written by the proxy before
+/// any program is attached; read by every program.
+#[map]
+pub static MESH_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Per-CPU `u64` counters indexed by `proxy_common::counter`; per-CPU so the hot path never
+/// contends on a cache line. The proxy sums the CPUs when it reads them.
+#[map]
+pub static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Socket cookie -> original destination, written by connect4/connect6 and moved to
+/// `MESH_ORIG_DST` once the socket is established (the source port is not known at connect
+/// time). LRU: a connect that never establishes must not leak an entry. 65,536 entries cover
+/// far more connects in flight (SYN sent, not yet established) than a node has.
+#[map]
+pub static MESH_ORIG_CK: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// The proxy's view of a redirected connection -> its original destination. Written by the
+/// workload sock_ops on ACTIVE_ESTABLISHED, read by the proxy right after accept(), removed
+/// when the workload socket closes. LRU bounds it if a close is ever missed.
+/// 131,072 entries: twice the SOCKHASH, since a closed connection lingers until its close
+/// callback and TIME_WAIT does not count against it.
+#[map]
+pub static MESH_ORIG_DST: LruHashMap<OrigKey, OrigDst> = LruHashMap::with_max_entries(131072, 0);
+
+/// Established sockets that take part in the short-circuit. Each proxied same-node connection
+/// uses four entries (workload client, proxy inbound, proxy outbound, workload server), so
+/// 65,536 entries carry 16,384 short-circuited connections; a full map only means new
+/// connections stay on the TCP path (counted as `sockhash_insert_failed`).
+#[map]
+pub static MESH_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+
+/// Socket -> the key of its peer socket in `MESH_SOCKS`. Written by sock_ops when a pair is
+/// known, removed when the socket closes. Same size as the SOCKHASH; LRU as a safety net.
+#[map]
+pub static MESH_PEERS: LruHashMap<SockKey, SockKey> = LruHashMap::with_max_entries(65536, 0);
+
+/// 4-tuple (namespace left out) of a server socket the proxy is connecting to: written by the
+/// proxy's sock_ops on ACTIVE_ESTABLISHED, consumed by the workload's PASSIVE_ESTABLISHED,
+/// which is always later (the client's callback runs before its final ACK is sent).
+/// Entries for servers on other nodes are never consumed; LRU ages them out.
+#[map]
+pub static MESH_EXPECT: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Sockets whose sending direction has put a message on the TCP path. Such a direction is
+/// never redirected again: a redirected message lands in the peer's ingress queue, which the
+/// receiver reads before its TCP receive queue, so mixing paths would reorder bytes and can
+/// stall a blocking MSG_WAITALL read (measured: ../shared/notes/sockmap-measured.md).
+#[map]
+pub static MESH_TAINTED: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// Destination ports that are never intercepted (host order `u16` widened to `u32`).
+#[map]
+pub static MESH_EXCL_PORT: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+
+/// IPv4 CIDRs that are never intercepted.
+#[map]
+pub static MESH_EXCL_V4: LpmTrie<u32, u32> = LpmTrie::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// IPv6 CIDRs that are never intercepted.
+#[map]
+pub static MESH_EXCL_V6: LpmTrie<[u32; 4], u32> =
+    LpmTrie::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// Adds `n` to counter `index` on this CPU.
+#[inline(always)]
+pub fn count(index: u32, n: u64) {
+    if let Some(p) = MESH_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from the map lookup and is valid for this CPU's slot;
+        // per-CPU slots are not shared, and BPF programs do not migrate mid-run.
+        unsafe { *p += n };
+    }
+}
+
+/// The configuration entry, if the proxy has written one.
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    MESH_CONFIG.get(0)
+}

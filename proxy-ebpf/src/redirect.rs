@@ -1,0 +1,104 @@
+//! sk_msg: move bytes from a registered socket straight into its peer's receive queue.
+//!
+//! Attached to MESH_SOCKS, so it runs for every sendmsg on a registered socket. The
+//! redirected bytes skip TCP/IP entirely: they are queued on the peer's psock ingress list,
+//! which the peer's recvmsg (tcp_bpf_recvmsg) reads before its ordinary TCP receive queue.
+//! That ordering is why a direction that ever used the TCP path must keep using it.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    helpers::bpf_get_netns_cookie,
+    programs::SkMsgContext,
+    EbpfContext as _,
+};
+use proxy_common::{AF_INET, AF_INET6, SockKey, counter, normalise_ip6};
+
+use crate::maps::{MESH_PEERS, MESH_SOCKS, MESH_TAINTED, count};
+
+/// The only verdict this program gives: a message is either redirected (the helper set the
+/// target) or takes the TCP path. It never drops.
+pub const PASS: u32 = SK_PASS;
+
+const TAINTED: u32 = 1;
+
+pub fn handle(ctx: &SkMsgContext) {
+    let size = u64::from(ctx.size());
+    let Some(key) = own_key(ctx) else {
+        passed(size);
+        return;
+    };
+    // SAFETY: only tested for presence.
+    if unsafe { MESH_TAINTED.get(key) }.is_some() {
+        count(counter::MSG_PASSED_TAINTED, 1);
+        passed(size);
+        return;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(mut peer) = (unsafe { MESH_PEERS.get(key) }).copied() else {
+        no_peer(key, size);
+        return;
+    };
+    let ret = MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    if ret == i64::from(SK_PASS) {
+        count(counter::MSG_REDIRECTED, 1);
+        count(counter::MSG_REDIRECTED_BYTES, size);
+    } else {
+        // The peer is not (or no longer) in the SOCKHASH: the message goes by TCP, and so
+        // does every later one in this direction.
+        no_peer(key, size);
+    }
+}
+
+#[inline(always)]
+fn no_peer(key: SockKey, size: u64) {
+    let _ = MESH_TAINTED.insert(key, TAINTED, 0);
+    count(counter::MSG_PASSED_NO_PEER, 1);
+    passed(size);
+}
+
+#[inline(always)]
+fn passed(size: u64) {
+    count(counter::MSG_PASSED, 1);
+    count(counter::MSG_PASSED_BYTES, size);
+}
+
+#[inline(always)]
+fn own_key(ctx: &SkMsgContext) -> Option<SockKey> {
+    // SAFETY: bpf_get_netns_cookie is allowed in sk_msg (kernel 5.15+).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let m = ctx.msg;
+    // SAFETY: sk_msg_md fields read one 4-byte word at a time, as the verifier requires.
+    unsafe {
+        let family = read_volatile(&(*m).family);
+        let local_port = read_volatile(&(*m).local_port);
+        let remote_port = u32::from_be(read_volatile(&(*m).remote_port)) & 0xffff;
+        let (family, local_ip, remote_ip) = if family == AF_INET {
+            (
+                AF_INET,
+                [read_volatile(&(*m).local_ip4), 0, 0, 0],
+                [read_volatile(&(*m).remote_ip4), 0, 0, 0],
+            )
+        } else if family == AF_INET6 {
+            let l = [
+                read_volatile(&(*m).local_ip6[0]),
+                read_volatile(&(*m).local_ip6[1]),
+                read_volatile(&(*m).local_ip6[2]),
+                read_volatile(&(*m).local_ip6[3]),
+            ];
+            let r = [
+                read_volatile(&(*m).remote_ip6[0]),
+                read_volatile(&(*m).remote_ip6[1]),
+                read_volatile(&(*m).remote_ip6[2]),
+                read_volatile(&(*m).remote_ip6[3]),
+            ];
+            let (fl, l) = normalise_ip6(l);
+            let (_, r) = normalise_ip6(r);
+            (fl, l, r)
+        } else {
+            return None;
+        };
+        Some(SockKey { netns, family, local_port, remote_port, _pad: 0, local_ip, remote_ip })
+    }
+}

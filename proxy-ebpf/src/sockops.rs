@@ -1,0 +1,221 @@
+//! sock_ops: hand original destinations to the proxy and register sockets for the
+//! short-circuit.
+//!
+//! Two programs share this code: one on the workload cgroup parent, one on the proxy's own
+//! cgroup. They pair sockets like this (T is a 4-tuple, N a network namespace cookie):
+//!
+//! - workload client -> proxy inbound: the client's ACTIVE_ESTABLISHED knows both ends (its
+//!   own {N_pod, T} and the proxy's {N_proxy, reverse T}) and writes PEERS both ways.
+//!   It runs before the client sends its final ACK, so before the proxy's socket exists.
+//! - proxy outbound -> workload server: the proxy's ACTIVE_ESTABLISHED writes EXPECT[reverse
+//!   T]; the server's PASSIVE_ESTABLISHED (strictly later, on that ACK) finds it and writes
+//!   PEERS both ways.
+//!
+//! A socket that already carried payload when it became established (TCP Fast Open data in
+//! the SYN) is not registered: its first bytes took the TCP path and redirecting later bytes
+//! would overtake them.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_ops,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockOpsContext,
+    EbpfContext as _,
+};
+use proxy_common::{
+    AF_INET, AF_INET6, FLAG_SOCKMAP, OrigKey, SockKey, counter, normalise_ip6,
+};
+
+use crate::maps::{
+    MESH_EXPECT, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS, MESH_TAINTED, config,
+    count,
+};
+
+/// Which cgroup the program is attached to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Workload,
+    Proxy,
+}
+
+/// sock_ops programs return 1; the value is ignored for the callbacks used here.
+pub const SOCKOPS_OK: u32 = 1;
+
+/// Marker value for EXPECT entries.
+const EXPECTED: u64 = 1;
+
+pub fn handle(ctx: &SockOpsContext, side: Side) {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
+        return;
+    }
+    let Some(key) = own_key(ctx) else { return };
+    let Some(cfg) = config() else { return };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // arg 1 is the new state. Sockets leave MESH_SOCKS by themselves when they close
+        // (the kernel unlinks them); the side tables are ours to clean.
+        if ctx.arg(1) == BPF_TCP_CLOSE {
+            let _ = MESH_PEERS.remove(key);
+            let _ = MESH_TAINTED.remove(key);
+            if side == Side::Workload {
+                let _ = MESH_ORIG_DST.remove(orig_key(&key));
+            }
+        }
+        return;
+    }
+    // Ask for the close callback of this socket, to clean the tables above.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+
+    let sockmap = cfg.flags & FLAG_SOCKMAP != 0;
+    match (side, op) {
+        (Side::Workload, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) => {
+            // SAFETY: bpf_get_socket_cookie is allowed in sock_ops and takes the ctx.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // SAFETY: the value is read by copy right away; a concurrent delete of the same
+            // cookie cannot happen (only this socket's own callbacks use it).
+            let Some(orig) = (unsafe { MESH_ORIG_CK.get(cookie) }).copied() else {
+                return; // not a redirected connect
+            };
+            let _ = MESH_ORIG_CK.remove(cookie);
+            if MESH_ORIG_DST.insert(orig_key(&key), orig, 0).is_ok() {
+                count(counter::ORIG_DST_RECORDED, 1);
+            }
+            if sockmap && !carried_early_data(ctx, op) {
+                let peer = key.reversed_in(cfg.proxy_netns);
+                if register(ctx, key) {
+                    let _ = MESH_PEERS.insert(key, peer, 0);
+                    let _ = MESH_PEERS.insert(peer, key, 0);
+                }
+            }
+        }
+        (Side::Workload, _) => {
+            // PASSIVE_ESTABLISHED: a server socket. Only pair it if the proxy connected to it.
+            let plain = key.without_netns();
+            // SAFETY: only tested for presence.
+            if !sockmap || unsafe { MESH_EXPECT.get(plain) }.is_none() {
+                return;
+            }
+            let _ = MESH_EXPECT.remove(plain);
+            if carried_early_data(ctx, op) {
+                return;
+            }
+            let peer = key.reversed_in(cfg.proxy_netns);
+            if register(ctx, key) {
+                let _ = MESH_PEERS.insert(key, peer, 0);
+                let _ = MESH_PEERS.insert(peer, key, 0);
+            }
+        }
+        (Side::Proxy, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) => {
+            // The proxy's upstream connect. If the server is a workload on this node, its
+            // PASSIVE_ESTABLISHED will find this and complete the pair.
+            if !sockmap || carried_early_data(ctx, op) {
+                return;
+            }
+            if register(ctx, key) {
+                let _ = MESH_EXPECT.insert(key.reversed_in(0), EXPECTED, 0);
+            }
+        }
+        (Side::Proxy, _) => {
+            // An accepted connection. Only those on the redirect port come from workloads;
+            // the client's ACTIVE_ESTABLISHED already wrote our PEERS entry.
+            if !sockmap || key.local_port != cfg.redirect_port || carried_early_data(ctx, op) {
+                return;
+            }
+            register(ctx, key);
+        }
+    }
+}
+
+/// Inserts the socket into MESH_SOCKS. A failure (map full) is counted and leaves the
+/// connection on the TCP path: the peer's sk_msg finds no entry and passes.
+#[inline(always)]
+fn register(ctx: &SockOpsContext, mut key: SockKey) -> bool {
+    // SAFETY: ctx.ops is the context pointer the kernel passed to this sock_ops program.
+    let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
+    match MESH_SOCKS.update(&mut key, ops, 0) {
+        Ok(()) => {
+            count(counter::SOCKHASH_INSERTED, 1);
+            true
+        }
+        Err(_) => {
+            count(counter::SOCKHASH_INSERT_FAILED, 1);
+            false
+        }
+    }
+}
+
+/// True if payload already moved before the socket was established (TCP Fast Open).
+#[inline(always)]
+fn carried_early_data(ctx: &SockOpsContext, op: u32) -> bool {
+    // SAFETY: ctx.ops is the context pointer; these fields are readable in sock_ops.
+    let (out, inb) = unsafe {
+        (read_volatile(&(*ctx.ops).data_segs_out), read_volatile(&(*ctx.ops).data_segs_in))
+    };
+    let early = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB { out > 0 } else { inb > 0 };
+    if early {
+        count(counter::SOCKHASH_SKIPPED_EARLY_DATA, 1);
+    }
+    early
+}
+
+/// The socket's key: its namespace and its 4-tuple, v4-mapped addresses normalised.
+#[inline(always)]
+fn own_key(ctx: &SockOpsContext) -> Option<SockKey> {
+    // SAFETY: bpf_get_netns_cookie is allowed in sock_ops (kernel 5.15+, checked by `proxy check`).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let o = ctx.ops;
+    // SAFETY: ctx fields read one 4-byte word at a time, as the verifier requires.
+    unsafe {
+        let family = read_volatile(&(*o).family);
+        let local_port = read_volatile(&(*o).local_port);
+        // remote_port holds the network-order port in its upper 16 bits.
+        let remote_port = u32::from_be(read_volatile(&(*o).remote_port)) & 0xffff;
+        let (family, local_ip, remote_ip) = if family == AF_INET {
+            (
+                AF_INET,
+                [read_volatile(&(*o).local_ip4), 0, 0, 0],
+                [read_volatile(&(*o).remote_ip4), 0, 0, 0],
+            )
+        } else if family == AF_INET6 {
+            let l = [
+                read_volatile(&(*o).local_ip6[0]),
+                read_volatile(&(*o).local_ip6[1]),
+                read_volatile(&(*o).local_ip6[2]),
+                read_volatile(&(*o).local_ip6[3]),
+            ];
+            let r = [
+                read_volatile(&(*o).remote_ip6[0]),
+                read_volatile(&(*o).remote_ip6[1]),
+                read_volatile(&(*o).remote_ip6[2]),
+                read_volatile(&(*o).remote_ip6[3]),
+            ];
+            let (fl, l) = normalise_ip6(l);
+            let (_, r) = normalise_ip6(r);
+            (fl, l, r)
+        } else {
+            return None;
+        };
+        Some(SockKey { netns, family, local_port, remote_port, _pad: 0, local_ip, remote_ip })
+    }
+}
+
+/// The proxy-side view of a workload client socket, as the proxy computes it after accept().
+#[inline(always)]
+fn orig_key(key: &SockKey) -> OrigKey {
+    OrigKey {
+        family: key.family,
+        client_port: key.local_port,
+        proxy_port: key.remote_port,
+        _pad: 0,
+        client_ip: key.local_ip,
+        proxy_ip: key.remote_ip,
+    }
+}
+

@@ -1,0 +1,657 @@
+//! Configuration: a TOML file, overridden by command-line flags, validated once into
+//! [`Config`]. Every error names the field, the value and what to do about it.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// Where the default config file lives on a node.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ebpf-mesh/proxy.toml";
+
+// === file format ===
+
+/// The config file as written by an operator. Every field is optional; defaults are filled
+/// in by [`Config::resolve`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
+    pub intercept: InterceptSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// Port that redirected connections arrive on.
+    pub port: Option<u16>,
+    /// IPv4 address workloads' connects are rewritten to. It must reach the proxy from inside
+    /// the workloads' network namespaces (on a node: an address of the node).
+    pub redirect_ipv4: Option<String>,
+    /// IPv6 address workloads' connects are rewritten to; leave out to not intercept IPv6.
+    pub redirect_ipv6: Option<String>,
+    /// Address the IPv4 listener binds.
+    pub bind_ipv4: Option<String>,
+    /// Address the IPv6 listener binds.
+    pub bind_ipv6: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptSection {
+    pub mode: Option<String>,
+    pub workload_cgroup: Option<String>,
+    pub proxy_cgroup: Option<String>,
+    pub pin_dir: Option<String>,
+    pub fail_mode: Option<String>,
+    pub sockmap: Option<bool>,
+    pub exclude_ports: Option<Vec<u16>>,
+    pub exclude_cidrs: Option<Vec<String>>,
+    pub iptables_interfaces: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub sockhash_entries: Option<u32>,
+    pub connect_timeout_ms: Option<u64>,
+    pub copy_buffer_bytes: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub level: Option<String>,
+    pub json: Option<bool>,
+}
+
+// === overrides from the command line ===
+
+/// Flags of `proxy run` / `proxy check` that override the file. Built by main.rs from clap.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub port: Option<u16>,
+    pub redirect_ipv4: Option<String>,
+    pub redirect_ipv6: Option<String>,
+    pub mode: Option<String>,
+    pub workload_cgroup: Option<String>,
+    pub proxy_cgroup: Option<String>,
+    pub pin_dir: Option<String>,
+    pub fail_mode: Option<String>,
+    pub sockmap: Option<bool>,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<String>,
+    pub iptables_interfaces: Vec<String>,
+    pub log_level: Option<String>,
+    pub log_json: bool,
+}
+
+// === validated config ===
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// cgroup connect4/connect6 programs rewrite the destination (default).
+    Ebpf,
+    /// iptables/ip6tables REDIRECT rules, installed and removed by the proxy.
+    Iptables,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    /// With the proxy gone, workloads connect directly (default).
+    Open,
+    /// With the proxy gone, workloads' intercepted connects are refused.
+    Closed,
+}
+
+/// An IPv4 or IPv6 network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub port: u16,
+    pub redirect_ipv4: Option<Ipv4Addr>,
+    pub redirect_ipv6: Option<Ipv6Addr>,
+    pub bind_ipv4: Ipv4Addr,
+    pub bind_ipv6: Ipv6Addr,
+    pub mode: Mode,
+    /// Workload cgroup parent, relative to the cgroup v2 mount.
+    pub workload_cgroup: PathBuf,
+    /// The proxy's own cgroup, relative to the cgroup v2 mount.
+    pub proxy_cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub fail_mode: FailMode,
+    pub sockmap: bool,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<Cidr>,
+    pub iptables_interfaces: Vec<String>,
+    pub sockhash_entries: u32,
+    pub connect_timeout: Duration,
+    pub copy_buffer_bytes: usize,
+    pub log_level: String,
+    pub log_json: bool,
+}
+
+/// A config error: which field, which value, why, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for this proxy: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {field} = {value:?}: {reason}; fix: {fix}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+        fix: &'static str,
+    },
+}
+
+fn invalid(
+    field: &'static str,
+    value: impl fmt::Display,
+    reason: impl Into<String>,
+    fix: &'static str,
+) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.into(),
+        fix,
+    }
+}
+
+impl File {
+    /// Reads and parses a config file. Unknown keys are errors (a typo must not be ignored).
+    pub fn load(path: &Path) -> Result<File, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        File::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<File, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+}
+
+impl Config {
+    /// Merges the file and the flags (flags win) and validates the result.
+    pub fn resolve(file: File, o: Overrides) -> Result<Config, ConfigError> {
+        let File {
+            proxy,
+            intercept,
+            limits,
+            log,
+        } = file;
+
+        let port = o.port.or(proxy.port).unwrap_or(15001);
+        if port == 0 {
+            return Err(invalid(
+                "proxy.port",
+                port,
+                "port 0 cannot receive redirected connections",
+                "choose a free port such as 15001",
+            ));
+        }
+        let redirect_ipv4 = o
+            .redirect_ipv4
+            .or(proxy.redirect_ipv4)
+            .map(|v| parse_ip::<Ipv4Addr>("proxy.redirect_ipv4", &v))
+            .transpose()?;
+        let redirect_ipv6 = o
+            .redirect_ipv6
+            .or(proxy.redirect_ipv6)
+            .map(|v| parse_ip::<Ipv6Addr>("proxy.redirect_ipv6", &v))
+            .transpose()?;
+        if let Some(ip) = redirect_ipv4
+            && (ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast())
+        {
+            return Err(invalid(
+                "proxy.redirect_ipv4",
+                ip,
+                "connects cannot be sent to an unspecified, multicast or broadcast address",
+                "use an address of this node that workloads can reach",
+            ));
+        }
+        if let Some(ip) = redirect_ipv6
+            && (ip.is_unspecified() || ip.is_multicast())
+        {
+            return Err(invalid(
+                "proxy.redirect_ipv6",
+                ip,
+                "connects cannot be sent to an unspecified or multicast address",
+                "use an address of this node that workloads can reach",
+            ));
+        }
+        let bind_ipv4 = proxy
+            .bind_ipv4
+            .map(|v| parse_ip::<Ipv4Addr>("proxy.bind_ipv4", &v))
+            .transpose()?
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let bind_ipv6 = proxy
+            .bind_ipv6
+            .map(|v| parse_ip::<Ipv6Addr>("proxy.bind_ipv6", &v))
+            .transpose()?
+            .unwrap_or(Ipv6Addr::UNSPECIFIED);
+
+        let mode = match o.mode.or(intercept.mode).as_deref() {
+            None | Some("ebpf") => Mode::Ebpf,
+            Some("iptables") => Mode::Iptables,
+            Some(other) => {
+                return Err(invalid(
+                    "intercept.mode",
+                    other,
+                    "unknown interception mode",
+                    "use \"ebpf\" (default) or \"iptables\"",
+                ));
+            }
+        };
+        let fail_mode = match o.fail_mode.or(intercept.fail_mode).as_deref() {
+            None | Some("open") => FailMode::Open,
+            Some("closed") => FailMode::Closed,
+            Some(other) => {
+                return Err(invalid(
+                    "intercept.fail_mode",
+                    other,
+                    "unknown fail mode",
+                    "use \"open\" (workloads go direct while the proxy is down) or \"closed\" (their connects are refused)",
+                ));
+            }
+        };
+        let sockmap = o.sockmap.or(intercept.sockmap).unwrap_or(true);
+
+        if mode == Mode::Ebpf && redirect_ipv4.is_none() && redirect_ipv6.is_none() {
+            return Err(invalid(
+                "proxy.redirect_ipv4",
+                "(unset)",
+                "eBPF interception needs an address to send workloads' connects to",
+                "set proxy.redirect_ipv4 (and optionally proxy.redirect_ipv6) to an address of this node reachable from the workloads, or pass --redirect-ipv4",
+            ));
+        }
+        if mode == Mode::Iptables && sockmap {
+            return Err(invalid(
+                "intercept.sockmap",
+                true,
+                "the short-circuit pairs sockets by their 4-tuples, which NAT rewrites, so it only works with eBPF interception",
+                "set intercept.sockmap = false (or --sockmap off) with mode = \"iptables\"",
+            ));
+        }
+        if mode == Mode::Iptables && fail_mode == FailMode::Closed {
+            return Err(invalid(
+                "intercept.fail_mode",
+                "closed",
+                "iptables mode removes its rules when the proxy stops and cannot hold connects closed after a crash",
+                "use fail_mode = \"open\" with iptables, or mode = \"ebpf\"",
+            ));
+        }
+
+        let workload_cgroup = cgroup_rel(
+            "intercept.workload_cgroup",
+            o.workload_cgroup
+                .or(intercept.workload_cgroup)
+                .unwrap_or_else(|| "ebpf-mesh/workloads".into()),
+        )?;
+        let proxy_cgroup = cgroup_rel(
+            "intercept.proxy_cgroup",
+            o.proxy_cgroup
+                .or(intercept.proxy_cgroup)
+                .unwrap_or_else(|| "ebpf-mesh-proxy".into()),
+        )?;
+        if proxy_cgroup.starts_with(&workload_cgroup) {
+            return Err(invalid(
+                "intercept.proxy_cgroup",
+                proxy_cgroup.display(),
+                "the proxy's cgroup is inside the workload cgroup, so its own upstream connects would be intercepted (a loop)",
+                "put the proxy's cgroup outside intercept.workload_cgroup",
+            ));
+        }
+        if workload_cgroup.starts_with(&proxy_cgroup) {
+            return Err(invalid(
+                "intercept.workload_cgroup",
+                workload_cgroup.display(),
+                "the workload cgroup is inside the proxy's cgroup",
+                "use two separate cgroup directories",
+            ));
+        }
+
+        let pin_dir = PathBuf::from(
+            o.pin_dir
+                .or(intercept.pin_dir)
+                .unwrap_or_else(|| "/sys/fs/bpf/ebpf-mesh".into()),
+        );
+        if !pin_dir.is_absolute() || pin_dir.components().any(|c| c.as_os_str() == "..") {
+            return Err(invalid(
+                "intercept.pin_dir",
+                pin_dir.display(),
+                "the pin directory must be an absolute path without '..'",
+                "use a directory under a bpffs mount, e.g. /sys/fs/bpf/ebpf-mesh",
+            ));
+        }
+
+        let mut exclude_ports = intercept.exclude_ports.unwrap_or_default();
+        exclude_ports.extend(o.exclude_ports);
+        if let Some(p) = exclude_ports.iter().find(|p| **p == 0) {
+            return Err(invalid(
+                "intercept.exclude_ports",
+                p,
+                "port 0 is not a destination port",
+                "remove 0 from the list",
+            ));
+        }
+        exclude_ports.sort_unstable();
+        exclude_ports.dedup();
+        if exclude_ports.len() > 1024 {
+            return Err(invalid(
+                "intercept.exclude_ports",
+                exclude_ports.len(),
+                "more ports than the kernel map holds (1024)",
+                "exclude fewer ports",
+            ));
+        }
+
+        let mut cidr_text = intercept.exclude_cidrs.unwrap_or_default();
+        cidr_text.extend(o.exclude_cidrs);
+        let exclude_cidrs = cidr_text
+            .iter()
+            .map(|t| t.parse::<Cidr>().map_err(|reason| invalid("intercept.exclude_cidrs", t, reason, "write networks as ADDRESS/PREFIX, e.g. 169.254.0.0/16 or fd00::/8")))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut iptables_interfaces = intercept.iptables_interfaces.unwrap_or_default();
+        iptables_interfaces.extend(o.iptables_interfaces);
+        for i in &iptables_interfaces {
+            let name_ok = !i.is_empty()
+                && i.len() <= 15
+                && i.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c));
+            if !name_ok {
+                return Err(invalid(
+                    "intercept.iptables_interfaces",
+                    i,
+                    "not an interface name (1-15 characters: letters, digits, - _ . and a trailing + as wildcard)",
+                    "list the interfaces workloads' traffic arrives on, e.g. \"veth+\"",
+                ));
+            }
+        }
+        if mode == Mode::Iptables && iptables_interfaces.is_empty() {
+            return Err(invalid(
+                "intercept.iptables_interfaces",
+                "[]",
+                "iptables mode redirects traffic arriving on the workloads' interfaces, and none are listed",
+                "list them, e.g. iptables_interfaces = [\"veth+\"], or pass --iptables-interface",
+            ));
+        }
+
+        let sockhash_entries = limits.sockhash_entries.unwrap_or(65536);
+        if !(64..=1 << 20).contains(&sockhash_entries) {
+            return Err(invalid(
+                "limits.sockhash_entries",
+                sockhash_entries,
+                "out of range 64..=1048576",
+                "4 entries carry one short-circuited connection; the default 65536 fits most nodes",
+            ));
+        }
+        let connect_timeout_ms = limits.connect_timeout_ms.unwrap_or(5000);
+        if !(1..=600_000).contains(&connect_timeout_ms) {
+            return Err(invalid(
+                "limits.connect_timeout_ms",
+                connect_timeout_ms,
+                "out of range 1..=600000",
+                "use a few seconds, e.g. 5000",
+            ));
+        }
+        let copy_buffer_bytes = limits.copy_buffer_bytes.unwrap_or(64 * 1024);
+        if !(1024..=16 << 20).contains(&copy_buffer_bytes) {
+            return Err(invalid(
+                "limits.copy_buffer_bytes",
+                copy_buffer_bytes,
+                "out of range 1024..=16777216",
+                "use 65536 unless measurements say otherwise",
+            ));
+        }
+
+        let log_level = o.log_level.or(log.level).unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(invalid(
+                "log.level",
+                &log_level,
+                "not a log filter",
+                "use error, warn, info, debug or trace (or a tracing filter such as proxy=debug)",
+            ));
+        }
+        let log_json = o.log_json || log.json.unwrap_or(false);
+
+        Ok(Config {
+            port,
+            redirect_ipv4,
+            redirect_ipv6,
+            bind_ipv4,
+            bind_ipv6,
+            mode,
+            workload_cgroup,
+            proxy_cgroup,
+            pin_dir,
+            fail_mode,
+            sockmap,
+            exclude_ports,
+            exclude_cidrs,
+            iptables_interfaces,
+            sockhash_entries,
+            connect_timeout: Duration::from_millis(connect_timeout_ms),
+            copy_buffer_bytes,
+            log_level,
+            log_json,
+        })
+    }
+}
+
+fn parse_ip<T: FromStr>(field: &'static str, value: &str) -> Result<T, ConfigError> {
+    value.trim().parse::<T>().map_err(|_| {
+        invalid(
+            field,
+            value,
+            "not an IP address of the right family",
+            "write a plain address such as 10.0.0.1 (IPv4 fields) or fd00::1 (IPv6 fields)",
+        )
+    })
+}
+
+/// Cgroup paths are relative to the cgroup v2 mount; an absolute path that starts with the
+/// mount is accepted and made relative later (the mount is only known at run time).
+fn cgroup_rel(field: &'static str, value: String) -> Result<PathBuf, ConfigError> {
+    let p = PathBuf::from(value.trim_start_matches('/'));
+    if value.trim().is_empty()
+        || p.as_os_str().is_empty()
+        || p.components().any(|c| c.as_os_str() == ".." || c.as_os_str() == ".")
+    {
+        return Err(invalid(
+            field,
+            value,
+            "must name a cgroup directory below the cgroup v2 mount, without '.' or '..'",
+            "write it relative to the cgroup v2 mount, e.g. ebpf-mesh/workloads",
+        ));
+    }
+    Ok(p)
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| "missing /PREFIX".to_string())?;
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let prefix: u8 = prefix
+            .trim()
+            .parse()
+            .map_err(|_| format!("{prefix:?} is not a prefix length"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(format!("prefix /{prefix} is longer than {max} bits"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+        })
+    }
+}
+
+impl fmt::Display for FailMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(text: &str) -> Result<Config, ConfigError> {
+        let file = File::parse(Path::new("t.toml"), text)?;
+        Config::resolve(file, Overrides::default())
+    }
+
+    fn err(text: &str) -> String {
+        match resolve(text) {
+            Ok(_) => panic!("expected an error for {text:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() -> Result<(), ConfigError> {
+        let c = resolve("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n")?;
+        assert_eq!(c.port, 15001);
+        assert_eq!(c.mode, Mode::Ebpf);
+        assert_eq!(c.fail_mode, FailMode::Open);
+        assert!(c.sockmap);
+        assert_eq!(c.pin_dir, PathBuf::from("/sys/fs/bpf/ebpf-mesh"));
+        assert_eq!(c.workload_cgroup, PathBuf::from("ebpf-mesh/workloads"));
+        Ok(())
+    }
+
+    #[test]
+    fn flags_override_file() -> Result<(), ConfigError> {
+        let file = File::parse(
+            Path::new("t.toml"),
+            "[proxy]\nport = 1000\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nsockmap = true\n",
+        )?;
+        let c = Config::resolve(
+            file,
+            Overrides {
+                port: Some(2000),
+                sockmap: Some(false),
+                exclude_ports: vec![22, 22],
+                ..Overrides::default()
+            },
+        )?;
+        assert_eq!(c.port, 2000);
+        assert!(!c.sockmap);
+        assert_eq!(c.exclude_ports, vec![22]);
+        Ok(())
+    }
+
+    #[test]
+    fn malformed_inputs_name_field_value_and_fix() {
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.300\"\n");
+        assert!(e.contains("proxy.redirect_ipv4") && e.contains("10.0.0.300") && e.contains("fix:"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nmode = \"nft\"\n");
+        assert!(e.contains("intercept.mode") && e.contains("nft"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nexclude_cidrs = [\"10.0.0.0/33\"]\n");
+        assert!(e.contains("exclude_cidrs") && e.contains("/33"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nexclude_cidrs = [\"10.0.0.0\"]\n");
+        assert!(e.contains("missing /PREFIX"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nworkload_cgroup = \"../x\"\n");
+        assert!(e.contains("workload_cgroup"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nworkload_cgroup = \"a\"\nproxy_cgroup = \"a/p\"\n");
+        assert!(e.contains("loop"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nmode = \"iptables\"\n");
+        assert!(e.contains("intercept.sockmap"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nmode = \"iptables\"\nsockmap = false\n");
+        assert!(e.contains("iptables_interfaces"), "{e}");
+        let e = err("[proxy]\n");
+        assert!(e.contains("redirect_ipv4") && e.contains("(unset)"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"0.0.0.0\"\n");
+        assert!(e.contains("unspecified"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\nport = 0\n");
+        assert!(e.contains("proxy.port"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[limits]\nsockhash_entries = 1\n");
+        assert!(e.contains("limits.sockhash_entries"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\npin_dir = \"relative\"\n");
+        assert!(e.contains("pin_dir"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\niptables_interfaces = [\"a b\"]\n");
+        assert!(e.contains("iptables_interfaces"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[log]\nlevel = \"=[\"\n");
+        assert!(e.contains("log.level"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_toml_are_rejected() {
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\nprot = 1\n");
+        assert!(e.contains("prot") && e.contains("t.toml"), "{e}");
+        let e = err("[proxy\n");
+        assert!(e.contains("not valid TOML"), "{e}");
+        let e = err("[proxy]\nport = \"x\"\n");
+        assert!(e.contains("not valid TOML"), "{e}");
+        let e = err("[proxy]\nport = 70000\n");
+        assert!(e.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap stand-in between fuzz runs: truncations and byte flips of a valid file.
+        let base = "[proxy]\nport = 15001\nredirect_ipv4 = \"10.0.0.1\"\nredirect_ipv6 = \"fd00::1\"\n[intercept]\nexclude_cidrs = [\"10.0.0.0/8\"]\nexclude_ports = [22]\n";
+        for cut in 0..base.len() {
+            let _ = resolve(&base[..cut]);
+        }
+        let bytes = base.as_bytes();
+        for i in 0..bytes.len() {
+            let mut b = bytes.to_vec();
+            b[i] ^= 0x55;
+            if let Ok(s) = std::str::from_utf8(&b) {
+                let _ = resolve(s);
+            }
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! Loading, configuring, pinning and attaching the kernel programs, and typed handles over
+//! their maps.
+//!
+//! Layout under the pin directory (so `bpftool` explains the state):
+//! - `maps/<MAP>`: every map (`proxy_common::map`).
+//! - `progs/<prog>`: every program (`proxy_common::program`).
+//! - `links/<prog>`: only in fail-closed mode, the connect4/connect6 attachments, so they
+//!   outlive the proxy (a crash leaves connects redirected to a dead port: refused).
+//!   In fail-open mode no link is pinned: when the proxy dies, the kernel detaches the
+//!   programs with the last reference to their links, and workloads connect directly.
+
+mod pins;
+
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use proxy_common::{AF_INET, AF_INET6, FLAG_SOCKMAP, OrigDst, OrigKey, SockKey, counter, map, program};
+use tracing::{info, warn};
+
+use crate::config::{Cidr, Config, FailMode};
+pub use pins::{PinDir, PinError};
+
+/// The kernel object, embedded at build time by build.rs (empty if it was not built).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this proxy binary was built without its eBPF object (bpf-linker or the nightly toolchain was missing at build time); run `cargo xtask build`, or use --mode iptables --sockmap off"
+    )]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}; run `proxy check` for what this kernel lacks")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {0} is missing from the eBPF object; rebuild with `cargo xtask build`")]
+    MissingProgram(&'static str),
+    #[error("map {0} is missing from the eBPF object; rebuild with `cargo xtask build`")]
+    MissingMap(&'static str),
+    #[error("program {name}: {action} failed: {}{hint}", chain(source))]
+    Program {
+        name: &'static str,
+        action: &'static str,
+        source: aya::programs::ProgramError,
+        hint: &'static str,
+    },
+    #[error("program {name}: its link cannot be pinned: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("map {name}: {action} failed: {}", chain(source))]
+    Map {
+        name: &'static str,
+        action: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}; is {dir} on a bpffs mount?", dir = path.parent().map(|p| p.display().to_string()).unwrap_or_default())]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    PinDir(#[from] PinError),
+}
+
+/// An error with its causes, one after the other (aya's top-level messages leave out the
+/// errno, which is usually the useful part).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Everything the proxy needs to start the datapath.
+pub struct Plan<'a> {
+    pub config: &'a Config,
+    /// Network namespace cookie of the proxy's listeners.
+    pub proxy_netns: u64,
+    /// Absolute path of the workload cgroup parent.
+    pub workload_cgroup: &'a Path,
+    /// Absolute path of the proxy's own cgroup.
+    pub proxy_cgroup: &'a Path,
+}
+
+/// Loaded and attached programs. Dropping it detaches what is not pinned; call
+/// [`Datapath::shutdown`] for an orderly stop that also removes the pins.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinDir,
+    fail_mode: FailMode,
+    /// connect4/connect6 links: pinned in fail-closed mode, held here otherwise.
+    connect_links: Vec<ConnectLink>,
+}
+
+enum ConnectLink {
+    Held(#[allow(dead_code)] FdLink),
+    Pinned(PinnedLink),
+}
+
+/// Handles the connection path uses; cheap to share between tasks.
+pub struct Maps {
+    orig_dst: HashMap<MapData, OrigKey, OrigDst>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Datapath {
+    /// Loads, configures, pins and attaches everything. Stale pins left by a crashed proxy
+    /// are removed first; a pin directory held by a running proxy is refused.
+    pub fn start(plan: &Plan<'_>) -> Result<(Datapath, Maps), EbpfError> {
+        if OBJECT.is_empty() {
+            return Err(EbpfError::NoObject);
+        }
+        let cfg = plan.config;
+        let pins = PinDir::lock(&cfg.pin_dir)?;
+        // Stale attachments stay attached until the new ones are in place, so a fail-closed
+        // node never has a moment where workloads could bypass the proxy.
+        let stale = pins.take_stale()?;
+        if stale.removed > 0 {
+            warn!(
+                pin_dir = %cfg.pin_dir.display(),
+                removed = stale.removed,
+                "found pins of a proxy that did not shut down cleanly; replacing them"
+            );
+        }
+
+        let n = cfg.sockhash_entries;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map::SOCKS, n)
+            .map_max_entries(map::PEERS, n)
+            .map_max_entries(map::TAINTED, n)
+            .map_max_entries(map::ORIG_DST, n.saturating_mul(2))
+            .load(OBJECT)
+            .map_err(EbpfError::Load)?;
+
+        configure(&mut ebpf, plan)?;
+        for name in map::ALL {
+            let m = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
+            let path = pins.map_path(name);
+            m.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
+        }
+
+        // Load every program first, so a verifier rejection leaves nothing attached.
+        load_cgroup_sock_addr(&mut ebpf, program::CONNECT4, &pins)?;
+        load_cgroup_sock_addr(&mut ebpf, program::CONNECT6, &pins)?;
+        load_sock_ops(&mut ebpf, program::SOCKOPS_WORKLOAD, &pins)?;
+        load_sock_ops(&mut ebpf, program::SOCKOPS_PROXY, &pins)?;
+        {
+            let p: &mut SkMsg = program_mut(&mut ebpf, program::MSG_REDIRECT)?;
+            p.load().map_err(prog_err(program::MSG_REDIRECT, "load"))?;
+            let path = pins.prog_path(program::MSG_REDIRECT);
+            p.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
+        }
+
+        let workload_cg = open_cgroup(plan.workload_cgroup)?;
+        let proxy_cg = open_cgroup(plan.proxy_cgroup)?;
+
+        // Attach in dependency order: bookkeeping first, interception last, so the first
+        // redirected connect already finds its original destination recorded.
+        if cfg.sockmap {
+            let socks = ebpf.map(map::SOCKS).ok_or(EbpfError::MissingMap(map::SOCKS))?;
+            let socks: SockHash<&MapData, SockKey> =
+                SockHash::try_from(socks).map_err(map_err(map::SOCKS, "open"))?;
+            let fd = socks
+                .fd()
+                .try_clone()
+                .map_err(|e| map_err(map::SOCKS, "dup fd")(aya::maps::MapError::from(e)))?;
+            let p: &mut SkMsg = program_mut(&mut ebpf, program::MSG_REDIRECT)?;
+            p.attach(&fd).map_err(prog_err(program::MSG_REDIRECT, "attach"))?;
+        }
+        attach_sock_ops(&mut ebpf, program::SOCKOPS_PROXY, &proxy_cg)?;
+        attach_sock_ops(&mut ebpf, program::SOCKOPS_WORKLOAD, &workload_cg)?;
+        let mut connect_links = Vec::new();
+        for name in [program::CONNECT4, program::CONNECT6] {
+            let p: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+            let id = p
+                .attach(&workload_cg, CgroupAttachMode::Single)
+                .map_err(prog_err(name, "attach"))?;
+            let link = p.take_link(id).map_err(prog_err(name, "take link"))?;
+            let link = FdLink::try_from(link).map_err(|e| EbpfError::Link { name, source: e })?;
+            connect_links.push(match cfg.fail_mode {
+                FailMode::Open => ConnectLink::Held(link),
+                FailMode::Closed => {
+                    let path = pins.link_path(name);
+                    ConnectLink::Pinned(
+                        link.pin(&path)
+                            .map_err(|source| EbpfError::Pin { path, source })?,
+                    )
+                }
+            });
+        }
+        // Now the new programs are in place: let the stale ones go.
+        drop(stale);
+
+        let orig_dst = take_map(&mut ebpf, map::ORIG_DST)?;
+        let orig_dst = HashMap::try_from(orig_dst).map_err(map_err(map::ORIG_DST, "open"))?;
+        let counters = take_map(&mut ebpf, map::COUNTERS)?;
+        let counters = PerCpuArray::try_from(counters).map_err(map_err(map::COUNTERS, "open"))?;
+
+        info!(
+            pin_dir = %cfg.pin_dir.display(),
+            workload_cgroup = %plan.workload_cgroup.display(),
+            proxy_cgroup = %plan.proxy_cgroup.display(),
+            sockmap = cfg.sockmap,
+            fail_mode = %cfg.fail_mode,
+            "eBPF programs attached"
+        );
+        Ok((
+            Datapath {
+                ebpf,
+                pins,
+                fail_mode: cfg.fail_mode,
+                connect_links,
+            },
+            Maps { orig_dst, counters },
+        ))
+    }
+
+    /// Orderly stop: detach and unpin everything. In fail-closed mode the connect programs
+    /// stay attached and pinned, so workloads cannot bypass a stopped proxy; `proxy clean`
+    /// removes them.
+    pub fn shutdown(self) {
+        let Datapath {
+            ebpf,
+            pins,
+            fail_mode,
+            connect_links,
+        } = self;
+        let mut kept = Vec::new();
+        for link in connect_links {
+            match (link, fail_mode) {
+                (ConnectLink::Pinned(l), FailMode::Closed) => kept.push(l),
+                (ConnectLink::Pinned(l), FailMode::Open) => {
+                    if let Err(e) = l.unpin() {
+                        warn!(error = %e, "removing a link pin failed");
+                    }
+                }
+                (ConnectLink::Held(_), _) => {}
+            }
+        }
+        // Links on cgroups (bpf_link_create) always coexist with other programs on the same
+        // hook; the kernel rejects the BPF_F_ALLOW_MULTI flag there, hence `Single` above.
+        // Dropping the object detaches the remaining links and closes program and map fds.
+        drop(ebpf);
+        let keep: Vec<&str> = if kept.is_empty() {
+            Vec::new()
+        } else {
+            vec![program::CONNECT4, program::CONNECT6]
+        };
+        pins.remove_all_except(&keep);
+        if !kept.is_empty() {
+            warn!(
+                "fail-closed: connect4/connect6 stay attached so workloads cannot bypass the stopped proxy; `proxy clean` removes them"
+            );
+        }
+        drop(kept);
+    }
+}
+
+// === impl Maps ===
+
+impl Maps {
+    /// The original destination of a connection the proxy accepted from `client` on `local`.
+    pub fn orig_dst(&self, client: SocketAddr, local: SocketAddr) -> Option<SocketAddr> {
+        let key = orig_key(client, local)?;
+        let v = self.orig_dst.get(&key, 0).ok()?;
+        orig_to_socket_addr(&v)
+    }
+
+    /// The kernel counters summed over CPUs, by `proxy_common::counter` index.
+    pub fn counters(&self) -> Result<Vec<u64>, aya::maps::MapError> {
+        sum_counters(&self.counters)
+    }
+}
+
+/// Sums a per-CPU counter map.
+pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    m: &PerCpuArray<T, u64>,
+) -> Result<Vec<u64>, aya::maps::MapError> {
+    (0..counter::COUNT)
+        .map(|i| m.get(&i, 0).map(|v| v.iter().copied().fold(0u64, u64::wrapping_add)))
+        .collect()
+}
+
+/// Reads the counters of a running (or crashed) proxy from its pin directory.
+pub fn read_pinned_counters(pin_dir: &Path) -> Result<Vec<u64>, EbpfError> {
+    let path = pins::map_path(pin_dir, map::COUNTERS);
+    let data = MapData::from_pin(&path).map_err(map_err(map::COUNTERS, "open pinned"))?;
+    let m = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+        .map_err(map_err(map::COUNTERS, "open"))?;
+    sum_counters(&m).map_err(map_err(map::COUNTERS, "read"))
+}
+
+/// Removes every pin under `pin_dir` (detaching pinned links). Refuses while a proxy runs.
+pub fn clean(pin_dir: &Path) -> Result<usize, EbpfError> {
+    let pins = PinDir::lock(pin_dir)?;
+    let stale = pins.take_stale()?;
+    let n = stale.removed;
+    drop(stale);
+    pins.remove_all_except(&[]);
+    Ok(n)
+}
+
+/// The OrigKey the kernel wrote for a connection, computed from the proxy's side.
+pub fn orig_key(client: SocketAddr, local: SocketAddr) -> Option<OrigKey> {
+    let (family, client_ip, proxy_ip) = match (client.ip(), local.ip()) {
+        (IpAddr::V4(c), IpAddr::V4(l)) => (AF_INET, ip4_words(c.octets()), ip4_words(l.octets())),
+        (IpAddr::V6(c), IpAddr::V6(l)) => match (c.to_ipv4_mapped(), l.to_ipv4_mapped()) {
+            (Some(c), Some(l)) => (AF_INET, ip4_words(c.octets()), ip4_words(l.octets())),
+            _ => (AF_INET6, ip6_words(c.octets()), ip6_words(l.octets())),
+        },
+        _ => return None,
+    };
+    Some(OrigKey {
+        family,
+        client_port: u32::from(client.port()),
+        proxy_port: u32::from(local.port()),
+        _pad: 0,
+        client_ip,
+        proxy_ip,
+    })
+}
+
+fn orig_to_socket_addr(v: &OrigDst) -> Option<SocketAddr> {
+    let port = u16::try_from(v.port).ok()?;
+    let ip = match v.family {
+        AF_INET => IpAddr::from(v.ip[0].to_ne_bytes()),
+        AF_INET6 => {
+            let mut b = [0u8; 16];
+            for (i, w) in v.ip.iter().enumerate() {
+                b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::from(b)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Addresses in the map are the kernel's in-memory (network order) bytes.
+fn ip4_words(o: [u8; 4]) -> [u32; 4] {
+    [u32::from_ne_bytes(o), 0, 0, 0]
+}
+
+fn ip6_words(o: [u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+// === loading helpers ===
+
+fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
+    let cfg = plan.config;
+    let value = proxy_common::Config {
+        proxy_netns: plan.proxy_netns,
+        redirect_ip4: cfg
+            .redirect_ipv4
+            .map(|ip| u32::from_ne_bytes(ip.octets()))
+            .unwrap_or(0),
+        redirect_port: u32::from(cfg.port),
+        redirect_ip6: cfg
+            .redirect_ipv6
+            .map(|ip| ip6_words(ip.octets()))
+            .unwrap_or([0; 4]),
+        flags: if cfg.sockmap { FLAG_SOCKMAP } else { 0 },
+        _pad: 0,
+    };
+    {
+        let m = ebpf.map_mut(map::CONFIG).ok_or(EbpfError::MissingMap(map::CONFIG))?;
+        let mut a: Array<&mut MapData, proxy_common::Config> =
+            Array::try_from(m).map_err(map_err(map::CONFIG, "open"))?;
+        a.set(0, value, 0).map_err(map_err(map::CONFIG, "write"))?;
+    }
+    {
+        let m = ebpf
+            .map_mut(map::EXCLUDED_PORTS)
+            .ok_or(EbpfError::MissingMap(map::EXCLUDED_PORTS))?;
+        let mut h: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(m).map_err(map_err(map::EXCLUDED_PORTS, "open"))?;
+        for p in &cfg.exclude_ports {
+            h.insert(u32::from(*p), 1, 0)
+                .map_err(map_err(map::EXCLUDED_PORTS, "write"))?;
+        }
+    }
+    for cidr in &cfg.exclude_cidrs {
+        insert_cidr(ebpf, cidr)?;
+    }
+    Ok(())
+}
+
+fn insert_cidr(ebpf: &mut Ebpf, cidr: &Cidr) -> Result<(), EbpfError> {
+    match cidr.addr {
+        IpAddr::V4(ip) => {
+            let m = ebpf
+                .map_mut(map::EXCLUDED_V4)
+                .ok_or(EbpfError::MissingMap(map::EXCLUDED_V4))?;
+            let mut t: LpmTrie<&mut MapData, u32, u32> =
+                LpmTrie::try_from(m).map_err(map_err(map::EXCLUDED_V4, "open"))?;
+            let key = Key::new(u32::from(cidr.prefix), u32::from_ne_bytes(ip.octets()));
+            t.insert(&key, 1, 0).map_err(map_err(map::EXCLUDED_V4, "write"))
+        }
+        IpAddr::V6(ip) => {
+            let m = ebpf
+                .map_mut(map::EXCLUDED_V6)
+                .ok_or(EbpfError::MissingMap(map::EXCLUDED_V6))?;
+            let mut t: LpmTrie<&mut MapData, [u32; 4], u32> =
+                LpmTrie::try_from(m).map_err(map_err(map::EXCLUDED_V6, "open"))?;
+            let key = Key::new(u32::from(cidr.prefix), ip6_words(ip.octets()));
+            t.insert(&key, 1, 0).map_err(map_err(map::EXCLUDED_V6, "write"))
+        }
+    }
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(EbpfError::MissingProgram(name))?;
+    p.try_into().map_err(prog_err(name, "open"))
+}
+
+fn load_cgroup_sock_addr(ebpf: &mut Ebpf, name: &'static str, pins: &PinDir) -> Result<(), EbpfError> {
+    let p: &mut CgroupSockAddr = program_mut(ebpf, name)?;
+    p.load().map_err(prog_err(name, "load"))?;
+    let path = pins.prog_path(name);
+    p.pin(&path).map_err(|source| EbpfError::Pin { path, source })
+}
+
+fn load_sock_ops(ebpf: &mut Ebpf, name: &'static str, pins: &PinDir) -> Result<(), EbpfError> {
+    let p: &mut SockOps = program_mut(ebpf, name)?;
+    p.load().map_err(prog_err(name, "load"))?;
+    let path = pins.prog_path(name);
+    p.pin(&path).map_err(|source| EbpfError::Pin { path, source })
+}
+
+fn attach_sock_ops(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<(), EbpfError> {
+    let p: &mut SockOps = program_mut(ebpf, name)?;
+    p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+        .map_err(prog_err(name, "attach"))?;
+    Ok(())
+}
+
+fn open_cgroup(path: &Path) -> Result<File, EbpfError> {
+    File::open(path).map_err(|source| EbpfError::Cgroup {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
+    ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
+}
+
+fn prog_err(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
+    move |source| EbpfError::Program {
+        name,
+        action,
+        source,
+        hint: if action == "load" {
+            " (the verifier log above says why; run `proxy check`)"
+        } else {
+            ""
+        },
+    }
+}
+
+fn map_err(name: &'static str, action: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+    move |source| EbpfError::Map {
+        name,
+        action,
+        source,
+    }
+}
+
+/// Loads every program into the kernel without attaching anything (for `proxy check`):
+/// proves the verifier accepts them on this kernel.
+pub fn verify_loadable() -> Result<usize, EbpfError> {
+    if OBJECT.is_empty() {
+        return Err(EbpfError::NoObject);
+    }
+    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(EbpfError::Load)?;
+    for name in [program::CONNECT4, program::CONNECT6] {
+        let p: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+        p.load().map_err(prog_err(name, "load"))?;
+    }
+    for name in [program::SOCKOPS_WORKLOAD, program::SOCKOPS_PROXY] {
+        let p: &mut SockOps = program_mut(&mut ebpf, name)?;
+        p.load().map_err(prog_err(name, "load"))?;
+    }
+    let p: &mut SkMsg = program_mut(&mut ebpf, program::MSG_REDIRECT)?;
+    p.load().map_err(prog_err(program::MSG_REDIRECT, "load"))?;
+    Ok(program::ALL.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orig_key_matches_kernel_layout() {
+        let client: SocketAddr = "10.1.2.3:40000".parse().unwrap_or_else(|_| unreachable!());
+        let local: SocketAddr = "10.9.9.9:15001".parse().unwrap_or_else(|_| unreachable!());
+        let k = orig_key(client, local);
+        assert_eq!(
+            k,
+            Some(OrigKey {
+                family: AF_INET,
+                client_port: 40000,
+                proxy_port: 15001,
+                _pad: 0,
+                client_ip: [u32::from_ne_bytes([10, 1, 2, 3]), 0, 0, 0],
+                proxy_ip: [u32::from_ne_bytes([10, 9, 9, 9]), 0, 0, 0],
+            })
+        );
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:40000".parse().unwrap_or_else(|_| unreachable!());
+        let mapped_local: SocketAddr =
+            "[::ffff:10.9.9.9]:15001".parse().unwrap_or_else(|_| unreachable!());
+        assert_eq!(orig_key(mapped, mapped_local), k);
+        assert_eq!(orig_key(client, mapped_local), None);
+    }
+
+    #[test]
+    fn orig_dst_round_trips() {
+        for text in ["192.0.2.7:8080", "[2001:db8::1]:443"] {
+            let a: SocketAddr = text.parse().unwrap_or_else(|_| unreachable!());
+            let v = match a.ip() {
+                IpAddr::V4(ip) => OrigDst {
+                    family: AF_INET,
+                    port: u32::from(a.port()),
+                    ip: ip4_words(ip.octets()),
+                },
+                IpAddr::V6(ip) => OrigDst {
+                    family: AF_INET6,
+                    port: u32::from(a.port()),
+                    ip: ip6_words(ip.octets()),
+                },
+            };
+            assert_eq!(orig_to_socket_addr(&v), Some(a));
+        }
+        let bad = OrigDst {
+            family: 99,
+            port: 1,
+            ip: [0; 4],
+        };
+        assert_eq!(orig_to_socket_addr(&bad), None);
+        let bad_port = OrigDst {
+            family: AF_INET,
+            port: 70000,
+            ip: [0; 4],
+        };
+        assert_eq!(orig_to_socket_addr(&bad_port), None);
+    }
+}

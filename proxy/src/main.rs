@@ -1,0 +1,476 @@
+//! The node proxy: parse the CLI and config once, start the datapath, map errors to exit
+//! codes.
+#![forbid(unsafe_code)]
+
+mod cgroup;
+mod check;
+mod config;
+mod ebpf;
+mod iptables;
+mod outbound;
+mod transport;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, File, Mode, Overrides},
+    outbound::Outbound,
+    transport::orig_dst::OrigDstSource,
+};
+
+/// Distinct exit codes, so scripts and orchestrators can tell failures apart.
+mod exit {
+    /// A runtime failure after start-up.
+    pub const RUNTIME: u8 = 1;
+    // 2 is clap's code for bad flags.
+    /// The config (file or flags) is invalid.
+    pub const CONFIG: u8 = 3;
+    /// `proxy check` found a problem, or start-up found this machine unfit.
+    pub const PREFLIGHT: u8 = 4;
+    /// Another proxy holds the pin directory.
+    pub const ALREADY_RUNNING: u8 = 5;
+    /// Loading or attaching the datapath failed.
+    pub const SETUP: u8 = 6;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "proxy",
+    version,
+    about = "eBPF-accelerated transparent node proxy for service meshes",
+    long_about = "A per-node proxy. Kernel programs catch outbound TCP connects of workloads (processes in cgroups under the workload cgroup parent) and send them to this proxy, which recovers the original destination and forwards the bytes. Same-node sockets are paired in a SOCKHASH so bytes skip the TCP/IP stack.\n\nExit codes: 0 ok, 1 runtime error, 2 bad flags, 3 bad config, 4 preflight failed, 5 another proxy holds the pin directory, 6 loading/attaching failed.",
+    after_help = "Start with `proxy check --config FILE`, then `proxy run --config FILE`. Inspect with `bpftool prog show`, `bpftool cgroup tree` and `proxy counters`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the kernel programs and proxy intercepted connections until SIGTERM.
+    Run(ConfigArgs),
+    /// Check that this machine can run the proxy: kernel, BTF, cgroup v2, bpffs,
+    /// capabilities, verifier, and programs of others on the same hooks.
+    Check(ConfigArgs),
+    /// Remove what a stopped proxy left: pins (and the fail-closed connect programs they
+    /// hold attached) and iptables rules. Refuses while a proxy runs on the pin directory.
+    Clean(ConfigArgs),
+    /// Print the kernel programs' counters (summed over CPUs) from the pin directory.
+    Counters {
+        /// Pin directory of the proxy to read.
+        #[arg(long, default_value = "/sys/fs/bpf/ebpf-mesh")]
+        pin_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Config file (TOML). Flags override its values [default: /etc/ebpf-mesh/proxy.toml if it exists].
+    #[arg(long, short = 'c', env = "PROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Port that redirected connections arrive on [default: 15001].
+    #[arg(long)]
+    port: Option<u16>,
+    /// IPv4 address workloads' connects are sent to; must reach this proxy from the workloads' network namespaces.
+    #[arg(long, value_name = "IP")]
+    redirect_ipv4: Option<String>,
+    /// IPv6 address workloads' connects are sent to (leave out to not intercept IPv6).
+    #[arg(long, value_name = "IP")]
+    redirect_ipv6: Option<String>,
+    /// Interception mode [default: ebpf].
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
+    /// Workload cgroup parent, relative to the cgroup v2 mount [default: ebpf-mesh/workloads].
+    #[arg(long, value_name = "PATH")]
+    workload_cgroup: Option<String>,
+    /// The proxy's own cgroup, relative to the cgroup v2 mount [default: ebpf-mesh-proxy].
+    #[arg(long, value_name = "PATH")]
+    proxy_cgroup: Option<String>,
+    /// bpffs directory for pins [default: /sys/fs/bpf/ebpf-mesh].
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<String>,
+    /// What workloads' connects do while the proxy is down [default: open].
+    #[arg(long, value_enum)]
+    fail_mode: Option<FailArg>,
+    /// Same-node short-circuit with sock_ops + sk_msg [default: on].
+    #[arg(long, value_enum)]
+    sockmap: Option<OnOff>,
+    /// Destination port never intercepted (repeatable).
+    #[arg(long = "exclude-port", value_name = "PORT")]
+    exclude_ports: Vec<u16>,
+    /// Destination network never intercepted, e.g. 169.254.0.0/16 (repeatable).
+    #[arg(long = "exclude-cidr", value_name = "CIDR")]
+    exclude_cidrs: Vec<String>,
+    /// iptables mode: interface workloads' traffic arrives on; `+` is a wildcard (repeatable).
+    #[arg(long = "iptables-interface", value_name = "IFACE")]
+    iptables_interfaces: Vec<String>,
+    /// Log filter: error, warn, info, debug, trace [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Ebpf,
+    Iptables,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FailArg {
+    Open,
+    Closed,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => with_config(&args, run),
+        Command::Check(args) => with_config(&args, |cfg| check(&cfg)),
+        Command::Clean(args) => with_config(&args, |cfg| clean(&cfg)),
+        Command::Counters { pin_dir, json } => counters(&pin_dir, json),
+    };
+    ExitCode::from(code)
+}
+
+fn with_config(args: &ConfigArgs, f: impl FnOnce(Config) -> u8) -> u8 {
+    match load_config(args) {
+        Ok(cfg) => {
+            init_logging(&cfg);
+            f(cfg)
+        }
+        Err(e) => {
+            eprintln!("proxy: {e}");
+            exit::CONFIG
+        }
+    }
+}
+
+fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
+    let default = Path::new(config::DEFAULT_CONFIG_PATH);
+    let file = match &args.config {
+        Some(path) => File::load(path)?,
+        // A node's config lives at the default path; without one, flags alone configure.
+        None if default.exists() => File::load(default)?,
+        None => File::default(),
+    };
+    let o = Overrides {
+        port: args.port,
+        redirect_ipv4: args.redirect_ipv4.clone(),
+        redirect_ipv6: args.redirect_ipv6.clone(),
+        mode: args.mode.map(|m| match m {
+            ModeArg::Ebpf => "ebpf".to_string(),
+            ModeArg::Iptables => "iptables".to_string(),
+        }),
+        workload_cgroup: args.workload_cgroup.clone(),
+        proxy_cgroup: args.proxy_cgroup.clone(),
+        pin_dir: args.pin_dir.clone(),
+        fail_mode: args.fail_mode.map(|m| match m {
+            FailArg::Open => "open".to_string(),
+            FailArg::Closed => "closed".to_string(),
+        }),
+        sockmap: args.sockmap.map(|s| matches!(s, OnOff::On)),
+        exclude_ports: args.exclude_ports.clone(),
+        exclude_cidrs: args.exclude_cidrs.clone(),
+        iptables_interfaces: args.iptables_interfaces.clone(),
+        log_level: args.log_level.clone(),
+        log_json: args.log_json,
+    };
+    Config::resolve(file, o)
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if cfg.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+// === proxy run ===
+
+fn run(cfg: Config) -> u8 {
+    let mount = match cgroup::cgroup2_mount() {
+        Ok(m) => m,
+        Err(e) => {
+            error!("{e}");
+            return exit::PREFLIGHT;
+        }
+    };
+    let workload_cg = cgroup::resolve(&mount, &cfg.workload_cgroup);
+    let proxy_cg = cgroup::resolve(&mount, &cfg.proxy_cgroup);
+    let original_cg = cgroup::current(&mount);
+    if cfg.mode == Mode::Ebpf {
+        // Before any socket exists: sockets belong to the cgroup of the task creating them.
+        for p in [&workload_cg, &proxy_cg] {
+            if let Err(e) = cgroup::ensure(p) {
+                error!("{e}");
+                return exit::SETUP;
+            }
+        }
+        if let Err(e) = cgroup::join(&proxy_cg) {
+            error!("{e}");
+            return exit::SETUP;
+        }
+    }
+
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("proxy-data")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the tokio runtime");
+            return exit::RUNTIME;
+        }
+    };
+    let code = rt.block_on(serve(&cfg, &workload_cg, &proxy_cg));
+
+    if cfg.mode == Mode::Ebpf {
+        // Leave our cgroup and remove it, so a clean stop leaves nothing behind.
+        if let Some(orig) = original_cg.filter(|o| *o != proxy_cg)
+            && cgroup::join(&orig).is_ok()
+        {
+            let _ = std::fs::remove_dir(&proxy_cg);
+        }
+    }
+    code
+}
+
+async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
+    let mut addrs = vec![SocketAddr::new(IpAddr::V4(cfg.bind_ipv4), cfg.port)];
+    if cfg.redirect_ipv6.is_some() || cfg.mode == Mode::Iptables {
+        addrs.push(SocketAddr::new(IpAddr::V6(cfg.bind_ipv6), cfg.port));
+    }
+    let mut listeners = Vec::new();
+    for a in &addrs {
+        match transport::listen(*a) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                error!(address = %a, error = %e, "cannot listen; is another process using proxy.port? choose another with --port");
+                return exit::SETUP;
+            }
+        }
+    }
+    let Some(first) = listeners.first() else {
+        return exit::SETUP;
+    };
+    let netns = match transport::netns_cookie(first) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "cannot read the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14+)");
+            return exit::PREFLIGHT;
+        }
+    };
+
+    // Interception last: listeners exist, so no redirected connect finds a closed port.
+    let (datapath, rules, orig_dst) = match cfg.mode {
+        Mode::Ebpf => {
+            let plan = ebpf::Plan {
+                config: cfg,
+                proxy_netns: netns,
+                workload_cgroup: workload_cg,
+                proxy_cgroup: proxy_cg,
+            };
+            match ebpf::Datapath::start(&plan) {
+                Ok((dp, maps)) => (Some(dp), None, OrigDstSource::Ebpf(Arc::new(maps))),
+                Err(e) => {
+                    error!("{e}");
+                    return match e {
+                        ebpf::EbpfError::PinDir(ebpf::PinError::Locked(_)) => exit::ALREADY_RUNNING,
+                        ebpf::EbpfError::PinDir(ebpf::PinError::NotBpffs { .. }) => exit::PREFLIGHT,
+                        _ => exit::SETUP,
+                    };
+                }
+            }
+        }
+        Mode::Iptables => match iptables::Rules::install(cfg) {
+            Ok(r) => (None, Some(r), OrigDstSource::Conntrack),
+            Err(e) => {
+                error!("{e}");
+                return exit::SETUP;
+            }
+        },
+    };
+    let own_addrs = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let outbound = Arc::new(Outbound {
+        orig_dst,
+        connect_timeout: cfg.connect_timeout,
+        copy_buffer: cfg.copy_buffer_bytes,
+        own_addrs,
+        stats: outbound::Stats::default(),
+    });
+    info!(
+        listen = ?addrs,
+        mode = %cfg.mode,
+        redirect_ipv4 = ?cfg.redirect_ipv4,
+        redirect_ipv6 = ?cfg.redirect_ipv6,
+        "proxy ready"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(outbound::serve(
+        listeners,
+        Arc::clone(&outbound),
+        stop_rx,
+        DRAIN,
+    ));
+    let signal = wait_for_signal().await;
+    let kernel = match &outbound.orig_dst {
+        OrigDstSource::Ebpf(maps) => maps.counters().ok(),
+        OrigDstSource::Conntrack => None,
+    };
+    info!(signal, "stopping: detaching interception, then draining connections");
+    // Detach first: in fail-open mode new connects go direct from here on.
+    if let Some(dp) = datapath {
+        dp.shutdown();
+    }
+    if let Some(r) = rules {
+        r.remove();
+    }
+    let _ = stop_tx.send(true);
+    if let Err(e) = server.await {
+        warn!(error = %e, "server task ended abnormally");
+    }
+    let s = &outbound.stats;
+    info!(
+        accepted = s.accepted.load(Ordering::Relaxed),
+        forwarded = s.forwarded.load(Ordering::Relaxed),
+        orig_dst_unknown = s.orig_dst_unknown.load(Ordering::Relaxed),
+        connect_failed = s.connect_failed.load(Ordering::Relaxed),
+        loops_refused = s.loops_refused.load(Ordering::Relaxed),
+        bytes_to_upstream = s.bytes_to_upstream.load(Ordering::Relaxed),
+        bytes_to_client = s.bytes_to_client.load(Ordering::Relaxed),
+        "stopped"
+    );
+    if let Some(values) = kernel {
+        let summary: Vec<String> = proxy_common::counter::NAMES
+            .iter()
+            .zip(values)
+            .filter(|(_, v)| *v > 0)
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        info!(counters = %summary.join(" "), "kernel counters at stop");
+    }
+    0
+}
+
+/// How long open connections may finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(5);
+
+async fn wait_for_signal() -> &'static str {
+    let term = tokio::signal::unix::signal(SignalKind::terminate());
+    let int = tokio::signal::unix::signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => tokio::select! {
+            _ = t.recv() => "SIGTERM",
+            _ = i.recv() => "SIGINT",
+        },
+        _ => {
+            warn!("cannot install signal handlers; stopping only with SIGKILL");
+            std::future::pending().await
+        }
+    }
+}
+
+// === proxy check / clean / counters ===
+
+fn check(cfg: &Config) -> u8 {
+    let findings = check::run(cfg);
+    let mut failed = 0;
+    for f in &findings {
+        println!("[{}] {}: {}", if f.ok { " ok " } else { "FAIL" }, f.what, f.detail);
+        if !f.ok {
+            failed += 1;
+        }
+    }
+    if failed == 0 {
+        println!("all {} checks passed", findings.len());
+        0
+    } else {
+        println!("{failed} of {} checks failed; fix them and run `proxy check` again", findings.len());
+        exit::PREFLIGHT
+    }
+}
+
+fn clean(cfg: &Config) -> u8 {
+    let mut code = 0;
+    if cfg.pin_dir.exists() {
+        match ebpf::clean(&cfg.pin_dir) {
+            Ok(n) => println!("removed {n} pins under {}", cfg.pin_dir.display()),
+            Err(e) => {
+                eprintln!("proxy: {e}");
+                code = match e {
+                    ebpf::EbpfError::PinDir(ebpf::PinError::Locked(_)) => exit::ALREADY_RUNNING,
+                    _ => exit::RUNTIME,
+                };
+            }
+        }
+    } else {
+        println!("no pin directory at {}", cfg.pin_dir.display());
+    }
+    if cfg.mode == Mode::Iptables {
+        let chain = iptables::Rules::chain_name(cfg.port);
+        iptables::remove_chain("iptables", &chain);
+        iptables::remove_chain("ip6tables", &chain);
+        println!("removed iptables chain {chain} and its jumps (if present)");
+    }
+    code
+}
+
+fn counters(pin_dir: &Path, json: bool) -> u8 {
+    match ebpf::read_pinned_counters(pin_dir) {
+        Ok(values) => {
+            let names = proxy_common::counter::NAMES;
+            if json {
+                let obj: serde_json::Map<String, serde_json::Value> = names
+                    .iter()
+                    .zip(values.iter())
+                    .map(|(n, v)| ((*n).to_string(), serde_json::Value::from(*v)))
+                    .collect();
+                println!("{}", serde_json::Value::Object(obj));
+            } else {
+                for (n, v) in names.iter().zip(values.iter()) {
+                    println!("{n:<28} {v}");
+                }
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("proxy: {e}; is a proxy running with --pin-dir {}?", pin_dir.display());
+            exit::RUNTIME
+        }
+    }
+}
