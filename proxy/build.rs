@@ -11,7 +11,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PROXY_EBPF_OBJECT");
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let default = manifest.join("../proxy-ebpf/target/bpfel-unknown-none/release/proxy-ebpf");
-    let source = env::var_os("PROXY_EBPF_OBJECT").map(PathBuf::from).unwrap_or(default);
+    let source = env::var_os("PROXY_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or(default);
     println!("cargo:rerun-if-changed={}", source.display());
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap_or_default()).join("proxy-ebpf.o");
     let bytes = match fs::read(&source) {

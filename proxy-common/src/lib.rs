@@ -166,10 +166,7 @@ impl SockKey {
 
     /// The same 4-tuple with the namespace left out, as `MESH_EXPECT` keys it.
     pub const fn without_netns(&self) -> SockKey {
-        SockKey {
-            netns: 0,
-            ..*self
-        }
+        SockKey { netns: 0, ..*self }
     }
 }
 

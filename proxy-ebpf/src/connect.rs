@@ -8,14 +8,12 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, maps::lpm_trie::Key,
-    programs::SockAddrContext, EbpfContext as _,
+    EbpfContext as _, bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, maps::lpm_trie::Key,
+    programs::SockAddrContext,
 };
 use proxy_common::{AF_INET, OrigDst, counter, normalise_ip6};
 
-use crate::maps::{
-    MESH_EXCL_PORT, MESH_EXCL_V4, MESH_EXCL_V6, MESH_ORIG_CK, config, count,
-};
+use crate::maps::{MESH_EXCL_PORT, MESH_EXCL_V4, MESH_EXCL_V6, MESH_ORIG_CK, config, count};
 
 /// Verdicts of cgroup/connect programs.
 pub const ALLOW: i32 = 1;
@@ -43,11 +41,21 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<(), Bypass> {
         )
     };
     check_v4(dst, port, cfg.redirect_ip4, cfg.redirect_port)?;
-    record(ctx, OrigDst { family: AF_INET, port: u32::from(port), ip: [dst, 0, 0, 0] })?;
+    record(
+        ctx,
+        OrigDst {
+            family: AF_INET,
+            port: u32::from(port),
+            ip: [dst, 0, 0, 0],
+        },
+    )?;
     // SAFETY: as above.
     unsafe {
         write_volatile(&mut (*sa).user_ip4, cfg.redirect_ip4);
-        write_volatile(&mut (*sa).user_port, u32::from((cfg.redirect_port as u16).to_be()));
+        write_volatile(
+            &mut (*sa).user_port,
+            u32::from((cfg.redirect_port as u16).to_be()),
+        );
     }
     count(counter::CONNECT4_REDIRECTED, 1);
     Ok(())
@@ -100,14 +108,24 @@ pub fn try_connect6(ctx: &SockAddrContext) -> Result<(), Bypass> {
         }
         r
     };
-    record(ctx, OrigDst { family, port: u32::from(port), ip })?;
+    record(
+        ctx,
+        OrigDst {
+            family,
+            port: u32::from(port),
+            ip,
+        },
+    )?;
     // SAFETY: as above.
     unsafe {
         write_volatile(&mut (*sa).user_ip6[0], target[0]);
         write_volatile(&mut (*sa).user_ip6[1], target[1]);
         write_volatile(&mut (*sa).user_ip6[2], target[2]);
         write_volatile(&mut (*sa).user_ip6[3], target[3]);
-        write_volatile(&mut (*sa).user_port, u32::from((cfg.redirect_port as u16).to_be()));
+        write_volatile(
+            &mut (*sa).user_port,
+            u32::from((cfg.redirect_port as u16).to_be()),
+        );
     }
     count(counter::CONNECT6_REDIRECTED, 1);
     Ok(())
@@ -173,4 +191,3 @@ impl Bypass {
         count(self.0, 1);
     }
 }
-

@@ -8,10 +8,10 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
     helpers::bpf_get_netns_cookie,
     programs::SkMsgContext,
-    EbpfContext as _,
 };
 use proxy_common::{AF_INET, AF_INET6, SockKey, counter, normalise_ip6};
 
@@ -99,6 +99,14 @@ fn own_key(ctx: &SkMsgContext) -> Option<SockKey> {
         } else {
             return None;
         };
-        Some(SockKey { netns, family, local_port, remote_port, _pad: 0, local_ip, remote_ip })
+        Some(SockKey {
+            netns,
+            family,
+            local_port,
+            remote_port,
+            _pad: 0,
+            local_ip,
+            remote_ip,
+        })
     }
 }

@@ -18,21 +18,18 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_ops,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
-    EbpfContext as _,
 };
-use proxy_common::{
-    AF_INET, AF_INET6, FLAG_SOCKMAP, OrigKey, SockKey, counter, normalise_ip6,
-};
+use proxy_common::{AF_INET, AF_INET6, FLAG_SOCKMAP, OrigKey, SockKey, counter, normalise_ip6};
 
 use crate::maps::{
-    MESH_EXPECT, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS, MESH_TAINTED, config,
-    count,
+    MESH_EXPECT, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS, MESH_TAINTED, config, count,
 };
 
 /// Which cgroup the program is attached to.
@@ -156,9 +153,16 @@ fn register(ctx: &SockOpsContext, mut key: SockKey) -> bool {
 fn carried_early_data(ctx: &SockOpsContext, op: u32) -> bool {
     // SAFETY: ctx.ops is the context pointer; these fields are readable in sock_ops.
     let (out, inb) = unsafe {
-        (read_volatile(&(*ctx.ops).data_segs_out), read_volatile(&(*ctx.ops).data_segs_in))
+        (
+            read_volatile(&(*ctx.ops).data_segs_out),
+            read_volatile(&(*ctx.ops).data_segs_in),
+        )
     };
-    let early = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB { out > 0 } else { inb > 0 };
+    let early = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        out > 0
+    } else {
+        inb > 0
+    };
     if early {
         count(counter::SOCKHASH_SKIPPED_EARLY_DATA, 1);
     }
@@ -202,7 +206,15 @@ fn own_key(ctx: &SockOpsContext) -> Option<SockKey> {
         } else {
             return None;
         };
-        Some(SockKey { netns, family, local_port, remote_port, _pad: 0, local_ip, remote_ip })
+        Some(SockKey {
+            netns,
+            family,
+            local_port,
+            remote_port,
+            _pad: 0,
+            local_ip,
+            remote_ip,
+        })
     }
 }
 
@@ -218,4 +230,3 @@ fn orig_key(key: &SockKey) -> OrigKey {
         proxy_ip: key.remote_ip,
     }
 }
-

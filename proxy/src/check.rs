@@ -19,29 +19,46 @@ pub struct Finding {
 }
 
 fn pass(what: &str, detail: impl Into<String>) -> Finding {
-    Finding { ok: true, what: what.into(), detail: detail.into() }
+    Finding {
+        ok: true,
+        what: what.into(),
+        detail: detail.into(),
+    }
 }
 
 fn fail(what: &str, detail: impl Into<String>) -> Finding {
-    Finding { ok: false, what: what.into(), detail: detail.into() }
+    Finding {
+        ok: false,
+        what: what.into(),
+        detail: detail.into(),
+    }
 }
 
 pub fn run(cfg: &Config) -> Vec<Finding> {
     let mut out = vec![kernel_version(), btf()];
     let mount = cgroup::cgroup2_mount();
     out.push(match &mount {
-        Ok(m) => pass("cgroup v2", format!("mounted at {} (from /proc/self/mountinfo)", m.display())),
+        Ok(m) => pass(
+            "cgroup v2",
+            format!("mounted at {} (from /proc/self/mountinfo)", m.display()),
+        ),
         Err(e) => fail("cgroup v2", e.to_string()),
     });
     out.push(capabilities());
     if cfg.mode == Mode::Ebpf || cfg.sockmap {
         out.push(bpffs(&cfg.pin_dir));
         out.push(match ebpf::verify_loadable() {
-            Ok(n) => pass("eBPF programs", format!("{n} programs accepted by this kernel's verifier")),
+            Ok(n) => pass(
+                "eBPF programs",
+                format!("{n} programs accepted by this kernel's verifier"),
+            ),
             Err(e) => fail("eBPF programs", e.to_string()),
         });
         if let Ok(m) = &mount {
-            out.push(other_programs(&cgroup::resolve(m, &cfg.workload_cgroup), &cfg.pin_dir));
+            out.push(other_programs(
+                &cgroup::resolve(m, &cfg.workload_cgroup),
+                &cfg.pin_dir,
+            ));
         }
     } else {
         out.push(iptables());
@@ -55,8 +72,17 @@ fn kernel_version() -> Finding {
         Err(e) => return fail("kernel", format!("uname failed: {e}")),
     };
     match parse_kernel(&release) {
-        Some(v) if v >= MIN_KERNEL => pass("kernel", format!("{release} (>= {}.{} needed)", MIN_KERNEL.0, MIN_KERNEL.1)),
-        Some(_) => fail("kernel", format!("{release} is older than {}.{}, which added bpf_get_netns_cookie() for sock_ops and sk_msg; upgrade the kernel, or use --mode iptables --sockmap off", MIN_KERNEL.0, MIN_KERNEL.1)),
+        Some(v) if v >= MIN_KERNEL => pass(
+            "kernel",
+            format!("{release} (>= {}.{} needed)", MIN_KERNEL.0, MIN_KERNEL.1),
+        ),
+        Some(_) => fail(
+            "kernel",
+            format!(
+                "{release} is older than {}.{}, which added bpf_get_netns_cookie() for sock_ops and sk_msg; upgrade the kernel, or use --mode iptables --sockmap off",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
+        ),
         None => fail("kernel", format!("cannot parse kernel release {release:?}")),
     }
 }
@@ -73,7 +99,10 @@ fn btf() -> Finding {
     if p.exists() {
         pass("BTF", p.display().to_string())
     } else {
-        fail("BTF", "no /sys/kernel/btf/vmlinux; use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+        fail(
+            "BTF",
+            "no /sys/kernel/btf/vmlinux; use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        )
     }
 }
 
@@ -86,24 +115,49 @@ fn capabilities() -> Finding {
     else {
         return fail("capabilities", "cannot read CapEff from /proc/self/status");
     };
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
-        .into_iter()
-        .filter(|(bit, _)| eff & (1u64 << bit) == 0)
-        .map(|(_, name)| name)
-        .collect();
+    let missing: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| eff & (1u64 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
     if missing.is_empty() {
         pass("capabilities", "CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN")
     } else {
-        fail("capabilities", format!("missing {}; run as root or grant them (Kubernetes: a privileged DaemonSet)", missing.join(", ")))
+        fail(
+            "capabilities",
+            format!(
+                "missing {}; run as root or grant them (Kubernetes: a privileged DaemonSet)",
+                missing.join(", ")
+            ),
+        )
     }
 }
 
 fn bpffs(pin_dir: &Path) -> Finding {
     let parent = pin_dir.parent().unwrap_or(pin_dir);
     match nix::sys::statfs::statfs(parent) {
-        Ok(st) if st.filesystem_type().0 as i64 == 0xcafe_4a11 => pass("bpffs", format!("{} is bpffs", parent.display())),
-        Ok(_) => fail("bpffs", format!("{} is not bpffs; mount it: mount -t bpf bpf {}", parent.display(), parent.display())),
-        Err(e) => fail("bpffs", format!("{}: {e}; mount bpffs: mount -t bpf bpf /sys/fs/bpf", parent.display())),
+        Ok(st) if st.filesystem_type().0 as i64 == 0xcafe_4a11 => {
+            pass("bpffs", format!("{} is bpffs", parent.display()))
+        }
+        Ok(_) => fail(
+            "bpffs",
+            format!(
+                "{} is not bpffs; mount it: mount -t bpf bpf {}",
+                parent.display(),
+                parent.display()
+            ),
+        ),
+        Err(e) => fail(
+            "bpffs",
+            format!(
+                "{}: {e}; mount bpffs: mount -t bpf bpf /sys/fs/bpf",
+                parent.display()
+            ),
+        ),
     }
 }
 
@@ -117,10 +171,31 @@ fn other_programs(workload_cgroup: &Path, pin_dir: &Path) -> Finding {
             return fail(what, "workload cgroup has no existing ancestor");
         }
     }
-    let out = match Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(&dir).arg("effective").output() {
+    let out = match Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&dir)
+        .arg("effective")
+        .output()
+    {
         Ok(o) if o.status.success() => o,
-        Ok(o) => return fail(what, format!("bpftool cgroup show {} failed: {}", dir.display(), String::from_utf8_lossy(&o.stderr).trim())),
-        Err(e) => return fail(what, format!("cannot run bpftool ({e}); install it (Debian: apt-get install bpftool) to inspect attached programs")),
+        Ok(o) => {
+            return fail(
+                what,
+                format!(
+                    "bpftool cgroup show {} failed: {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+            );
+        }
+        Err(e) => {
+            return fail(
+                what,
+                format!(
+                    "cannot run bpftool ({e}); install it (Debian: apt-get install bpftool) to inspect attached programs"
+                ),
+            );
+        }
     };
     let ours = our_program_ids(pin_dir);
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -128,13 +203,29 @@ fn other_programs(workload_cgroup: &Path, pin_dir: &Path) -> Finding {
         .iter()
         .filter(|p| {
             let t = p["attach_type"].as_str().unwrap_or("");
-            matches!(t, "cgroup_inet4_connect" | "cgroup_inet6_connect" | "sock_ops")
+            matches!(
+                t,
+                "cgroup_inet4_connect" | "cgroup_inet6_connect" | "sock_ops"
+            )
         })
         .filter(|p| !p["id"].as_u64().is_some_and(|id| ours.contains(&id)))
-        .map(|p| format!("{} (id {}, {})", p["name"].as_str().unwrap_or("?"), p["id"], p["attach_type"].as_str().unwrap_or("?")))
+        .map(|p| {
+            format!(
+                "{} (id {}, {})",
+                p["name"].as_str().unwrap_or("?"),
+                p["id"],
+                p["attach_type"].as_str().unwrap_or("?")
+            )
+        })
         .collect();
     if conflicts.is_empty() {
-        pass(what, format!("no foreign programs on connect4/connect6/sock_ops of {}", dir.display()))
+        pass(
+            what,
+            format!(
+                "no foreign programs on connect4/connect6/sock_ops of {}",
+                dir.display()
+            ),
+        )
     } else {
         fail(
             what,
@@ -150,7 +241,9 @@ fn other_programs(workload_cgroup: &Path, pin_dir: &Path) -> Finding {
 fn our_program_ids(pin_dir: &Path) -> Vec<u64> {
     proxy_common::program::ALL
         .iter()
-        .filter_map(|name| aya::programs::ProgramInfo::from_pin(pin_dir.join("progs").join(name)).ok())
+        .filter_map(|name| {
+            aya::programs::ProgramInfo::from_pin(pin_dir.join("progs").join(name)).ok()
+        })
         .map(|info| u64::from(info.id()))
         .collect()
 }
@@ -158,8 +251,17 @@ fn our_program_ids(pin_dir: &Path) -> Vec<u64> {
 fn iptables() -> Finding {
     match Command::new("iptables").args(["-t", "nat", "-S"]).output() {
         Ok(o) if o.status.success() => pass("iptables", "nat table usable"),
-        Ok(o) => fail("iptables", format!("iptables -t nat -S failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
-        Err(e) => fail("iptables", format!("cannot run iptables ({e}); install it (Debian: apt-get install iptables)")),
+        Ok(o) => fail(
+            "iptables",
+            format!(
+                "iptables -t nat -S failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        ),
+        Err(e) => fail(
+            "iptables",
+            format!("cannot run iptables ({e}); install it (Debian: apt-get install iptables)"),
+        ),
     }
 }
 

@@ -377,7 +377,16 @@ impl Config {
         cidr_text.extend(o.exclude_cidrs);
         let exclude_cidrs = cidr_text
             .iter()
-            .map(|t| t.parse::<Cidr>().map_err(|reason| invalid("intercept.exclude_cidrs", t, reason, "write networks as ADDRESS/PREFIX, e.g. 169.254.0.0/16 or fd00::/8")))
+            .map(|t| {
+                t.parse::<Cidr>().map_err(|reason| {
+                    invalid(
+                        "intercept.exclude_cidrs",
+                        t,
+                        reason,
+                        "write networks as ADDRESS/PREFIX, e.g. 169.254.0.0/16 or fd00::/8",
+                    )
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
 
         let mut iptables_interfaces = intercept.iptables_interfaces.unwrap_or_default();
@@ -385,7 +394,8 @@ impl Config {
         for i in &iptables_interfaces {
             let name_ok = !i.is_empty()
                 && i.len() <= 15
-                && i.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c));
+                && i.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c));
             if !name_ok {
                 return Err(invalid(
                     "intercept.iptables_interfaces",
@@ -484,7 +494,8 @@ fn cgroup_rel(field: &'static str, value: String) -> Result<PathBuf, ConfigError
     let p = PathBuf::from(value.trim_start_matches('/'));
     if value.trim().is_empty()
         || p.as_os_str().is_empty()
-        || p.components().any(|c| c.as_os_str() == ".." || c.as_os_str() == ".")
+        || p.components()
+            .any(|c| c.as_os_str() == ".." || c.as_os_str() == ".")
     {
         return Err(invalid(
             field,
@@ -595,20 +606,32 @@ mod tests {
     #[test]
     fn malformed_inputs_name_field_value_and_fix() {
         let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.300\"\n");
-        assert!(e.contains("proxy.redirect_ipv4") && e.contains("10.0.0.300") && e.contains("fix:"), "{e}");
+        assert!(
+            e.contains("proxy.redirect_ipv4") && e.contains("10.0.0.300") && e.contains("fix:"),
+            "{e}"
+        );
         let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nmode = \"nft\"\n");
         assert!(e.contains("intercept.mode") && e.contains("nft"), "{e}");
-        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nexclude_cidrs = [\"10.0.0.0/33\"]\n");
+        let e = err(
+            "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nexclude_cidrs = [\"10.0.0.0/33\"]\n",
+        );
         assert!(e.contains("exclude_cidrs") && e.contains("/33"), "{e}");
-        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nexclude_cidrs = [\"10.0.0.0\"]\n");
+        let e = err(
+            "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nexclude_cidrs = [\"10.0.0.0\"]\n",
+        );
         assert!(e.contains("missing /PREFIX"), "{e}");
-        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nworkload_cgroup = \"../x\"\n");
+        let e =
+            err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nworkload_cgroup = \"../x\"\n");
         assert!(e.contains("workload_cgroup"), "{e}");
-        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nworkload_cgroup = \"a\"\nproxy_cgroup = \"a/p\"\n");
+        let e = err(
+            "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nworkload_cgroup = \"a\"\nproxy_cgroup = \"a/p\"\n",
+        );
         assert!(e.contains("loop"), "{e}");
         let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nmode = \"iptables\"\n");
         assert!(e.contains("intercept.sockmap"), "{e}");
-        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nmode = \"iptables\"\nsockmap = false\n");
+        let e = err(
+            "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nmode = \"iptables\"\nsockmap = false\n",
+        );
         assert!(e.contains("iptables_interfaces"), "{e}");
         let e = err("[proxy]\n");
         assert!(e.contains("redirect_ipv4") && e.contains("(unset)"), "{e}");
@@ -620,7 +643,9 @@ mod tests {
         assert!(e.contains("limits.sockhash_entries"), "{e}");
         let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\npin_dir = \"relative\"\n");
         assert!(e.contains("pin_dir"), "{e}");
-        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\niptables_interfaces = [\"a b\"]\n");
+        let e = err(
+            "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\niptables_interfaces = [\"a b\"]\n",
+        );
         assert!(e.contains("iptables_interfaces"), "{e}");
         let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[log]\nlevel = \"=[\"\n");
         assert!(e.contains("log.level"), "{e}");

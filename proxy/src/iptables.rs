@@ -56,19 +56,70 @@ impl Rules {
             let chain = rules.chain.as_str();
             run(tool, &["-t", "nat", "-N", chain])?;
             // Traffic to this node itself (its own services, the proxy) is not intercepted.
-            run(tool, &["-t", "nat", "-A", chain, "-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN"])?;
+            run(
+                tool,
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    chain,
+                    "-m",
+                    "addrtype",
+                    "--dst-type",
+                    "LOCAL",
+                    "-j",
+                    "RETURN",
+                ],
+            )?;
             for port in &cfg.exclude_ports {
                 let p = port.to_string();
-                run(tool, &["-t", "nat", "-A", chain, "-p", "tcp", "--dport", &p, "-j", "RETURN"])?;
+                run(
+                    tool,
+                    &[
+                        "-t", "nat", "-A", chain, "-p", "tcp", "--dport", &p, "-j", "RETURN",
+                    ],
+                )?;
             }
-            for cidr in cfg.exclude_cidrs.iter().filter(|c| matches!(c.addr, IpAddr::V6(_)) == v6) {
+            for cidr in cfg
+                .exclude_cidrs
+                .iter()
+                .filter(|c| matches!(c.addr, IpAddr::V6(_)) == v6)
+            {
                 let c = cidr.to_string();
                 run(tool, &["-t", "nat", "-A", chain, "-d", &c, "-j", "RETURN"])?;
             }
             let port = cfg.port.to_string();
-            run(tool, &["-t", "nat", "-A", chain, "-p", "tcp", "-j", "REDIRECT", "--to-ports", &port])?;
+            run(
+                tool,
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    chain,
+                    "-p",
+                    "tcp",
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    &port,
+                ],
+            )?;
             for iface in &rules.interfaces {
-                run(tool, &["-t", "nat", "-A", "PREROUTING", "-i", iface, "-p", "tcp", "-j", chain])?;
+                run(
+                    tool,
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "PREROUTING",
+                        "-i",
+                        iface,
+                        "-p",
+                        "tcp",
+                        "-j",
+                        chain,
+                    ],
+                )?;
             }
         }
         info!(chain = %rules.chain, interfaces = ?rules.interfaces, "iptables REDIRECT rules installed");
@@ -90,7 +141,10 @@ impl Rules {
 
 /// Deletes every PREROUTING jump to `chain`, then the chain. Used at stop and by `proxy clean`.
 pub fn remove_chain(tool: &'static str, chain: &str) {
-    let Ok(out) = Command::new(tool).args(["-t", "nat", "-S", "PREROUTING"]).output() else {
+    let Ok(out) = Command::new(tool)
+        .args(["-t", "nat", "-S", "PREROUTING"])
+        .output()
+    else {
         return;
     };
     let listing = String::from_utf8_lossy(&out.stdout);

@@ -352,7 +352,10 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         OrigDstSource::Ebpf(maps) => maps.counters().ok(),
         OrigDstSource::Conntrack => None,
     };
-    info!(signal, "stopping: detaching interception, then draining connections");
+    info!(
+        signal,
+        "stopping: detaching interception, then draining connections"
+    );
     // Detach first: in fail-open mode new connects go direct from here on.
     if let Some(dp) = datapath {
         dp.shutdown();
@@ -411,7 +414,12 @@ fn check(cfg: &Config) -> u8 {
     let findings = check::run(cfg);
     let mut failed = 0;
     for f in &findings {
-        println!("[{}] {}: {}", if f.ok { " ok " } else { "FAIL" }, f.what, f.detail);
+        println!(
+            "[{}] {}: {}",
+            if f.ok { " ok " } else { "FAIL" },
+            f.what,
+            f.detail
+        );
         if !f.ok {
             failed += 1;
         }
@@ -420,7 +428,10 @@ fn check(cfg: &Config) -> u8 {
         println!("all {} checks passed", findings.len());
         0
     } else {
-        println!("{failed} of {} checks failed; fix them and run `proxy check` again", findings.len());
+        println!(
+            "{failed} of {} checks failed; fix them and run `proxy check` again",
+            findings.len()
+        );
         exit::PREFLIGHT
     }
 }
@@ -469,7 +480,10 @@ fn counters(pin_dir: &Path, json: bool) -> u8 {
             0
         }
         Err(e) => {
-            eprintln!("proxy: {e}; is a proxy running with --pin-dir {}?", pin_dir.display());
+            eprintln!(
+                "proxy: {e}; is a proxy running with --pin-dir {}?",
+                pin_dir.display()
+            );
             exit::RUNTIME
         }
     }

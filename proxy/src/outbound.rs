@@ -81,18 +81,28 @@ pub async fn serve(
     while conns.try_join_next().is_some() {}
     let open = conns.len();
     if open > 0 {
-        info!(open, drain_secs = drain.as_secs_f32(), "draining open connections");
+        info!(
+            open,
+            drain_secs = drain.as_secs_f32(),
+            "draining open connections"
+        );
         if timeout(drain, async { while conns.join_next().await.is_some() {} })
             .await
             .is_err()
         {
-            warn!(open = conns.len(), "drain timeout: closing remaining connections");
+            warn!(
+                open = conns.len(),
+                "drain timeout: closing remaining connections"
+            );
             conns.abort_all();
         }
     }
 }
 
-async fn accept_loop(listener: TcpListener, tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr)>) {
+async fn accept_loop(
+    listener: TcpListener,
+    tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr)>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, client)) => {
@@ -170,8 +180,12 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
 }
 
 fn record(stats: &Stats, t: Transferred) {
-    stats.bytes_to_upstream.fetch_add(t.to_upstream, Ordering::Relaxed);
-    stats.bytes_to_client.fetch_add(t.to_client, Ordering::Relaxed);
+    stats
+        .bytes_to_upstream
+        .fetch_add(t.to_upstream, Ordering::Relaxed);
+    stats
+        .bytes_to_client
+        .fetch_add(t.to_client, Ordering::Relaxed);
 }
 
 /// True if `orig` is the listener `own` (a wildcard listener matches the local address the
@@ -193,8 +207,16 @@ mod tests {
     fn loop_detection() {
         let own = a("0.0.0.0:15001");
         assert!(same_endpoint(own, a("10.0.0.1:15001"), a("10.0.0.1:15001")));
-        assert!(!same_endpoint(own, a("10.0.0.2:15001"), a("10.0.0.1:15001")));
+        assert!(!same_endpoint(
+            own,
+            a("10.0.0.2:15001"),
+            a("10.0.0.1:15001")
+        ));
         assert!(!same_endpoint(own, a("10.0.0.1:80"), a("10.0.0.1:15001")));
-        assert!(same_endpoint(a("10.0.0.1:15001"), a("10.0.0.1:15001"), a("10.0.0.9:15001")));
+        assert!(same_endpoint(
+            a("10.0.0.1:15001"),
+            a("10.0.0.1:15001"),
+            a("10.0.0.9:15001")
+        ));
     }
 }

@@ -1,1 +1,774 @@
-//! placeholder
+//! The pods harness: a "node" is a network namespace running the real proxy binary; a
+//! "pod" is a network namespace with a veth to the node, its own IPv4 and IPv6 address,
+//! and its own cgroup v2 directory under the node's workload cgroup parent.
+//!
+//! Everything a node creates is named with its id (`mtest-<pid>-<n>`) and removed when the
+//! [`Node`] is dropped, also when a test fails or panics; [`cleanup_leftovers`] removes
+//! what an interrupted run left (`cargo xtask clean`).
+//!
+//! Addresses: pod `i` (from 1) gets 10.77.i.2/24 and fd00:77:i::2/64, its gateway (the
+//! node end of its veth) .1 / ::1; the proxy is reached at 10.77.255.1 and fd00:77:ffff::1
+//! on the node's loopback. Nodes are separate namespaces, so these never collide.
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Prefix of everything the harness creates.
+pub const PREFIX: &str = "mtest-";
+
+/// The proxy's redirect addresses inside every node.
+pub const PROXY_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 255, 1);
+pub const PROXY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0xffff, 0, 0, 0, 0, 1);
+pub const PROXY_PORT: u16 = 15001;
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+// === preconditions ===
+
+/// Checks what an end-to-end test needs (root, tools, bpffs). Outside CI a missing piece
+/// skips the test with a loud message; under `CI=true` it is a failure, so a CI run can
+/// never look green without having run.
+pub fn require_privileges() -> Result<bool> {
+    let mut missing = Vec::new();
+    if !nix_is_root() {
+        missing.push("root (run `sudo -E cargo xtask test`)".to_string());
+    }
+    for tool in ["ip", "nsenter", "bpftool", "iptables"] {
+        if which(tool).is_none() {
+            missing.push(format!("{tool} (cargo xtask build installs it)"));
+        }
+    }
+    if cgroup2_mount().is_err() {
+        missing.push("a cgroup v2 mount".into());
+    }
+    if !is_bpffs(Path::new("/sys/fs/bpf")) {
+        missing.push("bpffs at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)".into());
+    }
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    let msg = format!("end-to-end test needs: {}", missing.join(", "));
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        bail!("{msg} (CI=true: failing instead of skipping)");
+    }
+    eprintln!("SKIPPED (not a pass): {msg}");
+    Ok(false)
+}
+
+fn nix_is_root() -> bool {
+    // /proc/self/status "Uid:" line, effective uid is the second field.
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn is_bpffs(p: &Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut parts = l.split(" - ");
+            let left = parts.next().unwrap_or("");
+            let right = parts.next().unwrap_or("");
+            right.starts_with("bpf ") && left.split_whitespace().nth(4) == p.to_str()
+        })
+    })
+}
+
+/// The cgroup v2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    text.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            Some(PathBuf::from(left.split_whitespace().nth(4)?))
+        })
+        .context("no cgroup2 mount")
+}
+
+// === binaries ===
+
+/// Paths of the binaries a node runs.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub proxy: PathBuf,
+    pub meshtest: PathBuf,
+}
+
+impl Binaries {
+    /// `PROXY_BIN` if set, else `proxy` next to `meshtest` in the target directory.
+    /// Refuses a proxy binary older than its sources: testing a stale binary proves nothing.
+    pub fn locate(meshtest: &Path) -> Result<Binaries> {
+        let proxy = match std::env::var_os("PROXY_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => meshtest.with_file_name("proxy"),
+        };
+        if !proxy.is_file() {
+            bail!(
+                "proxy binary not found at {}; build it with `cargo xtask build` (cargo xtask test does this) or set PROXY_BIN",
+                proxy.display()
+            );
+        }
+        let built = fs::metadata(&proxy)?.modified()?;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for dir in ["proxy/src", "proxy-common/src", "proxy-ebpf/src"] {
+            if let Some(newer) = newest_file(&root.join(dir))
+                && newer.1 > built
+            {
+                bail!(
+                    "{} is older than {}; rebuild with `cargo xtask build` (cargo xtask test does this)",
+                    proxy.display(),
+                    newer.0.display()
+                );
+            }
+        }
+        Ok(Binaries {
+            proxy,
+            meshtest: meshtest.to_owned(),
+        })
+    }
+}
+
+fn newest_file(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
+    let mut best: Option<(PathBuf, std::time::SystemTime)> = None;
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let cand = if p.is_dir() {
+            newest_file(&p)
+        } else {
+            e.metadata().ok()?.modified().ok().map(|m| (p, m))
+        };
+        if let Some(c) = cand
+            && best.as_ref().is_none_or(|b| c.1 > b.1)
+        {
+            best = Some(c);
+        }
+    }
+    best
+}
+
+// === node ===
+
+/// How to start the proxy on a node.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// "ebpf" or "iptables".
+    pub mode: &'static str,
+    pub sockmap: bool,
+    /// "open" or "closed".
+    pub fail_mode: &'static str,
+    pub exclude_ports: Vec<u16>,
+    pub ipv6: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            mode: "ebpf",
+            sockmap: true,
+            fail_mode: "open",
+            exclude_ports: Vec::new(),
+            ipv6: true,
+        }
+    }
+}
+
+pub struct Node {
+    pub id: String,
+    pub netns: String,
+    pub bins: Binaries,
+    /// cgroup v2 directory holding this node's cgroups.
+    pub cgroup_root: PathBuf,
+    /// Workload cgroup parent (absolute).
+    pub workload_cgroup: PathBuf,
+    /// Relative (to the cgroup mount) paths passed to the proxy.
+    pub workload_cgroup_rel: String,
+    pub proxy_cgroup_rel: String,
+    pub pin_dir: PathBuf,
+    pub pods: Vec<Pod>,
+    proxy: Option<Child>,
+    pub proxy_log: PathBuf,
+    pub scratch: PathBuf,
+    if_prefix: String,
+    cleaned: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// The node end of this pod's veth: the source address the proxy uses towards it.
+    pub gateway4: Ipv4Addr,
+    pub gateway6: Ipv6Addr,
+}
+
+impl Node {
+    /// Creates the node namespace with the proxy's addresses on its loopback.
+    pub fn new(bins: &Binaries) -> Result<Node> {
+        let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{PREFIX}{}-{n}", std::process::id());
+        let mount = cgroup2_mount()?;
+        let cgroup_root = mount.join(&id);
+        let scratch = std::env::temp_dir().join(&id);
+        let node = Node {
+            netns: format!("{id}-node"),
+            bins: bins.clone(),
+            workload_cgroup: cgroup_root.join("workloads"),
+            workload_cgroup_rel: format!("{id}/workloads"),
+            proxy_cgroup_rel: format!("{id}/proxy"),
+            cgroup_root,
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&id),
+            pods: Vec::new(),
+            proxy: None,
+            proxy_log: scratch.join("proxy.log"),
+            scratch,
+            if_prefix: format!("mt{}x{}p", n % 1000, std::process::id() % 10_000),
+            id,
+            cleaned: false,
+        };
+        fs::create_dir_all(&node.scratch)?;
+        fs::create_dir_all(&node.workload_cgroup)
+            .with_context(|| format!("creating {}", node.workload_cgroup.display()))?;
+        let ns = node.netns.clone();
+        sh(&["ip", "netns", "add", &ns])?;
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{PROXY_V4}/32"),
+            "dev",
+            "lo",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{PROXY_V6}/128"),
+            "dev",
+            "lo",
+        ])?;
+        // The node routes between its pods (for traffic that is not intercepted); only
+        // inside its own namespace, the host's setting is left alone.
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        ])?;
+        Ok(node)
+    }
+
+    /// Adds a pod: namespace, veth to the node, addresses, routes, cgroup.
+    pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        let i = self.pods.len() + 1;
+        if i > 250 {
+            bail!("at most 250 pods per node");
+        }
+        let i8 = u8::try_from(i)?;
+        let netns = format!("{}-{name}", self.id);
+        // At most 15 characters: "mt" + node number + "x" + 4 pid digits + "p" + pod index.
+        let host_if = format!("{}{i}", self.if_prefix);
+        let pod = Pod {
+            name: name.to_string(),
+            cgroup: self.workload_cgroup.join(name),
+            ipv4: Ipv4Addr::new(10, 77, i8, 2),
+            ipv6: Ipv6Addr::new(0xfd00, 0x77, u16::from(i8), 0, 0, 0, 0, 2),
+            gateway4: Ipv4Addr::new(10, 77, i8, 1),
+            gateway6: Ipv6Addr::new(0xfd00, 0x77, u16::from(i8), 0, 0, 0, 0, 1),
+            netns,
+        };
+        let (node, ns) = (self.netns.as_str(), pod.netns.as_str());
+        sh(&["ip", "netns", "add", ns])?;
+        // Registered before anything else can fail, so Drop removes it.
+        self.pods.push(pod.clone());
+        fs::create_dir_all(&pod.cgroup)?;
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip", "-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+            "netns", ns,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{}/24", pod.gateway4),
+            "dev",
+            &host_if,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("{}/64", pod.gateway6),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", pod.ipv4),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/64", pod.ipv6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        sh(&["ip", "-n", node, "link", "set", &host_if, "up"])?;
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &pod.gateway4.to_string(),
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &pod.gateway6.to_string(),
+        ])?;
+        Ok(pod)
+    }
+
+    /// Interface name pattern of this node's pod veths (for iptables mode).
+    pub fn pod_interfaces(&self) -> String {
+        format!("{}+", self.if_prefix)
+    }
+
+    /// Starts `proxy run` inside the node namespace and waits until it says it is ready.
+    pub fn start_proxy(&mut self, opts: &ProxyOptions) -> Result<()> {
+        if self.proxy.is_some() {
+            bail!("proxy already running on {}", self.id);
+        }
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--mode".into(),
+            opts.mode.into(),
+            "--port".into(),
+            PROXY_PORT.to_string(),
+            "--redirect-ipv4".into(),
+            PROXY_V4.to_string(),
+            "--workload-cgroup".into(),
+            self.workload_cgroup_rel.clone(),
+            "--proxy-cgroup".into(),
+            self.proxy_cgroup_rel.clone(),
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
+            "--fail-mode".into(),
+            opts.fail_mode.into(),
+            "--sockmap".into(),
+            if opts.sockmap { "on" } else { "off" }.into(),
+            "--log-level".into(),
+            "proxy=debug,info".into(),
+        ];
+        if opts.ipv6 {
+            args.extend(["--redirect-ipv6".into(), PROXY_V6.to_string()]);
+        }
+        if opts.mode == "iptables" {
+            args.extend(["--iptables-interface".into(), self.pod_interfaces()]);
+        }
+        for p in &opts.exclude_ports {
+            args.extend(["--exclude-port".into(), p.to_string()]);
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.proxy_log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(&self.bins.proxy)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the proxy")?;
+        self.proxy = Some(child);
+        let marks = self.proxy_log_text().matches("proxy ready").count();
+        self.wait_for_log("proxy ready", marks + 1)
+    }
+
+    /// Waits (bounded) until `needle` appears `count` times in the proxy log.
+    pub fn wait_for_log(&mut self, needle: &str, count: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.proxy_log_text().matches(needle).count() >= count {
+                return Ok(());
+            }
+            if let Some(child) = self.proxy.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                self.proxy = None;
+                bail!(
+                    "proxy exited with {status} before logging {needle:?}; log:\n{}",
+                    self.proxy_log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "proxy did not log {needle:?} within 30 s; log:\n{}",
+                    self.proxy_log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn proxy_log_text(&self) -> String {
+        fs::read_to_string(&self.proxy_log).unwrap_or_default()
+    }
+
+    /// Stops the proxy with `signal` ("TERM" or "KILL") and waits for it.
+    pub fn stop_proxy(&mut self, signal: &str) -> Result<ExitStatus> {
+        let Some(mut child) = self.proxy.take() else {
+            bail!("no proxy running on {}", self.id);
+        };
+        sh(&["kill", &format!("-{signal}"), &child.id().to_string()])?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("proxy did not exit within 20 s of SIG{signal}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn proxy_running(&mut self) -> bool {
+        self.proxy
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The kernel counters, read with `proxy counters --json` from the pin directory.
+    pub fn counters(&self) -> Result<HashMap<String, u64>> {
+        let out = Command::new(&self.bins.proxy)
+            .args(["counters", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "proxy counters failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        parse_counters(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// A command run in the node namespace, outside the workload cgroups.
+    pub fn node_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// Removes everything this node created. Also run by Drop.
+    pub fn cleanup(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.cleaned = true;
+        if let Some(mut child) = self.proxy.take() {
+            let _ = sh(&["kill", "-TERM", &child.id().to_string()]);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        remove_cgroup_tree(&self.cgroup_root);
+        for pod in &self.pods {
+            let _ = sh(&["ip", "netns", "del", &pod.netns]);
+        }
+        let _ = sh(&["ip", "netns", "del", &self.netns]);
+        // Removing a pinned link detaches it; removing a map pin drops the map once unused.
+        let _ = fs::remove_dir_all(&self.pin_dir);
+        let _ = fs::remove_dir_all(&self.scratch);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "--- proxy log of {} ---\n{}",
+                self.id,
+                self.proxy_log_text()
+            );
+        }
+        self.cleanup();
+    }
+}
+
+pub fn parse_counters(json: &str) -> Result<HashMap<String, u64>> {
+    // Flat object of name -> integer, as printed by `proxy counters --json`.
+    let body = json.trim().trim_start_matches('{').trim_end_matches('}');
+    let mut out = HashMap::new();
+    for part in body.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part.split_once(':').context("malformed counters")?;
+        out.insert(k.trim().trim_matches('"').to_string(), v.trim().parse()?);
+    }
+    Ok(out)
+}
+
+// === pod ===
+
+impl Pod {
+    /// A command that runs inside this pod: in its cgroup and its network namespace.
+    /// The cgroup is joined first because `ip netns exec` remounts /sys and would hide the
+    /// cgroup mount; nsenter --net does not remount anything.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && ns=$1 && shift && exec nsenter --net="/run/netns/$ns" -- "$@""#)
+            .arg(&self.cgroup)
+            .arg(&self.netns)
+            .arg(program);
+        c
+    }
+}
+
+/// A background process (server) that is killed on drop.
+pub struct Background {
+    child: Child,
+    pub stdout: PathBuf,
+}
+
+impl Background {
+    pub fn spawn(mut cmd: Command, stdout: PathBuf) -> Result<Background> {
+        let out = fs::File::create(&stdout)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        Ok(Background { child, stdout })
+    }
+
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the output contains `needle`.
+    pub fn wait_for(&mut self, needle: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.output().contains(needle) {
+            if let Some(s) = self.child.try_wait()? {
+                bail!(
+                    "process exited ({s}) before printing {needle:?}: {}",
+                    self.output()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("no {needle:?} within 20 s: {}", self.output());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion with a bound on its run time, returning its output.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "command did not finish within {} s; stdout: {} stderr: {}",
+                limit.as_secs(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// === cleanup ===
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Kills every process in a cgroup tree and removes its directories, deepest first.
+fn remove_cgroup_tree(dir: &Path) {
+    if !dir.is_dir() {
+        return;
+    }
+    // cgroup.kill (Linux 5.14+) kills every process in the subtree at once.
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        remove_cgroup_dirs(dir);
+        if !dir.exists() || Instant::now() > deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn remove_cgroup_dirs(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                remove_cgroup_dirs(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// Removes leftovers of interrupted runs: namespaces, cgroups, pins and scratch
+/// directories whose names start with [`PREFIX`]. Returns what was removed.
+pub fn cleanup_leftovers() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    if let Ok(mount) = cgroup2_mount()
+        && let Ok(rd) = fs::read_dir(&mount)
+    {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PREFIX) {
+                remove_cgroup_tree(&e.path());
+                removed.push(format!("cgroup {}", e.path().display()));
+            }
+        }
+    }
+    let out = Command::new("ip").args(["netns", "list"]).output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.starts_with(PREFIX) {
+            let _ = sh(&["ip", "netns", "del", name]);
+            removed.push(format!("netns {name}"));
+        }
+    }
+    for base in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
+        if let Ok(rd) = fs::read_dir(&base) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(PREFIX) {
+                    let _ = fs::remove_dir_all(e.path());
+                    removed.push(format!("{}", e.path().display()));
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_json_parses() -> Result<()> {
+        let c = parse_counters("{\"a\":1,\"msg_redirected_bytes\":12345}\n")?;
+        assert_eq!(c.get("a"), Some(&1));
+        assert_eq!(c.get("msg_redirected_bytes"), Some(&12345));
+        assert!(parse_counters("{\"a\":x}").is_err());
+        Ok(())
+    }
+}

@@ -26,7 +26,9 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use proxy_common::{AF_INET, AF_INET6, FLAG_SOCKMAP, OrigDst, OrigKey, SockKey, counter, map, program};
+use proxy_common::{
+    AF_INET, AF_INET6, FLAG_SOCKMAP, OrigDst, OrigKey, SockKey, counter, map, program,
+};
 use tracing::{info, warn};
 
 use crate::config::{Cidr, Config, FailMode};
@@ -157,7 +159,8 @@ impl Datapath {
         for name in map::ALL {
             let m = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
             let path = pins.map_path(name);
-            m.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
+            m.pin(&path)
+                .map_err(|source| EbpfError::Pin { path, source })?;
         }
 
         // Load every program first, so a verifier rejection leaves nothing attached.
@@ -169,7 +172,8 @@ impl Datapath {
             let p: &mut SkMsg = program_mut(&mut ebpf, program::MSG_REDIRECT)?;
             p.load().map_err(prog_err(program::MSG_REDIRECT, "load"))?;
             let path = pins.prog_path(program::MSG_REDIRECT);
-            p.pin(&path).map_err(|source| EbpfError::Pin { path, source })?;
+            p.pin(&path)
+                .map_err(|source| EbpfError::Pin { path, source })?;
         }
 
         let workload_cg = open_cgroup(plan.workload_cgroup)?;
@@ -178,7 +182,9 @@ impl Datapath {
         // Attach in dependency order: bookkeeping first, interception last, so the first
         // redirected connect already finds its original destination recorded.
         if cfg.sockmap {
-            let socks = ebpf.map(map::SOCKS).ok_or(EbpfError::MissingMap(map::SOCKS))?;
+            let socks = ebpf
+                .map(map::SOCKS)
+                .ok_or(EbpfError::MissingMap(map::SOCKS))?;
             let socks: SockHash<&MapData, SockKey> =
                 SockHash::try_from(socks).map_err(map_err(map::SOCKS, "open"))?;
             let fd = socks
@@ -186,7 +192,8 @@ impl Datapath {
                 .try_clone()
                 .map_err(|e| map_err(map::SOCKS, "dup fd")(aya::maps::MapError::from(e)))?;
             let p: &mut SkMsg = program_mut(&mut ebpf, program::MSG_REDIRECT)?;
-            p.attach(&fd).map_err(prog_err(program::MSG_REDIRECT, "attach"))?;
+            p.attach(&fd)
+                .map_err(prog_err(program::MSG_REDIRECT, "attach"))?;
         }
         attach_sock_ops(&mut ebpf, program::SOCKOPS_PROXY, &proxy_cg)?;
         attach_sock_ops(&mut ebpf, program::SOCKOPS_WORKLOAD, &workload_cg)?;
@@ -298,7 +305,10 @@ pub fn sum_counters<T: std::borrow::Borrow<MapData>>(
     m: &PerCpuArray<T, u64>,
 ) -> Result<Vec<u64>, aya::maps::MapError> {
     (0..counter::COUNT)
-        .map(|i| m.get(&i, 0).map(|v| v.iter().copied().fold(0u64, u64::wrapping_add)))
+        .map(|i| {
+            m.get(&i, 0)
+                .map(|v| v.iter().copied().fold(0u64, u64::wrapping_add))
+        })
         .collect()
 }
 
@@ -386,7 +396,9 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
         _pad: 0,
     };
     {
-        let m = ebpf.map_mut(map::CONFIG).ok_or(EbpfError::MissingMap(map::CONFIG))?;
+        let m = ebpf
+            .map_mut(map::CONFIG)
+            .ok_or(EbpfError::MissingMap(map::CONFIG))?;
         let mut a: Array<&mut MapData, proxy_common::Config> =
             Array::try_from(m).map_err(map_err(map::CONFIG, "open"))?;
         a.set(0, value, 0).map_err(map_err(map::CONFIG, "write"))?;
@@ -417,7 +429,8 @@ fn insert_cidr(ebpf: &mut Ebpf, cidr: &Cidr) -> Result<(), EbpfError> {
             let mut t: LpmTrie<&mut MapData, u32, u32> =
                 LpmTrie::try_from(m).map_err(map_err(map::EXCLUDED_V4, "open"))?;
             let key = Key::new(u32::from(cidr.prefix), u32::from_ne_bytes(ip.octets()));
-            t.insert(&key, 1, 0).map_err(map_err(map::EXCLUDED_V4, "write"))
+            t.insert(&key, 1, 0)
+                .map_err(map_err(map::EXCLUDED_V4, "write"))
         }
         IpAddr::V6(ip) => {
             let m = ebpf
@@ -426,7 +439,8 @@ fn insert_cidr(ebpf: &mut Ebpf, cidr: &Cidr) -> Result<(), EbpfError> {
             let mut t: LpmTrie<&mut MapData, [u32; 4], u32> =
                 LpmTrie::try_from(m).map_err(map_err(map::EXCLUDED_V6, "open"))?;
             let key = Key::new(u32::from(cidr.prefix), ip6_words(ip.octets()));
-            t.insert(&key, 1, 0).map_err(map_err(map::EXCLUDED_V6, "write"))
+            t.insert(&key, 1, 0)
+                .map_err(map_err(map::EXCLUDED_V6, "write"))
         }
     }
 }
@@ -435,22 +449,30 @@ fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or(EbpfError::MissingProgram(name))?;
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?;
     p.try_into().map_err(prog_err(name, "open"))
 }
 
-fn load_cgroup_sock_addr(ebpf: &mut Ebpf, name: &'static str, pins: &PinDir) -> Result<(), EbpfError> {
+fn load_cgroup_sock_addr(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    pins: &PinDir,
+) -> Result<(), EbpfError> {
     let p: &mut CgroupSockAddr = program_mut(ebpf, name)?;
     p.load().map_err(prog_err(name, "load"))?;
     let path = pins.prog_path(name);
-    p.pin(&path).map_err(|source| EbpfError::Pin { path, source })
+    p.pin(&path)
+        .map_err(|source| EbpfError::Pin { path, source })
 }
 
 fn load_sock_ops(ebpf: &mut Ebpf, name: &'static str, pins: &PinDir) -> Result<(), EbpfError> {
     let p: &mut SockOps = program_mut(ebpf, name)?;
     p.load().map_err(prog_err(name, "load"))?;
     let path = pins.prog_path(name);
-    p.pin(&path).map_err(|source| EbpfError::Pin { path, source })
+    p.pin(&path)
+        .map_err(|source| EbpfError::Pin { path, source })
 }
 
 fn attach_sock_ops(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<(), EbpfError> {
@@ -487,7 +509,10 @@ fn prog_err(
     }
 }
 
-fn map_err(name: &'static str, action: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+fn map_err(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
     move |source| EbpfError::Map {
         name,
         action,
@@ -535,9 +560,12 @@ mod tests {
                 proxy_ip: [u32::from_ne_bytes([10, 9, 9, 9]), 0, 0, 0],
             })
         );
-        let mapped: SocketAddr = "[::ffff:10.1.2.3]:40000".parse().unwrap_or_else(|_| unreachable!());
-        let mapped_local: SocketAddr =
-            "[::ffff:10.9.9.9]:15001".parse().unwrap_or_else(|_| unreachable!());
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:40000"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let mapped_local: SocketAddr = "[::ffff:10.9.9.9]:15001"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
         assert_eq!(orig_key(mapped, mapped_local), k);
         assert_eq!(orig_key(client, mapped_local), None);
     }

@@ -25,7 +25,10 @@ pub enum OrigDstError {
     #[error(
         "no original destination recorded for {client} -> {local}: the connection did not come through connect4/connect6 (a direct connect to the proxy port?) or its entry was evicted"
     )]
-    NotRecorded { client: SocketAddr, local: SocketAddr },
+    NotRecorded {
+        client: SocketAddr,
+        local: SocketAddr,
+    },
     #[error(
         "SO_ORIGINAL_DST failed for {client} -> {local}: {source}; the connection was not redirected by the proxy's iptables rules"
     )]
@@ -47,8 +50,13 @@ impl OrigDstSource {
             OrigDstSource::Ebpf(maps) => maps
                 .orig_dst(client, local)
                 .ok_or(OrigDstError::NotRecorded { client, local }),
-            OrigDstSource::Conntrack => conntrack(stream, local)
-                .map_err(|source| OrigDstError::Conntrack { client, local, source }),
+            OrigDstSource::Conntrack => {
+                conntrack(stream, local).map_err(|source| OrigDstError::Conntrack {
+                    client,
+                    local,
+                    source,
+                })
+            }
         }
     }
 }
@@ -57,7 +65,10 @@ fn conntrack(stream: &TcpStream, local: SocketAddr) -> nix::Result<SocketAddr> {
     if local.is_ipv4() {
         let sin = getsockopt(stream, sockopt::OriginalDst)?;
         let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-        Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+        Ok(SocketAddr::V4(SocketAddrV4::new(
+            ip,
+            u16::from_be(sin.sin_port),
+        )))
     } else {
         let sin6 = getsockopt(stream, sockopt::Ip6tOriginalDst)?;
         let ip = IpAddr::from(sin6.sin6_addr.s6_addr);

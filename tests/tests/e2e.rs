@@ -1,0 +1,673 @@
+//! End-to-end tests: the real proxy binary, the real kernel programs, pods made of network
+//! namespaces and cgroups, and the meshtest client/server inside them.
+//!
+//! Each test builds its own node, so they run in parallel and clean up on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use tests::{Background, Binaries, Node, Pod, ProxyOptions, require_privileges, run_bounded};
+
+const SERVER_PORT: u16 = 8080;
+const CLIENT_LIMIT: Duration = Duration::from_secs(240);
+
+fn bins() -> Result<Binaries> {
+    Binaries::locate(Path::new(env!("CARGO_BIN_EXE_meshtest")))
+}
+
+/// A node with a client pod and a server pod running `meshtest serve` on [::]:8080, plus
+/// the proxy started with `opts`. The listener is dual-stack on purpose: IPv4 clients
+/// arrive on AF_INET6 sockets with v4-mapped addresses, which the short-circuit must pair.
+struct Setup {
+    node: Node,
+    client: Pod,
+    server: Pod,
+    servers: Vec<Background>,
+}
+
+impl Setup {
+    fn new(opts: &ProxyOptions, greet: u64) -> Result<Setup> {
+        let mut node = Node::new(&bins()?)?;
+        let client = node.add_pod("client")?;
+        let server = node.add_pod("server")?;
+        let mut servers = Vec::new();
+        for (i, listen) in [format!("[::]:{SERVER_PORT}")].iter().enumerate() {
+            let mut cmd = server.command(&node.bins.meshtest);
+            cmd.args(["serve", "--listen", listen, "--greet", &greet.to_string()]);
+            let mut bg = Background::spawn(cmd, node.scratch.join(format!("server{i}.out")))?;
+            bg.wait_for("listening")?;
+            servers.push(bg);
+        }
+        node.start_proxy(opts)?;
+        Ok(Setup {
+            node,
+            client,
+            server,
+            servers,
+        })
+    }
+
+    /// Runs `meshtest client` in the client pod (in its cgroup, so it is intercepted).
+    fn client(&self, target: &str, args: &[&str]) -> Result<String> {
+        let mut cmd = self.client.command(&self.node.bins.meshtest);
+        cmd.args(["client", "--connect", target]).args(args);
+        check_client(run_bounded(cmd, CLIENT_LIMIT)?)
+    }
+
+    /// What the servers printed, one line per connection.
+    fn server_lines(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .flat_map(|s| {
+                s.output()
+                    .lines()
+                    .filter(|l| l.starts_with("conn "))
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn v4(&self) -> String {
+        format!("{}:{SERVER_PORT}", self.server.ipv4)
+    }
+}
+
+fn check_client(out: std::process::Output) -> Result<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || !stdout.contains("\"ok\":true") {
+        bail!(
+            "client failed ({}): {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+macro_rules! require {
+    () => {
+        if !require_privileges()? {
+            return Ok(());
+        }
+    };
+}
+
+fn counter(node: &Node, name: &str) -> Result<u64> {
+    node.counters()?
+        .get(name)
+        .copied()
+        .with_context(|| format!("no counter {name}"))
+}
+
+// === forwarding ===
+
+#[test]
+fn pod_reaches_pod_through_proxy_with_original_destination() -> Result<()> {
+    require!();
+    let s = Setup::new(&ProxyOptions::default(), 0)?;
+    let before = counter(&s.node, "connect4_redirected")?;
+    s.client(&s.v4(), &["--send", "1000", "--reply", "2000"])?;
+    // The server sees the node's address, not the client pod's: the bytes came through
+    // the proxy.
+    let lines = s.server_lines();
+    ensure!(lines.len() == 1, "one connection expected: {lines:?}");
+    ensure!(
+        lines[0].contains(&format!("peer={}:", s.server.gateway4))
+            && lines[0].contains("received=1000 verified=true"),
+        "server line: {}",
+        lines[0]
+    );
+    let log = s.node.proxy_log_text();
+    let want = format!("client={}:", s.client.ipv4);
+    let dst = format!("original_dst={}", s.v4());
+    ensure!(
+        log.lines().any(|l| l.contains("connection closed")
+            && l.contains(&want)
+            && l.contains(&dst)
+            && l.contains("to_upstream=1032")
+            && l.contains("to_client=2001")),
+        "proxy log lacks the connection with original_dst {dst}:\n{log}"
+    );
+    // Exactly one redirect: the proxy's own upstream connect was not intercepted.
+    ensure!(
+        counter(&s.node, "connect4_redirected")? == before + 1,
+        "connect4_redirected should grow by exactly 1"
+    );
+    ensure!(counter(&s.node, "orig_dst_recorded")? >= 1);
+    Ok(())
+}
+
+#[test]
+fn ipv6_and_v4_mapped_end_to_end() -> Result<()> {
+    require!();
+    let s = Setup::new(&ProxyOptions::default(), 0)?;
+    let v6 = format!("[{}]:{SERVER_PORT}", s.server.ipv6);
+    s.client(
+        &v6,
+        &["--send", "70000", "--reply", "70000", "--connections", "5"],
+    )?;
+    let log = s.node.proxy_log_text();
+    ensure!(
+        log.contains(&format!("original_dst={v6}"))
+            && log.contains(&format!("client=[{}]:", s.client.ipv6)),
+        "proxy log lacks the IPv6 original destination {v6}:\n{log}"
+    );
+    ensure!(counter(&s.node, "connect6_redirected")? >= 5);
+    // An AF_INET6 socket dialling a v4-mapped address talks IPv4 on the wire.
+    let mapped = format!("[::ffff:{}]:{SERVER_PORT}", s.server.ipv4);
+    s.client(&mapped, &["--send", "5000", "--reply", "5000"])?;
+    ensure!(
+        s.node
+            .proxy_log_text()
+            .contains(&format!("original_dst={}", s.v4())),
+        "v4-mapped connect not recorded as its IPv4 destination"
+    );
+    for l in s.server_lines() {
+        ensure!(l.contains("verified=true"), "{l}");
+        ensure!(
+            l.contains(&s.server.gateway4.to_string()) || l.contains(&full_v6(&s.server.gateway6)),
+            "connection did not come from the node: {l}"
+        );
+    }
+    Ok(())
+}
+
+/// The server's log prints IPv6 peers the way std formats them.
+fn full_v6(ip: &std::net::Ipv6Addr) -> String {
+    ip.to_string()
+}
+
+// === integrity ===
+
+fn integrity(opts: ProxyOptions) -> Result<()> {
+    let s = Setup::new(&opts, 0)?;
+    let sizes: [u64; 5] = [1, 1024, 64 * 1024, 1 << 20, 64 << 20];
+    for (i, size) in sizes.iter().enumerate() {
+        let sz = size.to_string();
+        let seed = (100 + i).to_string();
+        // Both directions at once in size, random write splits, half-close in the middle.
+        s.client(
+            &s.v4(),
+            &[
+                "--send",
+                &sz,
+                "--reply",
+                &sz,
+                "--seed",
+                &seed,
+                "--max-write",
+                "70000",
+            ],
+        )
+        .with_context(|| format!("{size} bytes, {} mode", opts.mode))?;
+    }
+    // Tiny writes: every byte its own write on a 64 KiB stream.
+    s.client(
+        &s.v4(),
+        &[
+            "--send",
+            "65536",
+            "--reply",
+            "65536",
+            "--max-write",
+            "1",
+            "--seed",
+            "7",
+        ],
+    )?;
+    // Concurrency.
+    s.client(
+        &s.v4(),
+        &[
+            "--send",
+            "65536",
+            "--reply",
+            "32768",
+            "--connections",
+            "100",
+            "--seed",
+            "9000",
+        ],
+    )
+    .context("100 concurrent connections")?;
+    let lines = s.server_lines();
+    ensure!(
+        lines.len() == sizes.len() + 1 + 100,
+        "server saw {} connections",
+        lines.len()
+    );
+    for l in &lines {
+        ensure!(l.contains("verified=true"), "{l}");
+        ensure!(
+            l.contains(&format!("peer={}:", s.server.gateway4)),
+            "not proxied: {l}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn integrity_ebpf_with_sockmap() -> Result<()> {
+    require!();
+    integrity(ProxyOptions::default())
+}
+
+#[test]
+fn integrity_ebpf_without_sockmap() -> Result<()> {
+    require!();
+    integrity(ProxyOptions {
+        sockmap: false,
+        ..ProxyOptions::default()
+    })
+}
+
+#[test]
+fn integrity_iptables() -> Result<()> {
+    require!();
+    integrity(ProxyOptions {
+        mode: "iptables",
+        sockmap: false,
+        ..ProxyOptions::default()
+    })
+}
+
+// === the short-circuit ===
+
+#[test]
+fn short_circuit_carries_the_bytes() -> Result<()> {
+    require!();
+    let s = Setup::new(&ProxyOptions::default(), 1)?;
+    let before = counter(&s.node, "msg_redirected_bytes")?;
+    const N: u64 = 1 << 20;
+    // The client waits for the server's greeting before it writes, so all four sockets
+    // (client, proxy in, proxy out, server) are registered before the first upload byte.
+    s.client(
+        &s.v4(),
+        &[
+            "--send",
+            &N.to_string(),
+            "--reply",
+            &N.to_string(),
+            "--expect-greet",
+            "1",
+        ],
+    )?;
+    let grown = counter(&s.node, "msg_redirected_bytes")? - before;
+    // Each direction crosses two same-node hops (client->proxy, proxy->server), both
+    // redirected: at least 2 x (upload + reply).
+    ensure!(
+        grown >= 4 * N,
+        "msg_redirected_bytes grew by {grown}, expected at least {}",
+        4 * N
+    );
+    ensure!(counter(&s.node, "sockhash_inserted")? >= 4);
+    Ok(())
+}
+
+#[test]
+fn no_short_circuit_with_sockmap_off() -> Result<()> {
+    require!();
+    let s = Setup::new(
+        &ProxyOptions {
+            sockmap: false,
+            ..ProxyOptions::default()
+        },
+        1,
+    )?;
+    s.client(
+        &s.v4(),
+        &[
+            "--send",
+            "100000",
+            "--reply",
+            "100000",
+            "--expect-greet",
+            "1",
+        ],
+    )?;
+    let c = s.node.counters()?;
+    for name in [
+        "msg_redirected",
+        "msg_redirected_bytes",
+        "sockhash_inserted",
+    ] {
+        ensure!(
+            c.get(name) == Some(&0),
+            "{name} = {:?} with sockmap off",
+            c.get(name)
+        );
+    }
+    ensure!(c.get("connect4_redirected") >= Some(&1));
+    Ok(())
+}
+
+#[test]
+fn server_speaks_first_and_data_right_after_connect() -> Result<()> {
+    require!();
+    let s = Setup::new(&ProxyOptions::default(), 512)?;
+    // The client reads a 512-byte greeting the server writes on accept.
+    s.client(
+        &s.v4(),
+        &["--send", "10", "--reply", "10", "--expect-greet", "512"],
+    )?;
+    // Separately: many connections that write immediately after connect() returns, while
+    // the peer sockets may not be registered yet. Every byte must arrive, in order.
+    let s2 = Setup::new(&ProxyOptions::default(), 0)?;
+    s2.client(
+        &s2.v4(),
+        &[
+            "--send",
+            "4096",
+            "--reply",
+            "4096",
+            "--connections",
+            "200",
+            "--max-write",
+            "512",
+        ],
+    )?;
+    for l in s2.server_lines() {
+        ensure!(l.contains("verified=true"), "{l}");
+    }
+    Ok(())
+}
+
+// === what is not intercepted ===
+
+#[test]
+fn excluded_ports_outside_processes_and_udp_are_not_intercepted() -> Result<()> {
+    require!();
+    let mut s = Setup::new(
+        &ProxyOptions {
+            exclude_ports: vec![9090],
+            ..ProxyOptions::default()
+        },
+        0,
+    )?;
+    let mut cmd = s.server.command(&s.node.bins.meshtest);
+    cmd.args(["serve", "--listen", "0.0.0.0:9090"]);
+    let mut excluded = Background::spawn(cmd, s.node.scratch.join("server9090.out"))?;
+    excluded.wait_for("listening")?;
+
+    // Excluded port: straight to the server, which sees the client pod's own address.
+    let before = counter(&s.node, "bypass_excluded_port")?;
+    s.client(
+        &format!("{}:9090", s.server.ipv4),
+        &["--send", "100", "--reply", "100"],
+    )?;
+    ensure!(
+        excluded
+            .output()
+            .contains(&format!("peer={}:", s.client.ipv4)),
+        "excluded port went through the proxy: {}",
+        excluded.output()
+    );
+    ensure!(counter(&s.node, "bypass_excluded_port")? == before + 1);
+
+    // A process in the pod's network namespace but outside the workload cgroups.
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", s.client.netns))
+        .arg("--")
+        .arg(&s.node.bins.meshtest)
+        .args([
+            "client",
+            "--connect",
+            &s.v4(),
+            "--send",
+            "100",
+            "--reply",
+            "100",
+        ]);
+    let redirected = counter(&s.node, "connect4_redirected")?;
+    check_client(run_bounded(cmd, CLIENT_LIMIT)?)?;
+    ensure!(
+        s.server_lines()
+            .iter()
+            .any(|l| l.contains(&format!("peer={}:", s.client.ipv4))),
+        "a process outside the workload cgroups was intercepted: {:?}",
+        s.server_lines()
+    );
+    ensure!(counter(&s.node, "connect4_redirected")? == redirected);
+
+    // UDP: connect() on a UDP socket runs connect4 too; it must be left alone.
+    let before = counter(&s.node, "bypass_not_tcp")?;
+    let mut cmd = s.client.command("python3");
+    cmd.args([
+        "-c",
+        &format!(
+            "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('{}', 5353)); print(s.getpeername())",
+            s.server.ipv4
+        ),
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(30))?;
+    ensure!(
+        out.status.success(),
+        "udp connect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains(&s.server.ipv4.to_string()),
+        "UDP destination was rewritten: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(counter(&s.node, "bypass_not_tcp")? == before + 1);
+    drop(excluded);
+    s.node.cleanup();
+    Ok(())
+}
+
+// === lifecycle ===
+
+fn cgroup_has_programs(cgroup: &Path) -> Result<bool> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text.contains("\"id\""))
+}
+
+fn pin_dir_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in ["maps", "progs", "links"] {
+        if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
+            out.extend(rd.flatten().map(|e| e.path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn sigterm_detaches_everything() -> Result<()> {
+    require!();
+    let mut s = Setup::new(&ProxyOptions::default(), 0)?;
+    s.client(&s.v4(), &["--send", "1000", "--reply", "1000"])?;
+    ensure!(
+        cgroup_has_programs(&s.node.workload_cgroup)?,
+        "nothing attached while running"
+    );
+    ensure!(
+        !pin_dir_entries(&s.node.pin_dir).is_empty(),
+        "nothing pinned while running"
+    );
+    let status = s.node.stop_proxy("TERM")?;
+    ensure!(status.success(), "proxy exit status {status}");
+    ensure!(
+        !cgroup_has_programs(&s.node.workload_cgroup)?,
+        "programs left attached after SIGTERM"
+    );
+    ensure!(
+        !s.node.pin_dir.exists(),
+        "pin dir left: {:?}",
+        pin_dir_entries(&s.node.pin_dir)
+    );
+    ensure!(
+        !s.node.cgroup_root.join("proxy").exists(),
+        "proxy cgroup left after SIGTERM"
+    );
+    // Connects go direct again.
+    s.client(&s.v4(), &["--send", "10", "--reply", "10"])?;
+    ensure!(
+        s.server_lines()
+            .iter()
+            .any(|l| l.contains(&format!("peer={}:", s.client.ipv4)))
+    );
+    Ok(())
+}
+
+#[test]
+fn fail_open_after_sigkill_then_restart_recovers() -> Result<()> {
+    require!();
+    let mut s = Setup::new(&ProxyOptions::default(), 0)?;
+    s.node.stop_proxy("KILL")?;
+    // The connect programs went with the process: workloads connect directly.
+    s.client(&s.v4(), &["--send", "100", "--reply", "100"])?;
+    ensure!(
+        s.server_lines()
+            .last()
+            .is_some_and(|l| l.contains(&format!("peer={}:", s.client.ipv4))),
+        "after SIGKILL in fail-open mode the connect should go direct: {:?}",
+        s.server_lines()
+    );
+    // A restart on the same pin directory replaces the stale pins by itself.
+    s.node.start_proxy(&ProxyOptions::default())?;
+    ensure!(
+        s.node
+            .proxy_log_text()
+            .contains("did not shut down cleanly"),
+        "restart did not report the stale pins"
+    );
+    s.client(&s.v4(), &["--send", "100", "--reply", "100"])?;
+    ensure!(
+        s.server_lines()
+            .last()
+            .is_some_and(|l| l.contains(&format!("peer={}:", s.server.gateway4))),
+        "after restart the connect should go through the proxy: {:?}",
+        s.server_lines()
+    );
+    Ok(())
+}
+
+#[test]
+fn fail_closed_refuses_while_down() -> Result<()> {
+    require!();
+    let closed = ProxyOptions {
+        fail_mode: "closed",
+        ..ProxyOptions::default()
+    };
+    let mut s = Setup::new(&closed, 0)?;
+    s.client(&s.v4(), &["--send", "100", "--reply", "100"])?;
+    s.node.stop_proxy("KILL")?;
+    let mut cmd = s.client.command(&s.node.bins.meshtest);
+    cmd.args([
+        "client",
+        "--connect",
+        &s.v4(),
+        "--send",
+        "1",
+        "--reply",
+        "1",
+    ]);
+    let out = run_bounded(cmd, CLIENT_LIMIT)?;
+    ensure!(
+        !out.status.success(),
+        "fail-closed: a connect succeeded while the proxy was down"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("refused"),
+        "expected connection refused: {text}"
+    );
+    // Restart: served again, through the proxy.
+    s.node.start_proxy(&closed)?;
+    s.client(&s.v4(), &["--send", "100", "--reply", "100"])?;
+    // Stop cleanly: fail-closed keeps the connect programs; `proxy clean` removes them.
+    s.node.stop_proxy("TERM")?;
+    ensure!(
+        cgroup_has_programs(&s.node.workload_cgroup)?,
+        "fail-closed should keep connect programs after SIGTERM"
+    );
+    let out = Command::new(&s.node.bins.proxy)
+        .args(["clean", "--pin-dir"])
+        .arg(&s.node.pin_dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "proxy clean: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !cgroup_has_programs(&s.node.workload_cgroup)?,
+        "proxy clean left programs attached"
+    );
+    ensure!(!s.node.pin_dir.exists(), "proxy clean left the pin dir");
+    s.client(&s.v4(), &["--send", "10", "--reply", "10"])?;
+    Ok(())
+}
+
+#[test]
+fn second_instance_on_same_pin_dir_is_refused() -> Result<()> {
+    require!();
+    let s = Setup::new(&ProxyOptions::default(), 0)?;
+    let mut cmd = s.node.node_command(&s.node.bins.proxy);
+    cmd.args([
+        "run",
+        "--redirect-ipv4",
+        "10.77.255.1",
+        "--port",
+        "15002",
+        "--workload-cgroup",
+        &s.node.workload_cgroup_rel,
+        "--proxy-cgroup",
+        &format!("{}/proxy2", s.node.id),
+        "--pin-dir",
+    ])
+    .arg(&s.node.pin_dir);
+    let out = run_bounded(cmd, Duration::from_secs(60))?;
+    ensure!(out.status.code() == Some(5), "exit status {}", out.status);
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("another proxy is running with pin directory"),
+        "{err}"
+    );
+    // The first one is unaffected.
+    s.client(&s.v4(), &["--send", "100", "--reply", "100"])?;
+    Ok(())
+}
+
+#[test]
+fn check_and_config_errors() -> Result<()> {
+    require!();
+    let b = bins()?;
+    let out = Command::new(&b.proxy)
+        .args(["check", "--redirect-ipv4", "10.0.0.1"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "proxy check failed on this machine:\n{text}"
+    );
+    ensure!(
+        text.contains("programs accepted by this kernel's verifier"),
+        "{text}"
+    );
+    let out = Command::new(&b.proxy)
+        .args(["run", "--redirect-ipv4", "10.0.0.300"])
+        .output()?;
+    ensure!(
+        out.status.code() == Some(3),
+        "bad config exit status {}",
+        out.status
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("proxy.redirect_ipv4") && err.contains("10.0.0.300") && err.contains("fix:"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Developer tasks for the workspace, run as `cargo xtask <command>` (alias in .cargo/config.toml).
+//!
+//! Plain cargo builds and tests the host crates without any of this; xtask adds what plain cargo
+//! cannot do: install the eBPF toolchain (nightly rust-src, bpf-linker built against the
+//! nightly's LLVM, Debian tools), build the kernel crate in its own workspace, and run the
+//! privileged end-to-end tests with the same checks as CI (`.ci/run`).
+#![forbid(unsafe_code)]
+
+mod build;
+mod clean;
+mod demo;
+mod sh;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks: build, test, demo, clean, bench",
+    long_about = "Developer tasks for the eBPF node proxy.\n\n\
+        Every command installs what it is missing first (Debian packages, the nightly's rust-src, \
+        bpf-linker) and skips what is already there, so running one twice is cheap. Installing \
+        system packages and mounting bpffs need root; as another user those steps are reported \
+        with the command to run instead."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what is missing, build the kernel programs and the host workspace.
+    #[command(
+        long_about = "Install what is missing, then build the kernel programs and the host workspace.\n\n\
+        Installs, only when missing: the Debian packages bpftool iproute2 iptables util-linux curl \
+        socat procps kmod (root only); rust-src for the nightly toolchain; bpf-linker 0.13.0 built \
+        against the nightly's own LLVM (about 2 minutes, once). Mounts bpffs at /sys/fs/bpf if it \
+        is not mounted (root only).\n\n\
+        Then builds proxy-ebpf (nightly, bpfel-unknown-none, always release: that is the object the \
+        proxy embeds) and `cargo build --workspace` with PROXY_EBPF_OBJECT pointing at the \
+        object, so the proxy binary embeds it."
+    )]
+    Build {
+        /// Build the host workspace with the release profile (the kernel object is always release).
+        #[arg(long)]
+        release: bool,
+    },
+
+    /// Check formatting and lints, build, then run every test (needs root).
+    #[command(
+        long_about = "Check formatting and lints, build, then run every test.\n\n\
+        Steps, stopping at the first failure: `cargo fmt --all -- --check`; the installs and \
+        builds of `cargo xtask build` (plus python3, curl and socat, which the end-to-end tests \
+        use as clients); `cargo clippy --workspace --all-targets -- -D warnings`; \
+        `cargo test --workspace`. Ends with a one-line summary and a non-zero exit code if \
+        anything failed.\n\n\
+        Must run as root: the end-to-end tests create network namespaces and cgroups and load \
+        eBPF programs. Use `sudo -E env PATH=\"$PATH\" cargo xtask test`.\n\n\
+        RUST_TEST_THREADS and the other test variables are passed through untouched."
+    )]
+    Test {
+        /// Extra arguments appended to `cargo test --workspace`, after `--`.
+        /// Examples: `cargo xtask test -- redirect` (filter by name),
+        /// `cargo xtask test -- -- --nocapture` (arguments for the test binaries).
+        #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
+        args: Vec<String>,
+    },
+
+    /// Build, then run a small mesh on this machine and show traffic going through the proxy.
+    #[command(
+        long_about = "Build, then run a small mesh on this machine and show traffic \
+        going through the proxy: pods as network namespaces and cgroups, the real proxy binary, \
+        real clients. Needs root."
+    )]
+    Demo,
+
+    /// Remove what the demo and the tests leave behind: namespaces, cgroups, pinned maps.
+    #[command(
+        long_about = "Remove what the demo and the tests leave behind if they were \
+        interrupted: network namespaces, cgroups, programs and maps pinned under /sys/fs/bpf. \
+        Needs root. Does not touch build outputs (use `cargo clean`)."
+    )]
+    Clean,
+
+    /// Measure latency and throughput through the proxy (not implemented yet, see issue 7).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build { release } => build::ensure_built(release).map(|_| ()),
+        Command::Test { args } => test::run(&args),
+        Command::Demo => demo::run(),
+        Command::Clean => clean::run(),
+        Command::Bench => Err(anyhow::anyhow!(
+            "`cargo xtask bench` is not implemented yet: it is tracked by issue 7"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_args_after_double_dash_pass_through() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "redirect", "--", "--nocapture"])?;
+        match cli.command {
+            Command::Test { args } => assert_eq!(args, ["redirect", "--", "--nocapture"]),
+            other => anyhow::bail!("parsed as {other:?}"),
+        }
+        Ok(())
+    }
+}

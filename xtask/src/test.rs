@@ -1,0 +1,129 @@
+//! `cargo xtask test`: the checks CI runs (`.ci/run` calls exactly this), cheapest first, so a
+//! formatting slip fails in seconds instead of after the build.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    build,
+    sh::{self, say},
+};
+
+/// Clients the end-to-end tests run inside the pods' namespaces.
+const TEST_PACKAGES: &[&str] = &["curl", "socat", "python3"];
+
+/// The steps in order, for a summary that also lists those a failure kept from running.
+const STEPS: &[&str] = &["fmt", "build", "clippy", "tests"];
+
+/// Runs fmt, build, clippy and the tests; `extra` is appended to `cargo test --workspace`.
+pub fn run(extra: &[String]) -> Result<()> {
+    if !sh::is_root()? {
+        bail!(
+            "run as root: sudo -E env PATH=\"$PATH\" cargo xtask test \
+             (the end-to-end tests create network namespaces and cgroups and load eBPF programs; \
+             -E and PATH keep your rustup and cargo under sudo)"
+        );
+    }
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    let result = run_steps(&mut summary, extra);
+    summary.print(started.elapsed());
+    result
+}
+
+fn run_steps(summary: &mut Summary, extra: &[String]) -> Result<()> {
+    let root = sh::workspace_root()?;
+
+    summary.step("fmt", || {
+        build::ensure_rustup_component(None, "rustfmt")?;
+        sh::run(
+            sh::host_cargo()?
+                .args(["fmt", "--all", "--", "--check"])
+                .current_dir(&root),
+        )
+        .context("formatting differs from rustfmt's: run `cargo fmt --all`")
+    })?;
+
+    let built = summary.step("build", || {
+        build::ensure_packages(TEST_PACKAGES)?;
+        build::ensure_built(false)
+    })?;
+
+    // Same PROXY_EBPF_OBJECT as the build: the proxy's build script reruns when it changes,
+    // so a different value would rebuild the proxy at every step.
+    summary.step("clippy", || {
+        build::ensure_rustup_component(None, "clippy")?;
+        sh::run(
+            sh::host_cargo()?
+                .args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env("PROXY_EBPF_OBJECT", &built.ebpf_object)
+                .current_dir(&root),
+        )
+        .context(
+            "clippy found problems: fix them (`cargo clippy --fix --workspace --all-targets` \
+             does some), then rerun",
+        )
+    })?;
+
+    summary.step("tests", || {
+        sh::run(
+            sh::host_cargo()?
+                .args(["test", "--workspace"])
+                .args(extra)
+                .env("PROXY_EBPF_OBJECT", &built.ebpf_object)
+                .current_dir(&root),
+        )
+        .context(
+            "tests failed: see the failures above; rerun a subset with \
+             `cargo xtask test -- NAME_FILTER`",
+        )
+    })
+}
+
+/// How each step went, printed as one line at the end whatever happened.
+#[derive(Default)]
+struct Summary {
+    done: Vec<(&'static str, Duration, bool)>,
+}
+
+impl Summary {
+    fn step<T>(&mut self, name: &'static str, step: impl FnOnce() -> Result<T>) -> Result<T> {
+        say(format_args!("=== {name} ==="));
+        let started = Instant::now();
+        let result = step();
+        self.done.push((name, started.elapsed(), result.is_ok()));
+        result
+    }
+
+    fn print(&self, total: Duration) {
+        let passed = self.done.len() == STEPS.len() && self.done.iter().all(|(_, _, ok)| *ok);
+        let mut parts: Vec<String> = self
+            .done
+            .iter()
+            .map(|(name, duration, ok)| {
+                let verdict = if *ok { "ok" } else { "FAILED" };
+                format!("{name} {verdict} ({})", sh::human_duration(*duration))
+            })
+            .collect();
+        parts.extend(
+            STEPS
+                .iter()
+                .skip(self.done.len())
+                .map(|name| format!("{name} not run")),
+        );
+        say(format_args!(
+            "test summary: {} in {}: {}",
+            if passed { "PASSED" } else { "FAILED" },
+            sh::human_duration(total),
+            parts.join(", ")
+        ));
+    }
+}
