@@ -106,7 +106,7 @@ struct ConfigArgs {
     /// What workloads' connects do while the proxy is down [default: open].
     #[arg(long, value_enum)]
     fail_mode: Option<FailArg>,
-    /// Same-node short-circuit with sock_ops + sk_msg [default: on].
+    /// Same-node short-circuit with sock_ops + sk_msg [default: off; see ARCHITECTURE.md for the kernel caveats].
     #[arg(long, value_enum)]
     sockmap: Option<OnOff>,
     /// Destination port never intercepted (repeatable).
@@ -147,16 +147,22 @@ enum OnOff {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run(args) => with_config(&args, run),
-        Command::Check(args) => with_config(&args, |cfg| check(&cfg)),
-        Command::Clean(args) => with_config(&args, |cfg| clean(&cfg)),
+        Command::Run(args) => with_config(&args, true, run),
+        Command::Check(args) => with_config(&args, true, |cfg| check(&cfg)),
+        Command::Clean(args) => with_config(&args, false, |cfg| clean(&cfg)),
         Command::Counters { pin_dir, json } => counters(&pin_dir, json),
     };
     ExitCode::from(code)
 }
 
-fn with_config(args: &ConfigArgs, f: impl FnOnce(Config) -> u8) -> u8 {
-    match load_config(args) {
+fn with_config(args: &ConfigArgs, intercepts: bool, f: impl FnOnce(Config) -> u8) -> u8 {
+    let loaded = load_config(args).and_then(|cfg| {
+        if intercepts {
+            cfg.require_interception()?;
+        }
+        Ok(cfg)
+    });
+    match loaded {
         Ok(cfg) => {
             init_logging(&cfg);
             f(cfg)

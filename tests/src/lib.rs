@@ -178,6 +178,8 @@ fn newest_file(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
 pub struct ProxyOptions {
     /// "ebpf" or "iptables".
     pub mode: &'static str,
+    /// Most end-to-end tests exercise the short-circuit, so the harness turns it on
+    /// (the proxy's own default is off).
     pub sockmap: bool,
     /// "open" or "closed".
     pub fail_mode: &'static str,

@@ -24,6 +24,10 @@ fn bins() -> Result<Binaries> {
 /// arrive on AF_INET6 sockets with v4-mapped addresses, which the short-circuit must pair.
 struct Setup {
     node: Node,
+    /// meshtest I/O mode: event-driven (poll) with the short-circuit on, because a
+    /// blocking reader on a SOCKHASH socket can get a spurious EAGAIN on this kernel
+    /// (ARCHITECTURE.md, "Kernel facts"); plain blocking sockets otherwise.
+    io: &'static str,
     client: Pod,
     server: Pod,
     servers: Vec<Background>,
@@ -34,10 +38,19 @@ impl Setup {
         let mut node = Node::new(&bins()?)?;
         let client = node.add_pod("client")?;
         let server = node.add_pod("server")?;
+        let io = if opts.sockmap { "poll" } else { "blocking" };
         let mut servers = Vec::new();
         for (i, listen) in [format!("[::]:{SERVER_PORT}")].iter().enumerate() {
             let mut cmd = server.command(&node.bins.meshtest);
-            cmd.args(["serve", "--listen", listen, "--greet", &greet.to_string()]);
+            cmd.args([
+                "serve",
+                "--listen",
+                listen,
+                "--greet",
+                &greet.to_string(),
+                "--io",
+                io,
+            ]);
             let mut bg = Background::spawn(cmd, node.scratch.join(format!("server{i}.out")))?;
             bg.wait_for("listening")?;
             servers.push(bg);
@@ -45,6 +58,7 @@ impl Setup {
         node.start_proxy(opts)?;
         Ok(Setup {
             node,
+            io,
             client,
             server,
             servers,
@@ -54,7 +68,8 @@ impl Setup {
     /// Runs `meshtest client` in the client pod (in its cgroup, so it is intercepted).
     fn client(&self, target: &str, args: &[&str]) -> Result<String> {
         let mut cmd = self.client.command(&self.node.bins.meshtest);
-        cmd.args(["client", "--connect", target]).args(args);
+        cmd.args(["client", "--connect", target, "--io", self.io])
+            .args(args);
         check_client(run_bounded(cmd, CLIENT_LIMIT)?)
     }
 

@@ -11,14 +11,22 @@
 //! 4. client: checks status, every reply byte and the length.
 //!
 //! Any mismatch, short read or timeout is a failure; the client exits non-zero.
+//!
+//! `--io blocking` (default) uses plain blocking sockets, as simple C or Python clients do;
+//! `--io poll` uses non-blocking sockets and poll(2), as event-driven runtimes (Go, Java
+//! NIO, tokio, curl) do. Both must work through the proxy; see ARCHITECTURE.md for the
+//! kernel behaviour that makes the difference matter with the short-circuit on.
 
 use std::{
-    io::{Read, Write},
+    io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsFd,
     sync::{Arc, Mutex},
     thread,
     time::Duration,
 };
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use anyhow::{Context, Result, bail};
 
@@ -76,13 +84,82 @@ impl Stream {
     }
 }
 
-fn write_stream(
-    s: &mut TcpStream,
-    len: u64,
-    seed: u64,
-    max_write: usize,
-    rng_seed: u64,
-) -> Result<()> {
+/// A connection in blocking or poll mode.
+struct Conn {
+    s: TcpStream,
+    poll: bool,
+}
+
+impl Conn {
+    fn new(s: TcpStream, poll: bool) -> Result<Conn> {
+        if poll {
+            s.set_nonblocking(true)?;
+        } else {
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+        }
+        Ok(Conn { s, poll })
+    }
+
+    fn wait(&self, flags: PollFlags) -> io::Result<()> {
+        let mut fds = [PollFd::new(self.s.as_fd(), flags)];
+        let ms = u16::try_from(IO_TIMEOUT.as_millis()).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => Err(io::Error::new(io::ErrorKind::TimedOut, "poll timed out")),
+            Ok(_) => Ok(()),
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.s.read(buf) {
+                Err(e) if self.poll && e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(PollFlags::POLLIN)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let mut at = 0;
+        while at < buf.len() {
+            match self.read(&mut buf[at..])? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "end of stream",
+                    ));
+                }
+                n => at += n,
+            }
+        }
+        Ok(())
+    }
+
+    fn write_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.s.write(buf) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if self.poll && e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(PollFlags::POLLOUT)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.s.shutdown(Shutdown::Write)
+    }
+}
+
+fn write_stream(s: &mut Conn, len: u64, seed: u64, max_write: usize, rng_seed: u64) -> Result<()> {
     let mut data = Stream::new(seed);
     let mut sizes = Pattern::new(rng_seed);
     let mut left = len;
@@ -104,7 +181,7 @@ fn write_stream(
 }
 
 /// Reads to end of stream; returns (bytes read, all bytes matched).
-fn read_stream(s: &mut TcpStream, seed: u64, limit: Option<u64>) -> Result<(u64, bool)> {
+fn read_stream(s: &mut Conn, seed: u64, limit: Option<u64>) -> Result<(u64, bool)> {
     let mut expect = Stream::new(seed);
     let mut buf = vec![0u8; 64 * 1024];
     let mut want = Vec::new();
@@ -132,13 +209,13 @@ fn read_stream(s: &mut TcpStream, seed: u64, limit: Option<u64>) -> Result<(u64,
 
 // === server ===
 
-fn serve(listen: SocketAddr, greet: u64) -> Result<()> {
+fn serve(listen: SocketAddr, greet: u64, poll: bool) -> Result<()> {
     let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     println!("listening {}", l.local_addr()?);
     std::io::stdout().flush()?;
     let out = Arc::new(Mutex::new(()));
     for conn in l.incoming() {
-        let Ok(mut s) = conn else { continue };
+        let Ok(s) = conn else { continue };
         let out = Arc::clone(&out);
         thread::spawn(move || {
             // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; print them as IPv4.
@@ -146,7 +223,7 @@ fn serve(listen: SocketAddr, greet: u64) -> Result<()> {
                 .peer_addr()
                 .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()).to_string())
                 .unwrap_or_default();
-            let line = match serve_one(&mut s, greet) {
+            let line = match Conn::new(s, poll).and_then(|mut c| serve_one(&mut c, greet)) {
                 Ok((got, ok, sent)) => {
                     format!("conn peer={peer} received={got} verified={ok} sent={sent}")
                 }
@@ -160,9 +237,7 @@ fn serve(listen: SocketAddr, greet: u64) -> Result<()> {
     Ok(())
 }
 
-fn serve_one(s: &mut TcpStream, greet: u64) -> Result<(u64, bool, u64)> {
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
+fn serve_one(s: &mut Conn, greet: u64) -> Result<(u64, bool, u64)> {
     if greet > 0 {
         write_stream(s, greet, GREET_SEED, 4096, 1)?;
     }
@@ -181,7 +256,7 @@ fn serve_one(s: &mut TcpStream, greet: u64) -> Result<(u64, bool, u64)> {
     let ok = matched && got == upload;
     s.write_all(if ok { b"Y" } else { b"N" })?;
     write_stream(s, reply, seed ^ 0xabc, 64 * 1024, seed ^ 0x77)?;
-    s.shutdown(Shutdown::Write)?;
+    s.shutdown_write()?;
     Ok((got, ok, reply))
 }
 
@@ -195,13 +270,13 @@ struct ClientArgs {
     connections: u64,
     max_write: usize,
     expect_greet: u64,
+    poll: bool,
 }
 
 fn client_one(a: &ClientArgs, seed: u64) -> Result<(u64, u64)> {
-    let mut s = TcpStream::connect_timeout(&a.connect, IO_TIMEOUT)
+    let s = TcpStream::connect_timeout(&a.connect, IO_TIMEOUT)
         .with_context(|| format!("connect {}", a.connect))?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut s = Conn::new(s, a.poll)?;
     if a.expect_greet > 0 {
         let (got, ok) = read_stream(&mut s, GREET_SEED, Some(a.expect_greet))?;
         if got != a.expect_greet || !ok {
@@ -218,7 +293,7 @@ fn client_one(a: &ClientArgs, seed: u64) -> Result<(u64, u64)> {
     h[24..32].copy_from_slice(&seed.to_le_bytes());
     s.write_all(&h)?;
     write_stream(&mut s, a.send, seed, a.max_write, seed ^ 0x1234)?;
-    s.shutdown(Shutdown::Write)?;
+    s.shutdown_write()?;
     let mut status = [0u8; 1];
     s.read_exact(&mut status)
         .context("status byte (the server closed early?)")?;
@@ -266,7 +341,7 @@ fn client(a: ClientArgs) -> Result<bool> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage:\n  meshtest serve --listen ADDR [--greet BYTES]\n  meshtest client --connect ADDR [--send BYTES] [--reply BYTES] [--seed N] [--connections N] [--max-write BYTES] [--expect-greet BYTES]"
+        "usage:\n  meshtest serve --listen ADDR [--greet BYTES] [--io blocking|poll]\n  meshtest client --connect ADDR [--send BYTES] [--reply BYTES] [--seed N] [--connections N] [--max-write BYTES] [--expect-greet BYTES] [--io blocking|poll]"
     );
     std::process::exit(2)
 }
@@ -284,10 +359,15 @@ fn main() -> Result<()> {
             v.parse().with_context(|| format!("{name} {v}"))
         })
     };
+    let poll = match get("--io").as_deref() {
+        None | Some("blocking") => false,
+        Some("poll") => true,
+        Some(_) => usage(),
+    };
     match cmd.as_str() {
         "serve" => {
             let listen: SocketAddr = get("--listen").unwrap_or_else(|| usage()).parse()?;
-            serve(listen, num("--greet", 0)?)
+            serve(listen, num("--greet", 0)?, poll)
         }
         "client" => {
             let a = ClientArgs {
@@ -298,6 +378,7 @@ fn main() -> Result<()> {
                 connections: num("--connections", 1)?,
                 max_write: usize::try_from(num("--max-write", 65536)?.max(1))?,
                 expect_greet: num("--expect-greet", 0)?,
+                poll,
             };
             if client(a)? {
                 Ok(())
@@ -336,10 +417,11 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?;
         let server = thread::spawn(move || -> Result<(u64, bool, u64)> {
-            let (mut s, _) = l.accept()?;
-            serve_one(&mut s, 10)
+            let (s, _) = l.accept()?;
+            serve_one(&mut Conn::new(s, false)?, 10)
         });
         let a = ClientArgs {
+            poll: true,
             connect: addr,
             send: 100_000,
             reply: 5_000,
