@@ -139,25 +139,11 @@ fn capabilities() -> Finding {
 
 fn bpffs(pin_dir: &Path) -> Finding {
     let parent = pin_dir.parent().unwrap_or(pin_dir);
-    match nix::sys::statfs::statfs(parent) {
-        Ok(st) if st.filesystem_type().0 as i64 == 0xcafe_4a11 => {
-            pass("bpffs", format!("{} is bpffs", parent.display()))
-        }
-        Ok(_) => fail(
-            "bpffs",
-            format!(
-                "{} is not bpffs; mount it: mount -t bpf bpf {}",
-                parent.display(),
-                parent.display()
-            ),
-        ),
-        Err(e) => fail(
-            "bpffs",
-            format!(
-                "{}: {e}; mount bpffs: mount -t bpf bpf /sys/fs/bpf",
-                parent.display()
-            ),
-        ),
+    let fix = format!("mount -t bpf bpf {}", parent.display());
+    match ebpf::is_bpffs(parent) {
+        Ok(true) => pass("bpffs", format!("{} is bpffs", parent.display())),
+        Ok(false) => fail("bpffs", format!("{} is not bpffs; {fix}", parent.display())),
+        Err(e) => fail("bpffs", format!("{}: {e}; {fix}", parent.display())),
     }
 }
 

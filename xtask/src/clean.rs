@@ -1,7 +1,18 @@
-//! `cargo xtask clean`: placeholder until the cleanup of namespaces, cgroups and pins lands.
+//! `cargo xtask clean`: remove what an interrupted demo or test run left behind.
 
-/// Removes what an interrupted demo or test run left behind.
+/// Removes namespaces, cgroups, pins and scratch directories named `mtest-*`.
 pub fn run() -> anyhow::Result<()> {
-    eprintln!("xtask: clean: not yet wired");
-    anyhow::bail!("`cargo xtask clean` is not yet wired")
+    if !crate::sh::is_root()? {
+        anyhow::bail!(
+            "cleaning namespaces, cgroups and pins needs root: sudo -E env PATH=\"$PATH\" cargo xtask clean"
+        );
+    }
+    let removed = tests::cleanup_leftovers()?;
+    if removed.is_empty() {
+        println!("xtask: clean: nothing to remove");
+    }
+    for r in &removed {
+        println!("xtask: clean: removed {r}");
+    }
+    Ok(())
 }

@@ -32,7 +32,7 @@ use proxy_common::{
 use tracing::{info, warn};
 
 use crate::config::{Cidr, Config, FailMode};
-pub use pins::{PinDir, PinError};
+pub use pins::{PinDir, PinError, is_bpffs};
 
 /// The kernel object, embedded at build time by build.rs (empty if it was not built).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
@@ -44,33 +44,33 @@ pub enum EbpfError {
     )]
     NoObject,
     #[error("loading the eBPF object failed: {0}; run `proxy check` for what this kernel lacks")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("program {0} is missing from the eBPF object; rebuild with `cargo xtask build`")]
     MissingProgram(&'static str),
     #[error("map {0} is missing from the eBPF object; rebuild with `cargo xtask build`")]
     MissingMap(&'static str),
-    #[error("program {name}: {action} failed: {}{hint}", chain(source))]
+    #[error("program {name}: {action} failed: {}{hint}", chain(source.as_ref()))]
     Program {
         name: &'static str,
         action: &'static str,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
         hint: &'static str,
     },
     #[error("program {name}: its link cannot be pinned: {source}")]
     Link {
         name: &'static str,
-        source: aya::programs::links::LinkError,
+        source: Box<aya::programs::links::LinkError>,
     },
-    #[error("map {name}: {action} failed: {}", chain(source))]
+    #[error("map {name}: {action} failed: {}", chain(source.as_ref()))]
     Map {
         name: &'static str,
         action: &'static str,
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("pinning {path}: {source}; is {dir} on a bpffs mount?", dir = path.parent().map(|p| p.display().to_string()).unwrap_or_default())]
     Pin {
         path: PathBuf,
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup {
@@ -133,8 +133,31 @@ impl Datapath {
         if OBJECT.is_empty() {
             return Err(EbpfError::NoObject);
         }
+        let pins = PinDir::lock(&plan.config.pin_dir)?;
+        match Datapath::start_locked(plan, &pins) {
+            Ok((ebpf, connect_links, maps)) => Ok((
+                Datapath {
+                    ebpf,
+                    pins,
+                    fail_mode: plan.config.fail_mode,
+                    connect_links,
+                },
+                maps,
+            )),
+            Err(e) => {
+                // Whatever was pinned before the failure goes too; a half-set-up pin
+                // directory would only confuse bpftool users and the next start.
+                pins.remove_all_except(&[]);
+                Err(e)
+            }
+        }
+    }
+
+    fn start_locked(
+        plan: &Plan<'_>,
+        pins: &PinDir,
+    ) -> Result<(Ebpf, Vec<ConnectLink>, Maps), EbpfError> {
         let cfg = plan.config;
-        let pins = PinDir::lock(&cfg.pin_dir)?;
         // Stale attachments stay attached until the new ones are in place, so a fail-closed
         // node never has a moment where workloads could bypass the proxy.
         let stale = pins.take_stale()?;
@@ -153,27 +176,31 @@ impl Datapath {
             .map_max_entries(map::TAINTED, n)
             .map_max_entries(map::ORIG_DST, n.saturating_mul(2))
             .load(OBJECT)
-            .map_err(EbpfError::Load)?;
+            .map_err(|e| EbpfError::Load(Box::new(e)))?;
 
         configure(&mut ebpf, plan)?;
         for name in map::ALL {
             let m = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
             let path = pins.map_path(name);
-            m.pin(&path)
-                .map_err(|source| EbpfError::Pin { path, source })?;
+            m.pin(&path).map_err(|source| EbpfError::Pin {
+                path,
+                source: Box::new(source),
+            })?;
         }
 
         // Load every program first, so a verifier rejection leaves nothing attached.
-        load_cgroup_sock_addr(&mut ebpf, program::CONNECT4, &pins)?;
-        load_cgroup_sock_addr(&mut ebpf, program::CONNECT6, &pins)?;
-        load_sock_ops(&mut ebpf, program::SOCKOPS_WORKLOAD, &pins)?;
-        load_sock_ops(&mut ebpf, program::SOCKOPS_PROXY, &pins)?;
+        load_cgroup_sock_addr(&mut ebpf, program::CONNECT4, pins)?;
+        load_cgroup_sock_addr(&mut ebpf, program::CONNECT6, pins)?;
+        load_sock_ops(&mut ebpf, program::SOCKOPS_WORKLOAD, pins)?;
+        load_sock_ops(&mut ebpf, program::SOCKOPS_PROXY, pins)?;
         {
             let p: &mut SkMsg = program_mut(&mut ebpf, program::MSG_REDIRECT)?;
             p.load().map_err(prog_err(program::MSG_REDIRECT, "load"))?;
             let path = pins.prog_path(program::MSG_REDIRECT);
-            p.pin(&path)
-                .map_err(|source| EbpfError::Pin { path, source })?;
+            p.pin(&path).map_err(|source| EbpfError::Pin {
+                path,
+                source: Box::new(source),
+            })?;
         }
 
         let workload_cg = open_cgroup(plan.workload_cgroup)?;
@@ -204,15 +231,18 @@ impl Datapath {
                 .attach(&workload_cg, CgroupAttachMode::Single)
                 .map_err(prog_err(name, "attach"))?;
             let link = p.take_link(id).map_err(prog_err(name, "take link"))?;
-            let link = FdLink::try_from(link).map_err(|e| EbpfError::Link { name, source: e })?;
+            let link = FdLink::try_from(link).map_err(|e| EbpfError::Link {
+                name,
+                source: Box::new(e),
+            })?;
             connect_links.push(match cfg.fail_mode {
                 FailMode::Open => ConnectLink::Held(link),
                 FailMode::Closed => {
                     let path = pins.link_path(name);
-                    ConnectLink::Pinned(
-                        link.pin(&path)
-                            .map_err(|source| EbpfError::Pin { path, source })?,
-                    )
+                    ConnectLink::Pinned(link.pin(&path).map_err(|source| EbpfError::Pin {
+                        path,
+                        source: Box::new(source),
+                    })?)
                 }
             });
         }
@@ -232,15 +262,7 @@ impl Datapath {
             fail_mode = %cfg.fail_mode,
             "eBPF programs attached"
         );
-        Ok((
-            Datapath {
-                ebpf,
-                pins,
-                fail_mode: cfg.fail_mode,
-                connect_links,
-            },
-            Maps { orig_dst, counters },
-        ))
+        Ok((ebpf, connect_links, Maps { orig_dst, counters }))
     }
 
     /// Orderly stop: detach and unpin everything. In fail-closed mode the connect programs
@@ -463,16 +485,20 @@ fn load_cgroup_sock_addr(
     let p: &mut CgroupSockAddr = program_mut(ebpf, name)?;
     p.load().map_err(prog_err(name, "load"))?;
     let path = pins.prog_path(name);
-    p.pin(&path)
-        .map_err(|source| EbpfError::Pin { path, source })
+    p.pin(&path).map_err(|source| EbpfError::Pin {
+        path,
+        source: Box::new(source),
+    })
 }
 
 fn load_sock_ops(ebpf: &mut Ebpf, name: &'static str, pins: &PinDir) -> Result<(), EbpfError> {
     let p: &mut SockOps = program_mut(ebpf, name)?;
     p.load().map_err(prog_err(name, "load"))?;
     let path = pins.prog_path(name);
-    p.pin(&path)
-        .map_err(|source| EbpfError::Pin { path, source })
+    p.pin(&path).map_err(|source| EbpfError::Pin {
+        path,
+        source: Box::new(source),
+    })
 }
 
 fn attach_sock_ops(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<(), EbpfError> {
@@ -500,7 +526,7 @@ fn prog_err(
     move |source| EbpfError::Program {
         name,
         action,
-        source,
+        source: Box::new(source),
         hint: if action == "load" {
             " (the verifier log above says why; run `proxy check`)"
         } else {
@@ -516,7 +542,7 @@ fn map_err(
     move |source| EbpfError::Map {
         name,
         action,
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -526,7 +552,9 @@ pub fn verify_loadable() -> Result<usize, EbpfError> {
     if OBJECT.is_empty() {
         return Err(EbpfError::NoObject);
     }
-    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(EbpfError::Load)?;
+    let mut ebpf = EbpfLoader::new()
+        .load(OBJECT)
+        .map_err(|e| EbpfError::Load(Box::new(e)))?;
     for name in [program::CONNECT4, program::CONNECT6] {
         let p: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
         p.load().map_err(prog_err(name, "load"))?;

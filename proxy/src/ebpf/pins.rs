@@ -51,6 +51,19 @@ pub struct Stale {
     _links: Vec<FdLink>,
 }
 
+/// statfs f_type of the filesystem holding `path`.
+pub fn filesystem_type(path: &Path) -> io::Result<i64> {
+    let st = statfs(path).map_err(io::Error::from)?;
+    // fs_type_t is c_long on x86_64 but narrower on other targets.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.filesystem_type().0 as i64)
+}
+
+/// True if `path` is on bpffs.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    Ok(filesystem_type(path)? == BPF_FS_MAGIC)
+}
+
 pub fn map_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(MAPS).join(name)
 }
@@ -65,11 +78,10 @@ impl PinDir {
         // The parent must already be bpffs: creating directories on another filesystem
         // would "work" and then every pin would fail with a less helpful error.
         let parent = dir.parent().unwrap_or(dir);
-        let st = statfs(parent).map_err(|e| PinError::Io {
+        let found = filesystem_type(parent).map_err(|source| PinError::Io {
             path: parent.to_owned(),
-            source: io::Error::from(e),
+            source,
         })?;
-        let found = st.filesystem_type().0 as i64;
         if found != BPF_FS_MAGIC {
             return Err(PinError::NotBpffs {
                 dir: parent.to_owned(),

@@ -167,7 +167,7 @@ fn write_stream(s: &mut Conn, len: u64, seed: u64, max_write: usize, rng_seed: u
     while left > 0 {
         // Mostly random sizes up to max_write, with frequent tiny writes.
         let r = sizes.next_u64();
-        let size = if r % 4 == 0 {
+        let size = if r.is_multiple_of(4) {
             1 + (r >> 8) % 16
         } else {
             1 + (r >> 8) % max_write as u64
