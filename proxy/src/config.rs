@@ -93,6 +93,7 @@ pub struct Overrides {
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<String>,
     pub iptables_interfaces: Vec<String>,
+    pub sockhash_entries: Option<u32>,
     pub log_level: Option<String>,
     pub log_json: bool,
 }
@@ -409,7 +410,10 @@ impl Config {
             ));
         }
 
-        let sockhash_entries = limits.sockhash_entries.unwrap_or(65536);
+        let sockhash_entries = o
+            .sockhash_entries
+            .or(limits.sockhash_entries)
+            .unwrap_or(65536);
         if !(64..=1 << 20).contains(&sockhash_entries) {
             return Err(invalid(
                 "limits.sockhash_entries",

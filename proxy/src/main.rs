@@ -118,6 +118,9 @@ struct ConfigArgs {
     /// iptables mode: interface workloads' traffic arrives on; `+` is a wildcard (repeatable).
     #[arg(long = "iptables-interface", value_name = "IFACE")]
     iptables_interfaces: Vec<String>,
+    /// SOCKHASH size; 4 entries carry one short-circuited connection [default: 65536].
+    #[arg(long, value_name = "N")]
+    sockhash_entries: Option<u32>,
     /// Log filter: error, warn, info, debug, trace [default: info].
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
@@ -201,6 +204,7 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
         exclude_ports: args.exclude_ports.clone(),
         exclude_cidrs: args.exclude_cidrs.clone(),
         iptables_interfaces: args.iptables_interfaces.clone(),
+        sockhash_entries: args.sockhash_entries,
         log_level: args.log_level.clone(),
         log_json: args.log_json,
     };

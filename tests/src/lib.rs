@@ -185,6 +185,8 @@ pub struct ProxyOptions {
     pub fail_mode: &'static str,
     pub exclude_ports: Vec<u16>,
     pub ipv6: bool,
+    /// More `proxy run` flags.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ProxyOptions {
@@ -195,6 +197,7 @@ impl Default for ProxyOptions {
             fail_mode: "open",
             exclude_ports: Vec::new(),
             ipv6: true,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -441,6 +444,7 @@ impl Node {
         for p in &opts.exclude_ports {
             args.extend(["--exclude-port".into(), p.to_string()]);
         }
+        args.extend(opts.extra_args.iter().cloned());
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -686,3 +686,81 @@ fn check_and_config_errors() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn full_sockhash_degrades_to_the_tcp_path() -> Result<()> {
+    require!();
+    // 64 entries carry 16 short-circuited connections; 100 concurrent ones overflow it.
+    let s = Setup::new(
+        &ProxyOptions {
+            extra_args: vec!["--sockhash-entries".into(), "64".into()],
+            ..ProxyOptions::default()
+        },
+        0,
+    )?;
+    s.client(
+        &s.v4(),
+        &[
+            "--send",
+            "200000",
+            "--reply",
+            "200000",
+            "--connections",
+            "100",
+        ],
+    )?;
+    ensure!(
+        counter(&s.node, "sockhash_insert_failed")? > 0,
+        "100 connections should overflow a 64-entry SOCKHASH"
+    );
+    for l in s.server_lines() {
+        ensure!(l.contains("verified=true"), "{l}");
+    }
+    Ok(())
+}
+
+#[test]
+fn two_proxies_on_one_machine_do_not_interfere() -> Result<()> {
+    require!();
+    let a = Setup::new(&ProxyOptions::default(), 0)?;
+    let b = Setup::new(&ProxyOptions::default(), 0)?;
+    let b_before = b.node.counters()?;
+    a.client(
+        &a.v4(),
+        &[
+            "--send",
+            "100000",
+            "--reply",
+            "100000",
+            "--connections",
+            "3",
+        ],
+    )?;
+    ensure!(counter(&a.node, "connect4_redirected")? >= 3);
+    ensure!(
+        b.node.counters()? == b_before,
+        "traffic on node A moved node B's counters"
+    );
+    b.client(&b.v4(), &["--send", "1000", "--reply", "1000"])?;
+    ensure!(b.server_lines().len() == 1 && a.server_lines().len() == 3);
+    // Checked against B's pin directory, A's programs on A's workload cgroup are foreign:
+    // `proxy check` must name them.
+    let out = Command::new(&a.node.bins.proxy)
+        .args([
+            "check",
+            "--redirect-ipv4",
+            "10.77.255.1",
+            "--workload-cgroup",
+            &a.node.workload_cgroup_rel,
+            "--pin-dir",
+        ])
+        .arg(&b.node.pin_dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.code() == Some(4), "check should fail: {text}");
+    ensure!(
+        text.contains("mesh_connect4") && text.contains("already has"),
+        "{text}"
+    );
+    Ok(())
+}
