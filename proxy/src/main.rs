@@ -2,14 +2,6 @@
 //! codes.
 #![forbid(unsafe_code)]
 
-mod cgroup;
-mod check;
-mod config;
-mod ebpf;
-mod iptables;
-mod outbound;
-mod transport;
-
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -22,9 +14,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{error, info, warn};
 
-use crate::{
+use proxy::{
+    cgroup, check, config,
     config::{Config, File, Mode, Overrides},
+    ebpf, iptables, outbound,
     outbound::Outbound,
+    transport,
     transport::orig_dst::OrigDstSource,
 };
 

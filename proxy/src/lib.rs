@@ -1,0 +1,11 @@
+//! The node proxy as a library: the binary (`main.rs`) parses the CLI and calls into these
+//! modules; fuzz targets and tests reach the parsers through here.
+#![forbid(unsafe_code)]
+
+pub mod cgroup;
+pub mod check;
+pub mod config;
+pub mod ebpf;
+pub mod iptables;
+pub mod outbound;
+pub mod transport;
