@@ -4,6 +4,7 @@
 #![no_main]
 
 mod connect;
+mod key;
 mod maps;
 mod redirect;
 mod sockops;

@@ -5,7 +5,7 @@
 //! which the peer's recvmsg (tcp_bpf_recvmsg) reads before its ordinary TCP receive queue.
 //! That ordering is why a direction that ever used the TCP path must keep using it.
 
-use core::ptr::read_volatile;
+use crate::key::sock_key;
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -13,7 +13,7 @@ use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
     programs::SkMsgContext,
 };
-use proxy_common::{AF_INET, AF_INET6, SockKey, counter, normalise_ip6};
+use proxy_common::{SockKey, counter};
 
 use crate::maps::{MESH_PEERS, MESH_SOCKS, MESH_TAINTED, count};
 
@@ -66,47 +66,10 @@ fn passed(size: u64) {
 
 #[inline(always)]
 fn own_key(ctx: &SkMsgContext) -> Option<SockKey> {
-    // SAFETY: bpf_get_netns_cookie is allowed in sk_msg (kernel 5.15+).
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let m = ctx.msg;
-    // SAFETY: sk_msg_md fields read one 4-byte word at a time, as the verifier requires.
+    // SAFETY: bpf_get_netns_cookie is allowed in sk_msg programs (kernel 5.15+, checked by
+    // `proxy check`), and ctx.msg is the context pointer the kernel passed in.
     unsafe {
-        let family = read_volatile(&(*m).family);
-        let local_port = read_volatile(&(*m).local_port);
-        let remote_port = u32::from_be(read_volatile(&(*m).remote_port)) & 0xffff;
-        let (family, local_ip, remote_ip) = if family == AF_INET {
-            (
-                AF_INET,
-                [read_volatile(&(*m).local_ip4), 0, 0, 0],
-                [read_volatile(&(*m).remote_ip4), 0, 0, 0],
-            )
-        } else if family == AF_INET6 {
-            let l = [
-                read_volatile(&(*m).local_ip6[0]),
-                read_volatile(&(*m).local_ip6[1]),
-                read_volatile(&(*m).local_ip6[2]),
-                read_volatile(&(*m).local_ip6[3]),
-            ];
-            let r = [
-                read_volatile(&(*m).remote_ip6[0]),
-                read_volatile(&(*m).remote_ip6[1]),
-                read_volatile(&(*m).remote_ip6[2]),
-                read_volatile(&(*m).remote_ip6[3]),
-            ];
-            let (fl, l) = normalise_ip6(l);
-            let (_, r) = normalise_ip6(r);
-            (fl, l, r)
-        } else {
-            return None;
-        };
-        Some(SockKey {
-            netns,
-            family,
-            local_port,
-            remote_port,
-            _pad: 0,
-            local_ip,
-            remote_ip,
-        })
+        let netns = bpf_get_netns_cookie(ctx.as_ptr());
+        sock_key!(ctx.msg, netns)
     }
 }

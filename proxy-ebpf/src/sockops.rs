@@ -17,6 +17,8 @@
 
 use core::ptr::read_volatile;
 
+use crate::key::sock_key;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -26,7 +28,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
-use proxy_common::{AF_INET, AF_INET6, FLAG_SOCKMAP, OrigKey, SockKey, counter, normalise_ip6};
+use proxy_common::{FLAG_SOCKMAP, OrigKey, SockKey, counter};
 
 use crate::maps::{
     MESH_EXPECT, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS, MESH_TAINTED, config, count,
@@ -172,49 +174,11 @@ fn carried_early_data(ctx: &SockOpsContext, op: u32) -> bool {
 /// The socket's key: its namespace and its 4-tuple, v4-mapped addresses normalised.
 #[inline(always)]
 fn own_key(ctx: &SockOpsContext) -> Option<SockKey> {
-    // SAFETY: bpf_get_netns_cookie is allowed in sock_ops (kernel 5.15+, checked by `proxy check`).
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let o = ctx.ops;
-    // SAFETY: ctx fields read one 4-byte word at a time, as the verifier requires.
+    // SAFETY: bpf_get_netns_cookie is allowed in sock_ops programs (kernel 5.15+, checked by
+    // `proxy check`), and ctx.ops is the context pointer the kernel passed in.
     unsafe {
-        let family = read_volatile(&(*o).family);
-        let local_port = read_volatile(&(*o).local_port);
-        // remote_port holds the network-order port in its upper 16 bits.
-        let remote_port = u32::from_be(read_volatile(&(*o).remote_port)) & 0xffff;
-        let (family, local_ip, remote_ip) = if family == AF_INET {
-            (
-                AF_INET,
-                [read_volatile(&(*o).local_ip4), 0, 0, 0],
-                [read_volatile(&(*o).remote_ip4), 0, 0, 0],
-            )
-        } else if family == AF_INET6 {
-            let l = [
-                read_volatile(&(*o).local_ip6[0]),
-                read_volatile(&(*o).local_ip6[1]),
-                read_volatile(&(*o).local_ip6[2]),
-                read_volatile(&(*o).local_ip6[3]),
-            ];
-            let r = [
-                read_volatile(&(*o).remote_ip6[0]),
-                read_volatile(&(*o).remote_ip6[1]),
-                read_volatile(&(*o).remote_ip6[2]),
-                read_volatile(&(*o).remote_ip6[3]),
-            ];
-            let (fl, l) = normalise_ip6(l);
-            let (_, r) = normalise_ip6(r);
-            (fl, l, r)
-        } else {
-            return None;
-        };
-        Some(SockKey {
-            netns,
-            family,
-            local_port,
-            remote_port,
-            _pad: 0,
-            local_ip,
-            remote_ip,
-        })
+        let netns = bpf_get_netns_cookie(ctx.as_ptr());
+        sock_key!(ctx.ops, netns)
     }
 }
 

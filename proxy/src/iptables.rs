@@ -54,72 +54,30 @@ impl Rules {
         for tool in rules.families.clone() {
             let v6 = tool == "ip6tables";
             let chain = rules.chain.as_str();
-            run(tool, &["-t", "nat", "-N", chain])?;
+            let nat = |rule: String| {
+                let words: Vec<&str> = rule.split_whitespace().collect();
+                let mut args = vec!["-t", "nat"];
+                args.extend(words);
+                run(tool, &args)
+            };
+            nat(format!("-N {chain}"))?;
             // Traffic to this node itself (its own services, the proxy) is not intercepted.
-            run(
-                tool,
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    chain,
-                    "-m",
-                    "addrtype",
-                    "--dst-type",
-                    "LOCAL",
-                    "-j",
-                    "RETURN",
-                ],
-            )?;
+            nat(format!("-A {chain} -m addrtype --dst-type LOCAL -j RETURN"))?;
             for port in &cfg.exclude_ports {
-                let p = port.to_string();
-                run(
-                    tool,
-                    &[
-                        "-t", "nat", "-A", chain, "-p", "tcp", "--dport", &p, "-j", "RETURN",
-                    ],
-                )?;
+                nat(format!("-A {chain} -p tcp --dport {port} -j RETURN"))?;
             }
-            for cidr in cfg
+            let family_cidrs = cfg
                 .exclude_cidrs
                 .iter()
-                .filter(|c| matches!(c.addr, IpAddr::V6(_)) == v6)
-            {
-                let c = cidr.to_string();
-                run(tool, &["-t", "nat", "-A", chain, "-d", &c, "-j", "RETURN"])?;
+                .filter(|c| matches!(c.addr, IpAddr::V6(_)) == v6);
+            for cidr in family_cidrs {
+                nat(format!("-A {chain} -d {cidr} -j RETURN"))?;
             }
-            let port = cfg.port.to_string();
-            run(
-                tool,
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    chain,
-                    "-p",
-                    "tcp",
-                    "-j",
-                    "REDIRECT",
-                    "--to-ports",
-                    &port,
-                ],
-            )?;
+            let port = cfg.port;
+            nat(format!("-A {chain} -p tcp -j REDIRECT --to-ports {port}"))?;
+            // Interface names were validated (no spaces) by the config.
             for iface in &rules.interfaces {
-                run(
-                    tool,
-                    &[
-                        "-t",
-                        "nat",
-                        "-A",
-                        "PREROUTING",
-                        "-i",
-                        iface,
-                        "-p",
-                        "tcp",
-                        "-j",
-                        chain,
-                    ],
-                )?;
+                nat(format!("-A PREROUTING -i {iface} -p tcp -j {chain}"))?;
             }
         }
         info!(chain = %rules.chain, interfaces = ?rules.interfaces, "iptables REDIRECT rules installed");

@@ -261,49 +261,19 @@ impl Node {
         fs::create_dir_all(&node.scratch)?;
         fs::create_dir_all(&node.workload_cgroup)
             .with_context(|| format!("creating {}", node.workload_cgroup.display()))?;
-        let ns = node.netns.clone();
-        sh(&["ip", "netns", "add", &ns])?;
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{PROXY_V4}/32"),
-            "dev",
-            "lo",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{PROXY_V6}/128"),
-            "dev",
-            "lo",
-        ])?;
+        let ns = &node.netns;
+        shw(&format!("ip netns add {ns}"))?;
+        shw(&format!("ip -n {ns} link set lo up"))?;
+        shw(&format!("ip -n {ns} addr add {PROXY_V4}/32 dev lo"))?;
+        shw(&format!("ip -n {ns} addr add {PROXY_V6}/128 dev lo"))?;
         // The node routes between its pods (for traffic that is not intercepted); only
         // inside its own namespace, the host's setting is left alone.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.forwarding=1",
-        ])?;
+        shw(&format!(
+            "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1"
+        ))?;
+        shw(&format!(
+            "ip netns exec {ns} sysctl -qw net.ipv6.conf.all.forwarding=1"
+        ))?;
         Ok(node)
     }
 
@@ -327,80 +297,25 @@ impl Node {
             netns,
         };
         let (node, ns) = (self.netns.as_str(), pod.netns.as_str());
-        sh(&["ip", "netns", "add", ns])?;
+        shw(&format!("ip netns add {ns}"))?;
         // Registered before anything else can fail, so Drop removes it.
         self.pods.push(pod.clone());
         fs::create_dir_all(&pod.cgroup)?;
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip", "-n", node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-            "netns", ns,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            node,
-            "addr",
-            "add",
-            &format!("{}/24", pod.gateway4),
-            "dev",
-            &host_if,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            node,
-            "addr",
-            "add",
-            &format!("{}/64", pod.gateway6),
-            "dev",
-            &host_if,
-            "nodad",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/24", pod.ipv4),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/64", pod.ipv6),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        sh(&["ip", "-n", node, "link", "set", &host_if, "up"])?;
-        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &pod.gateway4.to_string(),
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &pod.gateway6.to_string(),
-        ])?;
+        let (g4, g6, a4, a6) = (pod.gateway4, pod.gateway6, pod.ipv4, pod.ipv6);
+        for cmd in [
+            format!("ip -n {ns} link set lo up"),
+            format!("ip -n {node} link add {host_if} type veth peer name eth0 netns {ns}"),
+            format!("ip -n {node} addr add {g4}/24 dev {host_if}"),
+            format!("ip -n {node} addr add {g6}/64 dev {host_if} nodad"),
+            format!("ip -n {ns} addr add {a4}/24 dev eth0"),
+            format!("ip -n {ns} addr add {a6}/64 dev eth0 nodad"),
+            format!("ip -n {node} link set {host_if} up"),
+            format!("ip -n {ns} link set eth0 up"),
+            format!("ip -n {ns} route add default via {g4}"),
+            format!("ip -n {ns} -6 route add default via {g6}"),
+        ] {
+            shw(&cmd)?;
+        }
         Ok(pod)
     }
 
@@ -686,9 +601,19 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Result<Output> {
 
 // === cleanup ===
 
+/// Runs a command given as one line of whitespace-separated words (none of ours contain
+/// spaces).
+fn shw(line: &str) -> Result<()> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    sh(&words)
+}
+
 fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+    let Some((program, rest)) = args.split_first() else {
+        bail!("empty command");
+    };
+    let out = Command::new(program)
+        .args(rest)
         .output()
         .with_context(|| format!("running {}", args.join(" ")))?;
     if !out.status.success() {
