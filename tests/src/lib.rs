@@ -187,6 +187,10 @@ pub struct ProxyOptions {
     pub ipv6: bool,
     /// More `proxy run` flags.
     pub extra_args: Vec<String>,
+    /// Pin the proxy to these CPUs (`taskset -c`), for repeatable latency tails.
+    pub cpus: Option<String>,
+    /// Use the release build's log level (info) instead of per-connection debug logs.
+    pub quiet: bool,
 }
 
 impl Default for ProxyOptions {
@@ -198,6 +202,8 @@ impl Default for ProxyOptions {
             exclude_ports: Vec::new(),
             ipv6: true,
             extra_args: Vec::new(),
+            cpus: None,
+            quiet: false,
         }
     }
 }
@@ -348,7 +354,12 @@ impl Node {
             "--sockmap".into(),
             if opts.sockmap { "on" } else { "off" }.into(),
             "--log-level".into(),
-            "proxy=debug,info".into(),
+            if opts.quiet {
+                "info"
+            } else {
+                "proxy=debug,info"
+            }
+            .into(),
         ];
         if opts.ipv6 {
             args.extend(["--redirect-ipv6".into(), PROXY_V6.to_string()]);
@@ -364,7 +375,15 @@ impl Node {
             .create(true)
             .append(true)
             .open(&self.proxy_log)?;
-        let child = Command::new("nsenter")
+        let mut cmd = match &opts.cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus, "nsenter"]);
+                c
+            }
+            None => Command::new("nsenter"),
+        };
+        let child = cmd
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg("--")
             .arg(&self.bins.proxy)
@@ -427,6 +446,11 @@ impl Node {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// PID of the running proxy (nsenter execs it, so the child's PID is the proxy's).
+    pub fn proxy_pid(&self) -> Option<u32> {
+        self.proxy.as_ref().map(Child::id)
     }
 
     pub fn proxy_running(&mut self) -> bool {

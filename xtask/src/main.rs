@@ -6,6 +6,7 @@
 //! privileged end-to-end tests with the same checks as CI (`.ci/run`).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod build;
 mod clean;
 mod demo;
@@ -87,8 +88,26 @@ enum Command {
     )]
     Clean,
 
-    /// Measure latency and throughput through the proxy (not implemented yet, see issue 7).
-    Bench,
+    /// Measure every scenario side by side: direct, the proxy (eBPF, eBPF + short-circuit,
+    /// iptables), HAProxy and nginx.
+    #[command(
+        long_about = "Measure every scenario side by side in one run on the same pods: direct \
+        (no proxy), the proxy with eBPF interception (short-circuit off and on) and with iptables \
+        interception, and HAProxy and nginx as TCP and HTTP proxies. Workloads: 1 B and 1 KiB \
+        ping-pong latency (pinned and unpinned), stream throughput by write size and \
+        concurrency, connection rate, HTTP/1.1 (wrk) and HTTP/2 (h2load) request rates, CPU \
+        per GiB and per 10k requests, RSS. Prints a table of medians with ratios to direct and \
+        writes target/bench/<time>/{results.json,results.csv,summary.md,*.svg}. Needs root. \
+        Never asserts targets: it reports."
+    )]
+    Bench {
+        /// Every scenario once with tiny counts (a smoke test of the bench; debug build).
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions per figure (median, min and max are reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -98,9 +117,7 @@ fn main() -> ExitCode {
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
         Command::Clean => clean::run(),
-        Command::Bench => Err(anyhow::anyhow!(
-            "`cargo xtask bench` is not implemented yet: it is tracked by issue 7"
-        )),
+        Command::Bench { quick, reps } => bench::run(bench::Options { quick, reps }).map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,7 +14,7 @@ use crate::{
 const TEST_PACKAGES: &[&str] = &["curl", "socat", "python3"];
 
 /// The steps in order, for a summary that also lists those a failure kept from running.
-const STEPS: &[&str] = &["fmt", "build", "clippy", "tests"];
+const STEPS: &[&str] = &["fmt", "build", "clippy", "tests", "bench --quick"];
 
 /// Runs fmt, build, clippy and the tests; `extra` is appended to `cargo test --workspace`.
 pub fn run(extra: &[String]) -> Result<()> {
@@ -85,7 +85,21 @@ fn run_steps(summary: &mut Summary, extra: &[String]) -> Result<()> {
             "tests failed: see the failures above; rerun a subset with \
              `cargo xtask test -- NAME_FILTER`",
         )
-    })
+    })?;
+
+    // The bench's own smoke test: every scenario once with tiny counts, then the files it
+    // wrote must parse and hold a number for every scenario and workload. Skipped when the
+    // caller filtered the tests (a subset run is not the full suite).
+    if extra.is_empty() {
+        summary.step("bench --quick", || {
+            let dir = crate::bench::run(crate::bench::Options {
+                quick: true,
+                reps: 1,
+            })?;
+            crate::bench::validate(&dir)
+        })?;
+    }
+    Ok(())
 }
 
 /// How each step went, printed as one line at the end whatever happened.

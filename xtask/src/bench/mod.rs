@@ -1,0 +1,909 @@
+//! `cargo xtask bench`: every scenario side by side in one run, on the same pods and the
+//! same load generators, reported as medians with min/max and ratios against direct.
+//!
+//! Scenarios: direct (no proxy), the proxy with eBPF interception (short-circuit off, then
+//! on), HAProxy and nginx in the node namespace, and last the proxy with iptables
+//! interception (any nat rule turns conntrack on for the namespace and would slow every
+//! later scenario, see ../shared/notes/bench-peers.md).
+//!
+//! The bench reports; it never asserts targets. `--quick` runs everything once with tiny
+//! counts, as a smoke test that every scenario produces numbers.
+
+mod peers;
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tests::{Binaries, Node, Pod, ProxyOptions, require_privileges, run_bounded};
+
+use crate::{build, sh};
+use peers::{HTTP1, HTTP2, Managed, TCP_PINNED, TCP_UNPINNED};
+
+/// CPU that latency runs pin client, server and proxy to (bench-peers.md: pinning makes
+/// tails repeatable on this 2-vCPU VM).
+const PIN_CPU: &str = "0";
+const HAPROXY_BASE: u16 = 10000;
+const NGINX_BASE: u16 = 20000;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub quick: bool,
+    pub reps: usize,
+}
+
+/// How big each workload is.
+struct Sizes {
+    rounds: u64,
+    warmup: u64,
+    stream_seconds: f64,
+    stream_sizes: &'static [u64],
+    stream_conns: &'static [u64],
+    connrate_count: u64,
+    http_seconds: u64,
+    h2_requests: u64,
+    hold_conns: u64,
+}
+
+const QUICK: Sizes = Sizes {
+    rounds: 300,
+    warmup: 50,
+    stream_seconds: 0.2,
+    stream_sizes: &[64, 1024, 16384, 65536, 1 << 20],
+    stream_conns: &[1, 10, 100],
+    connrate_count: 200,
+    http_seconds: 1,
+    h2_requests: 2000,
+    hold_conns: 200,
+};
+
+const FULL: Sizes = Sizes {
+    rounds: 20000,
+    warmup: 1000,
+    stream_seconds: 2.0,
+    stream_sizes: &[64, 1024, 16384, 65536, 1 << 20],
+    stream_conns: &[1, 10, 100],
+    connrate_count: 5000,
+    http_seconds: 5,
+    h2_requests: 50000,
+    hold_conns: 1000,
+};
+
+/// One figure of one repetition.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub scenario: String,
+    pub workload: String,
+    pub metric: String,
+    pub unit: &'static str,
+    pub value: f64,
+}
+
+/// RSS samples (KiB) of the proxy under test over the run, for the plot.
+#[derive(Clone, Debug, Default)]
+pub struct RssTrace {
+    pub scenario: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Runs the bench; returns the directory the results were written to.
+pub fn run(opts: Options) -> Result<std::path::PathBuf> {
+    if !sh::is_root()? {
+        bail!(
+            "the bench creates network namespaces and cgroups and loads eBPF programs: run it as root (sudo -E env PATH=\"$PATH\" cargo xtask bench)"
+        );
+    }
+    // --quick is a smoke test of the bench itself: the debug build is enough and saves a
+    // release build in CI. Full runs measure the release build.
+    let out = build::ensure_built(!opts.quick)?;
+    build::ensure_packages(&[
+        "haproxy",
+        "nginx",
+        "libnginx-mod-stream",
+        "wrk",
+        "nghttp2-client",
+        "util-linux",
+        "iproute2",
+    ])?;
+    if !require_privileges()? {
+        bail!("this machine lacks what the bench needs (see above)");
+    }
+    let bins = Binaries {
+        proxy: out.profile_dir.join("proxy"),
+        meshtest: out.profile_dir.join("meshtest"),
+    };
+    let meshbench = out.profile_dir.join("meshbench");
+    let stamp = report::timestamp(SystemTime::now());
+    let dir = out.target_dir.join("bench").join(&stamp);
+    let sizes = if opts.quick { &QUICK } else { &FULL };
+    let reps = if opts.quick { 1 } else { opts.reps.max(1) };
+
+    let mut bench = Bench::new(&bins, &meshbench, sizes, reps)?;
+    let mut samples = Vec::new();
+    let mut traces = Vec::new();
+    for scenario in SCENARIOS {
+        say(&format!("scenario {}: {}", scenario.name, scenario.about));
+        let (s, t) = bench
+            .scenario(&scenario)
+            .with_context(|| format!("scenario {}", scenario.name))?;
+        samples.extend(s);
+        traces.push(t);
+    }
+    let machine = report::machine_info(&bins.proxy);
+    fs::create_dir_all(&dir)?;
+    report::write_all(
+        &dir,
+        &report::Run {
+            stamp: &stamp,
+            samples: &samples,
+            traces: &traces,
+            machine: &machine,
+            quick: opts.quick,
+            reps,
+        },
+    )?;
+    println!("{}", report::table(&samples));
+    say(&format!("results in {}", dir.display()));
+    Ok(dir)
+}
+
+/// Checks a results directory: the files parse, every scenario has a finite median for
+/// every headline figure, and no workload failed outright.
+pub fn validate(dir: &Path) -> Result<()> {
+    let text = fs::read_to_string(dir.join("results.json")).context("results.json")?;
+    let doc: Value = serde_json::from_str(&text).context("results.json does not parse")?;
+    let results = doc["results"]
+        .as_array()
+        .context("results.json has no results array")?;
+    let headline = [
+        ("pingpong 1B pinned", "p50_us"),
+        ("pingpong 1024B unpinned", "p99_us"),
+        ("stream 64KiB x1", "gbit_per_s"),
+        ("connrate x4", "conn_per_s"),
+        ("http1 wrk c10", "req_per_s"),
+        ("http2 h2load c10 m10", "req_per_s"),
+    ];
+    for sc in SCENARIOS {
+        for (w, m) in headline {
+            let found = results
+                .iter()
+                .find(|r| r["scenario"] == sc.name && r["workload"] == w && r["metric"] == m);
+            let med = found.and_then(|r| r["median"].as_f64());
+            if !med.is_some_and(|v| v.is_finite() && v > 0.0) {
+                bail!(
+                    "scenario {} has no figure for {w} {m} in {}",
+                    sc.name,
+                    dir.display()
+                );
+            }
+        }
+    }
+    let csv = fs::read_to_string(dir.join("results.csv")).context("results.csv")?;
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap_or("");
+    let columns = header.split(',').count();
+    if columns != 9 || lines.clone().count() != results.len() {
+        bail!("results.csv has {columns} columns / a different row count than results.json");
+    }
+    if let Some(bad) = lines.find(|l| l.split(',').count() != columns) {
+        bail!("malformed results.csv row: {bad}");
+    }
+    for f in ["latency.svg", "throughput.svg", "rss.svg", "summary.md"] {
+        let body = fs::read_to_string(dir.join(f)).with_context(|| f.to_string())?;
+        if body.len() < 200 || (f.ends_with(".svg") && !body.contains("<svg")) {
+            bail!("{f} in {} looks empty", dir.display());
+        }
+    }
+    say(&format!("results in {} are complete", dir.display()));
+    Ok(())
+}
+
+fn say(what: &str) {
+    println!("xtask: bench: {what}");
+}
+
+// === scenarios ===
+
+#[derive(Clone, Copy)]
+struct Scenario {
+    name: &'static str,
+    about: &'static str,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Direct,
+    Proxy { mode: &'static str, sockmap: bool },
+    Haproxy,
+    Nginx,
+}
+
+const SCENARIOS: [Scenario; 6] = [
+    Scenario {
+        name: "direct",
+        about: "client pod to server pod, no proxy",
+        kind: Kind::Direct,
+    },
+    Scenario {
+        name: "ebpf",
+        about: "the proxy, eBPF interception, short-circuit off",
+        kind: Kind::Proxy {
+            mode: "ebpf",
+            sockmap: false,
+        },
+    },
+    Scenario {
+        name: "ebpf+sockmap",
+        about: "the proxy, eBPF interception, sk_msg short-circuit on",
+        kind: Kind::Proxy {
+            mode: "ebpf",
+            sockmap: true,
+        },
+    },
+    Scenario {
+        name: "haproxy",
+        about: "HAProxy in the node (TCP and HTTP modes), addressed explicitly",
+        kind: Kind::Haproxy,
+    },
+    Scenario {
+        name: "nginx",
+        about: "nginx in the node (stream and HTTP proxy), addressed explicitly",
+        kind: Kind::Nginx,
+    },
+    // Last: iptables nat rules turn conntrack on for the whole namespace.
+    Scenario {
+        name: "iptables",
+        about: "the proxy, iptables REDIRECT interception",
+        kind: Kind::Proxy {
+            mode: "iptables",
+            sockmap: false,
+        },
+    },
+];
+
+/// Where a scenario's client connects.
+struct Targets {
+    tcp_pinned: String,
+    tcp_unpinned: String,
+    http1: String,
+    http2: String,
+}
+
+/// What is measured for resources: the proxy's (or peer's) processes.
+enum UnderTest<'a> {
+    Nothing,
+    Proxy(&'a Node),
+    Peer(&'a Managed),
+}
+
+impl UnderTest<'_> {
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            UnderTest::Nothing => Vec::new(),
+            UnderTest::Proxy(n) => n.proxy_pid().into_iter().collect(),
+            UnderTest::Peer(m) => m.pids(),
+        }
+    }
+
+    /// CPU seconds used so far by the processes (utime + stime of each, threads included).
+    fn cpu_seconds(&self) -> f64 {
+        self.pids().iter().map(|p| proc_cpu_seconds(*p)).sum()
+    }
+
+    fn rss_kib(&self) -> f64 {
+        self.pids().iter().map(|p| proc_rss_kib(*p)).sum()
+    }
+}
+
+struct Bench<'a> {
+    node: Node,
+    client: Pod,
+    server: Pod,
+    meshbench: &'a Path,
+    sizes: &'a Sizes,
+    reps: usize,
+    _servers: Vec<tests::Background>,
+    _origin: Managed,
+}
+
+impl<'a> Bench<'a> {
+    fn new(
+        bins: &Binaries,
+        meshbench: &'a Path,
+        sizes: &'a Sizes,
+        reps: usize,
+    ) -> Result<Bench<'a>> {
+        let mut node = Node::new(bins)?;
+        let client = node.add_pod("client")?;
+        let server = node.add_pod("server")?;
+        let mut servers = Vec::new();
+        for (port, cpus) in [(TCP_PINNED, Some(PIN_CPU)), (TCP_UNPINNED, None)] {
+            let mut cmd = match cpus {
+                Some(c) => {
+                    let mut cmd = server.command("taskset");
+                    cmd.args(["-c", c]).arg(meshbench);
+                    cmd
+                }
+                None => server.command(meshbench),
+            };
+            cmd.args(["serve", "--listen", &format!("[::]:{port}")]);
+            let mut bg =
+                tests::Background::spawn(cmd, node.scratch.join(format!("meshbench-{port}.out")))?;
+            bg.wait_for("listening")?;
+            servers.push(bg);
+        }
+        let conf = node.scratch.join("origin.conf");
+        fs::write(&conf, peers::nginx_origin_config(&node.scratch))?;
+        let log = node.scratch.join("origin.log");
+        let mut origin = Managed::start(
+            "nginx origin",
+            &node.cgroup_root.join("origin"),
+            &server.netns,
+            None,
+            &[
+                "nginx".into(),
+                "-c".into(),
+                conf.display().to_string(),
+                "-p".into(),
+                node.scratch.display().to_string(),
+            ],
+            &log,
+        )?;
+        peers::wait_listening(&server.netns, HTTP1)?;
+        origin.check_alive(&log)?;
+        Ok(Bench {
+            node,
+            client,
+            server,
+            meshbench,
+            sizes,
+            reps,
+            _servers: servers,
+            _origin: origin,
+        })
+    }
+
+    fn targets(&self, kind: Kind) -> Targets {
+        let (host, base) = match kind {
+            Kind::Direct | Kind::Proxy { .. } => (self.server.ipv4.to_string(), 0),
+            Kind::Haproxy => (tests::PROXY_V4.to_string(), HAPROXY_BASE),
+            Kind::Nginx => (tests::PROXY_V4.to_string(), NGINX_BASE),
+        };
+        Targets {
+            tcp_pinned: format!("{host}:{}", base + TCP_PINNED),
+            tcp_unpinned: format!("{host}:{}", base + TCP_UNPINNED),
+            http1: format!("http://{host}:{}/", base + HTTP1),
+            http2: format!("http://{host}:{}/", base + HTTP2),
+        }
+    }
+
+    /// Runs a scenario twice: once with the proxy (or peer) pinned to the CPU the client
+    /// and server of the latency runs are pinned to, for repeatable tails; once unpinned
+    /// for everything else.
+    fn scenario(&mut self, sc: &Scenario) -> Result<(Vec<Sample>, RssTrace)> {
+        let targets = self.targets(sc.kind);
+        let peer = self.setup(sc, Some(PIN_CPU))?;
+        let pinned = self.latency(sc.name, &targets.tcp_pinned, "pinned", true);
+        self.teardown(sc, peer)?;
+        let mut samples = pinned?;
+        let peer = self.setup(sc, None)?;
+        let rest = {
+            let under = match (&peer, sc.kind) {
+                (Some(m), _) => UnderTest::Peer(m),
+                (None, Kind::Proxy { .. }) => UnderTest::Proxy(&self.node),
+                _ => UnderTest::Nothing,
+            };
+            self.measure(sc.name, &targets, &under)
+        };
+        self.teardown(sc, peer)?;
+        let (rest, trace) = rest?;
+        samples.extend(rest);
+        Ok((samples, trace))
+    }
+
+    fn setup(&mut self, sc: &Scenario, cpus: Option<&str>) -> Result<Option<Managed>> {
+        match sc.kind {
+            Kind::Direct => Ok(None),
+            Kind::Proxy { mode, sockmap } => {
+                self.node.start_proxy(&ProxyOptions {
+                    mode,
+                    sockmap,
+                    cpus: cpus.map(str::to_string),
+                    quiet: true,
+                    ..ProxyOptions::default()
+                })?;
+                Ok(None)
+            }
+            Kind::Haproxy | Kind::Nginx => {
+                let haproxy = sc.kind == Kind::Haproxy;
+                let (name, base) = if haproxy {
+                    ("haproxy", HAPROXY_BASE)
+                } else {
+                    ("nginx", NGINX_BASE)
+                };
+                let conf_text = if haproxy {
+                    peers::haproxy_config(tests::PROXY_V4, self.server.ipv4, base)
+                } else {
+                    peers::nginx_proxy_config(
+                        &self.node.scratch,
+                        tests::PROXY_V4,
+                        self.server.ipv4,
+                        base,
+                    )
+                };
+                let conf = self.node.scratch.join(format!("{name}.conf"));
+                fs::write(&conf, conf_text)?;
+                let conf = conf.display().to_string();
+                let argv: Vec<String> = if haproxy {
+                    vec!["haproxy".into(), "-db".into(), "-f".into(), conf]
+                } else {
+                    vec![
+                        "nginx".into(),
+                        "-c".into(),
+                        conf,
+                        "-p".into(),
+                        self.node.scratch.display().to_string(),
+                    ]
+                };
+                let log = self.node.scratch.join(format!("{name}.log"));
+                let mut m = Managed::start(
+                    name,
+                    &self.node.cgroup_root.join(name),
+                    &self.node.netns,
+                    cpus,
+                    &argv,
+                    &log,
+                )?;
+                peers::wait_listening(&self.node.netns, base + HTTP1)?;
+                m.check_alive(&log)?;
+                Ok(Some(m))
+            }
+        }
+    }
+
+    fn teardown(&mut self, sc: &Scenario, peer: Option<Managed>) -> Result<()> {
+        if let Kind::Proxy { .. } = sc.kind {
+            let status = self.node.stop_proxy("TERM")?;
+            if !status.success() {
+                bail!(
+                    "proxy exited with {status}:\n{}",
+                    self.node.proxy_log_text()
+                );
+            }
+        }
+        drop(peer);
+        Ok(())
+    }
+
+    /// 1 B and 1 KiB ping-pong over one connection.
+    fn latency(
+        &self,
+        scenario: &str,
+        target: &str,
+        label: &str,
+        pinned: bool,
+    ) -> Result<Vec<Sample>> {
+        let mut out = Vec::new();
+        for size in [1u64, 1024] {
+            for _ in 0..self.reps {
+                let j = self.meshbench_json(
+                    pinned,
+                    &[
+                        "pingpong",
+                        "--connect",
+                        target,
+                        "--size",
+                        &size.to_string(),
+                        "--connections",
+                        "1",
+                        "--rounds",
+                        &self.sizes.rounds.to_string(),
+                        "--warmup",
+                        &self.sizes.warmup.to_string(),
+                    ],
+                )?;
+                let w = format!("pingpong {size}B {label}");
+                for m in [
+                    "p50_us",
+                    "p90_us",
+                    "p99_us",
+                    "p999_us",
+                    "errors",
+                    "spurious_eagain",
+                ] {
+                    out.push(Sample {
+                        scenario: scenario.to_string(),
+                        workload: w.clone(),
+                        metric: m.to_string(),
+                        unit: if m.ends_with("_us") { "us" } else { "count" },
+                        value: num(&j, m)?,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn measure(
+        &self,
+        scenario: &str,
+        t: &Targets,
+        under: &UnderTest<'_>,
+    ) -> Result<(Vec<Sample>, RssTrace)> {
+        // Latency unpinned (the pinned runs happened with the proxy pinned, see scenario()).
+        let mut out = self.latency(scenario, &t.tcp_unpinned, "unpinned", false)?;
+        let mut push = |workload: String, metric: &str, unit: &'static str, value: f64| {
+            out.push(Sample {
+                scenario: scenario.to_string(),
+                workload,
+                metric: metric.to_string(),
+                unit,
+                value,
+            });
+        };
+        let rss_idle = under.rss_kib();
+        let sampler = RssSampler::start(scenario, under.pids());
+
+        // Throughput by message size and concurrency; CPU per GiB over all of it.
+        let cpu0 = under.cpu_seconds();
+        let mut bytes = 0f64;
+        for &size in self.sizes.stream_sizes {
+            for &conns in self.sizes.stream_conns {
+                for _ in 0..self.reps {
+                    let j = self.meshbench_json(
+                        false,
+                        &[
+                            "stream",
+                            "--connect",
+                            &t.tcp_unpinned,
+                            "--size",
+                            &size.to_string(),
+                            "--connections",
+                            &conns.to_string(),
+                            "--seconds",
+                            &self.sizes.stream_seconds.to_string(),
+                        ],
+                    )?;
+                    let w = format!("stream {} x{conns}", human(size));
+                    push(w.clone(), "gbit_per_s", "Gbit/s", num(&j, "gbit_per_s")?);
+                    push(w.clone(), "errors", "count", num(&j, "errors")?);
+                    push(w, "spurious_eagain", "count", num(&j, "spurious_eagain")?);
+                    bytes += num(&j, "bytes")?;
+                }
+            }
+        }
+        let cpu_stream = under.cpu_seconds() - cpu0;
+        if bytes > 0.0 && !matches!(under, UnderTest::Nothing) {
+            push(
+                "stream (all)".into(),
+                "cpu_s_per_gib",
+                "s/GiB",
+                cpu_stream / (bytes / f64::from(1u32 << 30)),
+            );
+        }
+
+        // Connection rate: short connections, the per-connection cost of the hooks.
+        for _ in 0..self.reps {
+            let j = self.meshbench_json(
+                false,
+                &[
+                    "connrate",
+                    "--connect",
+                    &t.tcp_unpinned,
+                    "--connections",
+                    "4",
+                    "--count",
+                    &self.sizes.connrate_count.to_string(),
+                ],
+            )?;
+            push(
+                "connrate x4".into(),
+                "conn_per_s",
+                "conn/s",
+                num(&j, "conn_per_s")?,
+            );
+            push("connrate x4".into(), "errors", "count", num(&j, "errors")?);
+            push(
+                "connrate x4".into(),
+                "spurious_eagain",
+                "count",
+                num(&j, "spurious_eagain")?,
+            );
+        }
+
+        // HTTP/1.1 (wrk) and HTTP/2 (h2load): maximum request rate, CPU per 10k requests.
+        let cpu0 = under.cpu_seconds();
+        let mut requests = 0f64;
+        for _ in 0..self.reps {
+            let (rps, p50, p99, n) = self.wrk(&t.http1)?;
+            push("http1 wrk c10".into(), "req_per_s", "req/s", rps);
+            push("http1 wrk c10".into(), "p50_ms", "ms", p50);
+            push("http1 wrk c10".into(), "p99_ms", "ms", p99);
+            requests += n;
+            let (rps, n, failed) = self.h2load(&t.http2)?;
+            push("http2 h2load c10 m10".into(), "req_per_s", "req/s", rps);
+            push("http2 h2load c10 m10".into(), "errors", "count", failed);
+            requests += n;
+        }
+        let cpu_http = under.cpu_seconds() - cpu0;
+        if requests > 0.0 && !matches!(under, UnderTest::Nothing) {
+            push(
+                "http (all)".into(),
+                "cpu_s_per_10k_req",
+                "s/10k",
+                cpu_http / (requests / 10_000.0),
+            );
+        }
+
+        // Memory: idle, with many concurrent connections, after the load.
+        if !matches!(under, UnderTest::Nothing) {
+            let conns = self.sizes.hold_conns;
+            let peak = Arc::new(std::sync::Mutex::new(0f64));
+            let stop = Arc::new(AtomicBool::new(false));
+            let pids = under.pids();
+            let watcher = {
+                let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let rss: f64 = pids.iter().map(|p| proc_rss_kib(*p)).sum();
+                        if let Ok(mut p) = peak.lock() {
+                            *p = p.max(rss);
+                        }
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            };
+            let j = self.meshbench_json(
+                false,
+                &[
+                    "pingpong",
+                    "--connect",
+                    &t.tcp_unpinned,
+                    "--size",
+                    "1024",
+                    "--connections",
+                    &conns.to_string(),
+                    "--rounds",
+                    "20",
+                    "--warmup",
+                    "0",
+                ],
+            );
+            stop.store(true, Ordering::Relaxed);
+            let _ = watcher.join();
+            let j = j?;
+            push(
+                format!("hold {conns} conns"),
+                "errors",
+                "count",
+                num(&j, "errors")?,
+            );
+            push("memory".into(), "rss_idle_kib", "KiB", rss_idle);
+            push(
+                "memory".into(),
+                &format!("rss_peak_{conns}_conns_kib"),
+                "KiB",
+                peak.lock().map(|p| *p).unwrap_or(0.0),
+            );
+            push("memory".into(), "rss_after_kib", "KiB", under.rss_kib());
+        }
+        let trace = sampler.stop();
+        Ok((out, trace))
+    }
+
+    /// Runs meshbench in the client pod and returns its final JSON line.
+    fn meshbench_json(&self, pinned: bool, args: &[&str]) -> Result<Value> {
+        let mut cmd = if pinned {
+            let mut c = self.client.command("taskset");
+            c.args(["-c", PIN_CPU]).arg(self.meshbench);
+            c
+        } else {
+            self.client.command(self.meshbench)
+        };
+        cmd.args(args);
+        let o = run_bounded(cmd, Duration::from_secs(300))?;
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let last = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .unwrap_or("");
+        let v: Value = serde_json::from_str(last).with_context(|| {
+            format!(
+                "meshbench {args:?} printed no JSON result ({}): {stdout} {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })?;
+        if !o.status.success() {
+            // The run produced figures but also errors: keep them (the table reports the
+            // errors per scenario) instead of losing the whole bench to one failure.
+            let err = String::from_utf8_lossy(&o.stderr);
+            let first = err.lines().next().unwrap_or("");
+            say(&format!(
+                "meshbench {} reported errors: {first}",
+                args.join(" ")
+            ));
+        }
+        Ok(v)
+    }
+
+    /// wrk: requests/s, p50 and p99 latency in ms, requests done.
+    fn wrk(&self, url: &str) -> Result<(f64, f64, f64, f64)> {
+        let mut cmd = self.client.command("wrk");
+        cmd.args([
+            "-t2",
+            "-c10",
+            &format!("-d{}s", self.sizes.http_seconds),
+            "--latency",
+            url,
+        ]);
+        let o = run_bounded(cmd, Duration::from_secs(120))?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        if !o.status.success() {
+            bail!("wrk failed: {text} {}", String::from_utf8_lossy(&o.stderr));
+        }
+        report::parse_wrk(&text).with_context(|| format!("unexpected wrk output: {text}"))
+    }
+
+    /// h2load (h2c prior knowledge): requests/s, requests done, requests failed.
+    fn h2load(&self, url: &str) -> Result<(f64, f64, f64)> {
+        let mut cmd = self.client.command("h2load");
+        cmd.args([
+            "-n",
+            &self.sizes.h2_requests.to_string(),
+            "-c10",
+            "-m10",
+            url,
+        ]);
+        let o = run_bounded(cmd, Duration::from_secs(120))?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        if !o.status.success() {
+            bail!(
+                "h2load failed: {text} {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        report::parse_h2load(&text).with_context(|| format!("unexpected h2load output: {text}"))
+    }
+}
+
+/// A number from a result; `null` (nothing measured, e.g. every connection failed) is NaN,
+/// which the report shows as n/a.
+fn num(v: &Value, key: &str) -> Result<f64> {
+    match v.get(key) {
+        Some(Value::Null) => Ok(f64::NAN),
+        Some(x) => x
+            .as_f64()
+            .with_context(|| format!("{key:?} is not a number in {v}")),
+        None => bail!("no {key:?} in {v}"),
+    }
+}
+
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1024 && b % 1024 == 0 => format!("{}KiB", b >> 10),
+        b => format!("{b}B"),
+    }
+}
+
+// === /proc readings ===
+
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // USER_HZ is 100 on every Linux ABI this project targets.
+    100.0
+}
+
+fn proc_rss_kib(pid: u32) -> f64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0.0)
+}
+
+/// Samples RSS of the processes under test every 100 ms for the RSS-over-time plot.
+struct RssSampler {
+    scenario: String,
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<Vec<(f64, f64)>>>,
+}
+
+impl RssSampler {
+    fn start(scenario: &str, pids: Vec<u32>) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = (!pids.is_empty()).then(|| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let t0 = Instant::now();
+                let mut points = Vec::new();
+                // Bounded: at most 10 minutes of samples.
+                while !stop.load(Ordering::Relaxed) && points.len() < 6000 {
+                    let rss: f64 = pids.iter().map(|p| proc_rss_kib(*p)).sum();
+                    points.push((t0.elapsed().as_secs_f64(), rss / 1024.0));
+                    thread::sleep(Duration::from_millis(100));
+                }
+                points
+            })
+        });
+        RssSampler {
+            scenario: scenario.to_string(),
+            stop,
+            handle,
+        }
+    }
+
+    fn stop(self) -> RssTrace {
+        self.stop.store(true, Ordering::Relaxed);
+        let points = self.handle.and_then(|h| h.join().ok()).unwrap_or_default();
+        RssTrace {
+            scenario: self.scenario,
+            points,
+        }
+    }
+}
+
+/// (first-seen position of the workload+metric, workload, metric, scenario).
+pub type GroupKey = (usize, String, String, String);
+/// Samples grouped by [`GroupKey`]: the unit and the values of every repetition.
+pub type Groups = BTreeMap<GroupKey, (&'static str, Vec<f64>)>;
+
+/// Groups samples by (scenario, workload, metric), in first-seen order.
+pub fn group(samples: &[Sample]) -> Groups {
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut out = Groups::new();
+    for s in samples {
+        let key = (s.workload.clone(), s.metric.clone());
+        let idx = match order.iter().position(|k| *k == key) {
+            Some(i) => i,
+            None => {
+                order.push(key);
+                order.len() - 1
+            }
+        };
+        out.entry((
+            idx,
+            s.workload.clone(),
+            s.metric.clone(),
+            s.scenario.clone(),
+        ))
+        .or_insert((s.unit, Vec::new()))
+        .1
+        .push(s.value);
+    }
+    out
+}

@@ -1,0 +1,605 @@
+//! Turning samples into the terminal table, results.json, results.csv, SVG plots and
+//! summary.md. Every figure comes from the samples of this run; nothing is typed in.
+
+use std::{
+    collections::BTreeMap, fmt::Write as _, fs, path::Path, process::Command, time::SystemTime,
+};
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+use super::{RssTrace, Sample, group};
+
+/// One aggregated figure: the median of its repetitions, with min and max.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub scenario: String,
+    pub workload: String,
+    pub metric: String,
+    pub unit: &'static str,
+    pub values: Vec<f64>,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// median / direct's median for the same workload and metric, measured in this run.
+    pub ratio: Option<f64>,
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+pub fn rows(samples: &[Sample]) -> Vec<Row> {
+    let grouped = group(samples);
+    let mut direct: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for ((_, w, m, sc), (_, vals)) in &grouped {
+        if sc == "direct" {
+            direct.insert((w.clone(), m.clone()), median(vals));
+        }
+    }
+    grouped
+        .into_iter()
+        .map(|((_, workload, metric, scenario), (unit, values))| {
+            let med = median(&values);
+            let ratio = direct
+                .get(&(workload.clone(), metric.clone()))
+                .filter(|d| **d != 0.0 && d.is_finite())
+                .map(|d| med / d);
+            Row {
+                min: values.iter().copied().fold(f64::INFINITY, f64::min),
+                max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                median: med,
+                scenario,
+                workload,
+                metric,
+                unit,
+                values,
+                ratio,
+            }
+        })
+        .collect()
+}
+
+const SCENARIO_ORDER: [&str; 6] = [
+    "direct",
+    "iptables",
+    "ebpf",
+    "ebpf+sockmap",
+    "haproxy",
+    "nginx",
+];
+
+/// The terminal table: one line per (workload, metric), one column per scenario,
+/// "median (×ratio to direct)".
+pub fn table(samples: &[Sample]) -> String {
+    let rows = rows(samples);
+    let mut lines: BTreeMap<(usize, String, String), BTreeMap<String, String>> = BTreeMap::new();
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut errors = Vec::new();
+    for r in &rows {
+        if r.metric == "errors" || r.metric == "spurious_eagain" {
+            if r.max > 0.0 {
+                let what = if r.metric == "errors" {
+                    "ERRORS"
+                } else {
+                    "NOTE spurious EAGAIN on blocking reads (retried; see ARCHITECTURE.md)"
+                };
+                errors.push(format!(
+                    "{what}: {} / {}: {} (max of reps)",
+                    r.scenario, r.workload, r.max
+                ));
+            }
+            continue;
+        }
+        let key = (r.workload.clone(), format!("{} [{}]", r.metric, r.unit));
+        let idx = order.iter().position(|k| *k == key).unwrap_or_else(|| {
+            order.push(key.clone());
+            order.len() - 1
+        });
+        let cell = match r.ratio {
+            Some(x) if r.scenario != "direct" => format!("{} (x{x:.2})", fmt(r.median)),
+            _ => fmt(r.median),
+        };
+        lines
+            .entry((idx, key.0, key.1))
+            .or_default()
+            .insert(r.scenario.clone(), cell);
+    }
+    let mut out = String::new();
+    let _ = write!(out, "\n{:<24} {:<24}", "workload", "metric");
+    for sc in SCENARIO_ORDER {
+        let _ = write!(out, " {sc:>20}");
+    }
+    out.push('\n');
+    for ((_, w, m), cells) in lines {
+        let _ = write!(out, "{w:<24} {m:<24}");
+        for sc in SCENARIO_ORDER {
+            let _ = write!(
+                out,
+                " {:>20}",
+                cells.get(sc).map(String::as_str).unwrap_or("-")
+            );
+        }
+        out.push('\n');
+    }
+    out.push_str("(medians; xN = ratio to direct measured in the same run)\n");
+    for e in errors {
+        let _ = writeln!(out, "{e}");
+    }
+    out
+}
+
+fn fmt(v: f64) -> String {
+    if !v.is_finite() {
+        "n/a".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+pub fn timestamp(_now: SystemTime) -> String {
+    Command::new("date")
+        .args(["-u", "+%Y%m%d-%H%M%S"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "run".into())
+}
+
+/// Kernel, CPUs and the versions of everything measured.
+pub fn machine_info(proxy: &Path) -> Value {
+    let run = |cmd: &str, args: &[&str]| -> String {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| {
+                let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+                s.push_str(&String::from_utf8_lossy(&o.stderr));
+                s.lines().next().unwrap_or("").trim().to_string()
+            })
+            .unwrap_or_default()
+    };
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_default();
+    json!({
+        "kernel": run("uname", &["-r"]),
+        "cpus": run("nproc", &[]),
+        "cpu_model": cpu,
+        "rustc": run("rustc", &["--version"]),
+        "proxy": run(&proxy.display().to_string(), &["--version"]),
+        "haproxy": run("haproxy", &["-v"]),
+        "nginx": run("nginx", &["-v"]),
+        "wrk": run("wrk", &["-v"]),
+        "h2load": run("h2load", &["--version"]),
+    })
+}
+
+/// Writes results.json, results.csv, the SVG plots and summary.md into `dir`.
+pub struct Run<'a> {
+    pub stamp: &'a str,
+    pub samples: &'a [Sample],
+    pub traces: &'a [RssTrace],
+    pub machine: &'a Value,
+    pub quick: bool,
+    pub reps: usize,
+}
+
+pub fn write_all(dir: &Path, run: &Run<'_>) -> Result<()> {
+    let Run {
+        stamp,
+        samples,
+        traces,
+        machine,
+        quick,
+        reps,
+    } = *run;
+    let rows = rows(samples);
+    let results: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "scenario": r.scenario, "workload": r.workload, "metric": r.metric, "unit": r.unit,
+                "values": r.values, "median": nan_null(r.median), "min": nan_null(r.min), "max": nan_null(r.max),
+                "ratio_vs_direct": r.ratio.map(nan_null),
+            })
+        })
+        .collect();
+    let traces_json: Vec<Value> = traces
+        .iter()
+        .map(|t| json!({"scenario": t.scenario, "seconds_rss_mib": t.points}))
+        .collect();
+    let doc = json!({
+        "date": stamp,
+        "quick": quick,
+        "repetitions": reps,
+        "machine": machine,
+        "results": results,
+        "rss_traces": traces_json,
+    });
+    fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
+
+    let mut csv =
+        String::from("scenario,workload,metric,unit,median,min,max,ratio_vs_direct,repetitions\n");
+    for r in &rows {
+        let _ = writeln!(
+            csv,
+            "{},{},{},{},{},{},{},{},{}",
+            r.scenario,
+            r.workload,
+            r.metric,
+            r.unit,
+            r.median,
+            r.min,
+            r.max,
+            r.ratio.map(|x| x.to_string()).unwrap_or_default(),
+            r.values.len()
+        );
+    }
+    fs::write(dir.join("results.csv"), csv)?;
+
+    plot_latency(&dir.join("latency.svg"), &rows).context("latency plot")?;
+    plot_throughput(&dir.join("throughput.svg"), &rows).context("throughput plot")?;
+    plot_rss(&dir.join("rss.svg"), traces).context("rss plot")?;
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# Bench {stamp}\n");
+    let _ = writeln!(
+        md,
+        "Machine: kernel {}, {} CPUs ({}); {}; {}; {}; {}; {}.\n",
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["cpus"].as_str().unwrap_or("?"),
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        machine["rustc"].as_str().unwrap_or("?"),
+        machine["haproxy"].as_str().unwrap_or("?"),
+        machine["nginx"].as_str().unwrap_or("?"),
+        machine["wrk"].as_str().unwrap_or("?"),
+        machine["h2load"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        md,
+        "Method: {reps} repetition(s) per figure, medians shown with ratios to `direct` measured in the same run{}. Latency \"pinned\": client, server and proxy on CPU 0; \"unpinned\": scheduler's choice. Load generators run in the client pod and share the 2 CPUs with the proxy.\n",
+        if quick {
+            " (--quick: tiny counts, numbers are not meaningful)"
+        } else {
+            ""
+        }
+    );
+    md.push_str("```\n");
+    md.push_str(&table(samples));
+    md.push_str("```\n\nPlots: latency.svg, throughput.svg, rss.svg. Raw data: results.json, results.csv.\n");
+    fs::write(dir.join("summary.md"), md)?;
+    Ok(())
+}
+
+fn nan_null(v: f64) -> Value {
+    if v.is_finite() { json!(v) } else { Value::Null }
+}
+
+fn colour(i: usize) -> RGBColor {
+    const C: [RGBColor; 6] = [
+        RGBColor(0, 0, 0),
+        RGBColor(214, 39, 40),
+        RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+        RGBColor(255, 127, 14),
+    ];
+    C[i % C.len()]
+}
+
+fn plot_latency(path: &Path, rows: &[Row]) -> Result<()> {
+    let metrics = ["p50_us", "p90_us", "p99_us", "p999_us"];
+    let series: Vec<(&str, Vec<(f64, f64)>)> = SCENARIO_ORDER
+        .iter()
+        .map(|sc| {
+            let pts = metrics
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| {
+                    rows.iter()
+                        .find(|r| {
+                            r.scenario == *sc
+                                && r.workload == "pingpong 1B pinned"
+                                && r.metric == *m
+                        })
+                        .filter(|r| r.median.is_finite())
+                        .map(|r| (i as f64, r.median))
+                })
+                .collect();
+            (*sc, pts)
+        })
+        .collect();
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "1-byte ping-pong latency, pinned (µs, median of reps)",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.2f64..3.2f64, 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .x_labels(4)
+        .x_label_formatter(&|x| {
+            ["p50", "p90", "p99", "p99.9"]
+                .get(x.round() as usize)
+                .copied()
+                .unwrap_or("")
+                .to_string()
+        })
+        .y_desc("µs")
+        .draw()?;
+    for (i, (name, pts)) in series.into_iter().enumerate() {
+        let c = colour(i);
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn plot_throughput(path: &Path, rows: &[Row]) -> Result<()> {
+    let sizes = ["64B", "1KiB", "16KiB", "64KiB", "1MiB"];
+    let series: Vec<(&str, Vec<(f64, f64)>)> = SCENARIO_ORDER
+        .iter()
+        .map(|sc| {
+            let pts = sizes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    rows.iter()
+                        .find(|r| {
+                            r.scenario == *sc
+                                && r.workload == format!("stream {s} x1")
+                                && r.metric == "gbit_per_s"
+                        })
+                        .filter(|r| r.median.is_finite())
+                        .map(|r| (i as f64, r.median))
+                })
+                .collect();
+            (*sc, pts)
+        })
+        .collect();
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .fold(0.1, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Stream throughput by write size, 1 connection (Gbit/s)",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.2f64..4.2f64, 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .x_labels(5)
+        .x_label_formatter(&|x| {
+            sizes
+                .get(x.round() as usize)
+                .copied()
+                .unwrap_or("")
+                .to_string()
+        })
+        .y_desc("Gbit/s")
+        .draw()?;
+    for (i, (name, pts)) in series.into_iter().enumerate() {
+        let c = colour(i);
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn plot_rss(path: &Path, traces: &[RssTrace]) -> Result<()> {
+    let xmax = traces
+        .iter()
+        .flat_map(|t| t.points.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let ymax = traces
+        .iter()
+        .flat_map(|t| t.points.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "RSS of the proxy under test over its unpinned run (MiB)",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("MiB")
+        .draw()?;
+    for t in traces.iter().filter(|t| !t.points.is_empty()) {
+        let i = SCENARIO_ORDER
+            .iter()
+            .position(|s| *s == t.scenario)
+            .unwrap_or(0);
+        let c = colour(i);
+        chart
+            .draw_series(LineSeries::new(t.points.clone(), c.stroke_width(2)))?
+            .label(t.scenario.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+// === load generator output ===
+
+/// wrk --latency: (requests/s, p50 ms, p99 ms, requests).
+pub fn parse_wrk(text: &str) -> Option<(f64, f64, f64, f64)> {
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let pct = |p: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .and_then(|v| duration_ms(v.trim()))
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())?;
+    Some((rps, pct("50%")?, pct("99%")?, requests))
+}
+
+fn duration_ms(v: &str) -> Option<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|x| x * scale)
+}
+
+/// h2load: (requests/s, requests done, requests failed + errored + timed out).
+pub fn parse_h2load(text: &str) -> Option<(f64, f64, f64)> {
+    let fin = text.lines().find(|l| l.starts_with("finished in"))?;
+    let rps = fin
+        .split(',')
+        .nth(1)?
+        .trim()
+        .strip_suffix("req/s")?
+        .trim()
+        .parse()
+        .ok()?;
+    let req = text.lines().find(|l| l.starts_with("requests:"))?;
+    let field = |name: &str| -> Option<f64> {
+        req.split(',').find_map(|p| {
+            let p = p.trim().trim_start_matches("requests:").trim();
+            p.strip_suffix(name).and_then(|n| n.trim().parse().ok())
+        })
+    };
+    Some((
+        rps,
+        field("done")?,
+        field("failed")? + field("errored")? + field("timeout")?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_nan() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
+    }
+
+    #[test]
+    fn parses_wrk() {
+        let text = "Running 1s test @ http://10.77.2.2:8080/\n  2 threads and 10 connections\n  Latency Distribution\n     50%  110.00us\n     75%  200.00us\n     90%  300.00us\n     99%    1.23ms\n  12345 requests in 1.00s, 1.23MB read\nRequests/sec:  12345.67\nTransfer/sec:      1.23MB\n";
+        let (rps, p50, p99, n) = parse_wrk(text).unwrap_or_default();
+        assert_eq!(rps, 12345.67);
+        assert!((p50 - 0.11).abs() < 1e-9 && (p99 - 1.23).abs() < 1e-9);
+        assert_eq!(n, 12345.0);
+        assert!(parse_wrk("garbage").is_none());
+    }
+
+    #[test]
+    fn parses_h2load() {
+        let text = "starting benchmark...\nfinished in 1.23s, 8130.08 req/s, 1.23MB/s\nrequests: 10000 total, 10000 started, 9990 done, 9980 succeeded, 10 failed, 2 errored, 1 timeout\n";
+        assert_eq!(parse_h2load(text), Some((8130.08, 9990.0, 13.0)));
+        assert_eq!(parse_h2load("nothing"), None);
+    }
+
+    #[test]
+    fn ratios_are_against_direct_of_the_same_run() {
+        let s = |scenario: &str, v: f64| Sample {
+            scenario: scenario.into(),
+            workload: "w".into(),
+            metric: "m".into(),
+            unit: "us",
+            value: v,
+        };
+        let rows = rows(&[
+            s("direct", 10.0),
+            s("direct", 12.0),
+            s("direct", 11.0),
+            s("ebpf", 22.0),
+        ]);
+        let e = rows.iter().find(|r| r.scenario == "ebpf").map(|r| r.ratio);
+        assert_eq!(e, Some(Some(2.0)));
+        let table = table(&[s("direct", 10.0), s("ebpf", 5.0)]);
+        assert!(table.contains("(x0.50)"), "{table}");
+    }
+}
