@@ -264,6 +264,9 @@ impl Node {
             id,
             cleaned: false,
         };
+        if let Ok(mut live) = LIVE.lock() {
+            live.push(node.id.clone());
+        }
         fs::create_dir_all(&node.scratch)?;
         fs::create_dir_all(&node.workload_cgroup)
             .with_context(|| format!("creating {}", node.workload_cgroup.display()))?;
@@ -506,6 +509,9 @@ impl Node {
         // Removing a pinned link detaches it; removing a map pin drops the map once unused.
         let _ = fs::remove_dir_all(&self.pin_dir);
         let _ = fs::remove_dir_all(&self.scratch);
+        if let Ok(mut live) = LIVE.lock() {
+            live.retain(|id| *id != self.id);
+        }
     }
 }
 
@@ -681,13 +687,34 @@ fn remove_cgroup_dirs(dir: &Path) {
 /// Removes leftovers of interrupted runs: namespaces, cgroups, pins and scratch
 /// directories whose names start with [`PREFIX`]. Returns what was removed.
 pub fn cleanup_leftovers() -> Result<Vec<String>> {
+    cleanup_where(|name| name.starts_with(PREFIX))
+}
+
+/// Nodes alive in this process, for [`cleanup_live_nodes`].
+static LIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes what the nodes of this process created, for a signal handler: Ctrl-C ends the
+/// process without running destructors. Other runs' resources are left alone.
+pub fn cleanup_live_nodes() -> Vec<String> {
+    let ids = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+    let mut removed = Vec::new();
+    for id in ids {
+        let prefix = format!("{id}-");
+        if let Ok(r) = cleanup_where(|name| name == id || name.starts_with(&prefix)) {
+            removed.extend(r);
+        }
+    }
+    removed
+}
+
+fn cleanup_where(matches: impl Fn(&str) -> bool) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     if let Ok(mount) = cgroup2_mount()
         && let Ok(rd) = fs::read_dir(&mount)
     {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PREFIX) {
+            if matches(&name) {
                 remove_cgroup_tree(&e.path());
                 removed.push(format!("cgroup {}", e.path().display()));
             }
@@ -696,7 +723,7 @@ pub fn cleanup_leftovers() -> Result<Vec<String>> {
     let out = Command::new("ip").args(["netns", "list"]).output()?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        if name.starts_with(PREFIX) {
+        if matches(name) {
             let _ = sh(&["ip", "netns", "del", name]);
             removed.push(format!("netns {name}"));
         }
@@ -704,7 +731,7 @@ pub fn cleanup_leftovers() -> Result<Vec<String>> {
     for base in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
         if let Ok(rd) = fs::read_dir(&base) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(PREFIX) {
+                if matches(&e.file_name().to_string_lossy()) {
                     let _ = fs::remove_dir_all(e.path());
                     removed.push(format!("{}", e.path().display()));
                 }

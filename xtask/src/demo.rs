@@ -22,6 +22,7 @@ pub fn run() -> Result<()> {
     if !require_privileges()? {
         bail!("this machine lacks what the demo needs (see above)");
     }
+    sh::cleanup_on_interrupt()?;
     let bins = Binaries {
         proxy: out.profile_dir.join("proxy"),
         meshtest: out.profile_dir.join("meshtest"),

@@ -203,6 +203,21 @@ pub fn human_duration(duration: Duration) -> String {
     }
 }
 
+/// On Ctrl-C (SIGINT) or SIGTERM, remove the namespaces, cgroups and pins of the nodes this
+/// process made, then exit with 130. Destructors do not run when a signal ends a process,
+/// so without this an interrupted demo or bench would leave them behind. The proxy and the
+/// peers, in the same process group, get the terminal's SIGINT and stop by themselves.
+pub fn cleanup_on_interrupt() -> Result<()> {
+    ctrlc::set_handler(|| {
+        eprintln!("xtask: interrupted: removing pods, cgroups and pins");
+        for r in ::tests::cleanup_live_nodes() {
+            eprintln!("xtask: removed {r}");
+        }
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,7 +77,8 @@ const USAGE: &str = "usage:
   meshbench serve --listen ADDR [--max-seconds S]
   meshbench pingpong --connect ADDR --size N --connections C --rounds R [--warmup W] [--max-seconds S (60)]
   meshbench stream --connect ADDR --size N --connections C --seconds T [--max-bytes B (per connection)]
-  meshbench connrate --connect ADDR --connections C --count K [--max-seconds S (60)]";
+  meshbench connrate --connect ADDR --connections C --count K [--max-seconds S (60)]
+  meshbench http --url http://ADDR:PORT/PATH --rate REQ_PER_S --connections C --seconds T";
 
 // === impl Header ===
 
@@ -904,6 +905,212 @@ impl Json {
     }
 }
 
+// === client: fixed-rate HTTP/1.1 ===
+
+/// `http`: GET requests over keep-alive connections at a fixed total rate. Latency is taken
+/// from each request's scheduled send time, not from when it was actually sent, so a slow
+/// response delays the next request's clock instead of hiding it (no coordinated omission).
+#[derive(Clone)]
+struct HttpArgs {
+    connect: SocketAddr,
+    host: String,
+    path: String,
+    rate: u64,
+    connections: usize,
+    time: Duration,
+}
+
+struct HttpConn {
+    samples: Vec<u64>,
+    errors: u64,
+    error: Option<String>,
+}
+
+struct HttpReport {
+    rate: u64,
+    connections: usize,
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    latency: Option<Latency>,
+    failures: Vec<String>,
+}
+
+/// Largest response the client accepts (headers and body): the origin's answers are tiny.
+const HTTP_BUFFER: usize = 64 * 1024;
+
+fn parse_url(url: &str) -> Result<(SocketAddr, String, String)> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--url {url:?} must start with http://"))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr: SocketAddr = host
+        .parse()
+        .with_context(|| format!("--url {url:?}: {host:?} is not ADDRESS:PORT"))?;
+    Ok((addr, host.to_string(), path.to_string()))
+}
+
+fn httprate(a: &HttpArgs) -> HttpReport {
+    let gate = Arc::new(Gate::new());
+    let deadline = Instant::now() + a.time + IO_TIMEOUT;
+    let (args, g) = (Arc::new(a.clone()), Arc::clone(&gate));
+    let started = Instant::now();
+    let (conns, mut failures) = run_threads(a.connections, &gate, deadline, move |i| {
+        http_conn(&args, i, &g)
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let mut samples = Vec::new();
+    let mut errors = failures.len() as u64;
+    for (i, c) in conns.into_iter().enumerate() {
+        samples.extend(c.samples);
+        errors += c.errors;
+        if let Some(e) = c.error {
+            failures.push(format!("connection {i}: {e}"));
+        }
+    }
+    samples.sort_unstable();
+    HttpReport {
+        rate: a.rate,
+        connections: a.connections,
+        requests: samples.len() as u64,
+        errors,
+        seconds,
+        latency: Latency::of_sorted(&samples),
+        failures,
+    }
+}
+
+fn http_conn(a: &HttpArgs, i: usize, gate: &Gate) -> HttpConn {
+    let mut out = HttpConn {
+        samples: Vec::new(),
+        errors: 0,
+        error: None,
+    };
+    let conn = TcpStream::connect_timeout(&a.connect, IO_TIMEOUT)
+        .map_err(|e| io_error(format_args!("connect {}", a.connect), e))
+        .and_then(|s| {
+            configure(&s, IO_TIMEOUT)
+                .map(|()| s)
+                .context("socket options")
+        });
+    let start = gate.arrive();
+    let mut s = match conn {
+        Ok(s) => s,
+        Err(e) => {
+            out.errors += 1;
+            out.error = Some(format!("{e:#}"));
+            return out;
+        }
+    };
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: meshbench\r\n\r\n",
+        a.path, a.host
+    );
+    let mut buf = vec![0u8; HTTP_BUFFER];
+    // Each connection carries rate / connections requests per second, its schedule offset
+    // so the connections' requests interleave evenly.
+    let interval = a.connections as f64 / a.rate as f64;
+    let end = start + a.time;
+    for k in 0u64.. {
+        let due = start
+            + Duration::from_secs_f64(interval * (k as f64 + i as f64 / a.connections as f64));
+        if due >= end {
+            break;
+        }
+        let now = Instant::now();
+        if due > now {
+            thread::sleep(due - now);
+        }
+        match http_exchange(&mut s, request.as_bytes(), &mut buf) {
+            Ok(()) => out
+                .samples
+                .push(nanos(Instant::now().saturating_duration_since(due))),
+            Err(e) => {
+                // A failed exchange leaves the connection in an unknown state: stop it.
+                out.errors += 1;
+                out.error = Some(format!("request {k}: {e:#}"));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// One request and its complete response (status 200, Content-Length framing).
+fn http_exchange(s: &mut TcpStream, request: &[u8], buf: &mut [u8]) -> Result<()> {
+    s.write_all(request)
+        .map_err(|e| io_error("write request", e))?;
+    let mut have = 0;
+    loop {
+        if have == buf.len() {
+            bail!("response larger than {} bytes", buf.len());
+        }
+        let n = read_some(s, &mut buf[have..]).map_err(|e| io_error("read response", e))?;
+        if n == 0 {
+            bail!("the server closed the connection mid-response");
+        }
+        have += n;
+        let Some(head_end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = std::str::from_utf8(&buf[..head_end]).context("non-UTF-8 response head")?;
+        let status = head.lines().next().unwrap_or("");
+        if !status.starts_with("HTTP/1.1 200") {
+            bail!("unexpected status line {status:?}");
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .context("response without Content-Length")?;
+        let total = head_end + 4 + len;
+        if total > buf.len() {
+            bail!(
+                "response of {total} bytes is larger than {} bytes",
+                buf.len()
+            );
+        }
+        while have < total {
+            let n = read_some(s, &mut buf[have..total]).map_err(|e| io_error("read body", e))?;
+            if n == 0 {
+                bail!("the server closed the connection mid-body");
+            }
+            have += n;
+        }
+        if have != total {
+            bail!(
+                "{} bytes after the response (no request was pipelined)",
+                have - total
+            );
+        }
+        return Ok(());
+    }
+}
+
+impl HttpReport {
+    fn json(&self) -> String {
+        let us = |f: fn(&Latency) -> u64| self.latency.as_ref().map(|l| f(l) as f64 / 1000.0);
+        Json::new("http")
+            .int("rate", self.rate)
+            .int("connections", self.connections as u64)
+            .int("requests", self.requests)
+            .num("seconds", Some(self.seconds), 6)
+            .num("p50_us", us(|l| l.p50), 3)
+            .num("p90_us", us(|l| l.p90), 3)
+            .num("p99_us", us(|l| l.p99), 3)
+            .num("p999_us", us(|l| l.p999), 3)
+            .int("errors", self.errors)
+            .finish()
+    }
+}
+
 // === CLI ===
 
 /// `--name value` pairs after the subcommand; unknown, repeated or valueless flags are
@@ -989,6 +1196,7 @@ enum Command {
     Pingpong(PingpongArgs),
     Stream(StreamArgs),
     Connrate(ConnrateArgs),
+    Http(HttpArgs),
 }
 
 fn parse_command(args: &[String]) -> Result<Command> {
@@ -1077,6 +1285,18 @@ fn parse_command(args: &[String]) -> Result<Command> {
                 max_time: required(f.seconds("--max-seconds", default_max)?, "--max-seconds")?,
             }))
         }
+        "http" => {
+            let f = Flags::parse(rest, &["--url", "--rate", "--connections", "--seconds"])?;
+            let (connect, host, path) = parse_url(f.get("--url").context("--url is required")?)?;
+            Ok(Command::Http(HttpArgs {
+                connect,
+                host,
+                path,
+                rate: f.num("--rate", None, 1..=1_000_000)?,
+                connections: f.count("--connections", 1..=MAX_CONNECTIONS)?,
+                time: required(f.seconds("--seconds", None)?, "--seconds")?,
+            }))
+        }
         _ => bail!("unknown subcommand {cmd:?}"),
     }
 }
@@ -1151,6 +1371,10 @@ fn run(cmd: Command) -> Result<ExitCode> {
         Command::Stream(a) => {
             let r = stream(&a);
             finish(&r.json(), r.errors, r.bytes, &r.failures)
+        }
+        Command::Http(a) => {
+            let r = httprate(&a);
+            finish(&r.json(), r.errors, r.requests, &r.failures)
         }
         Command::Connrate(a) => {
             let r = connrate(&a);
@@ -1492,6 +1716,44 @@ mod tests {
         single_object(&json);
         assert_eq!(field(&json, "count")?, 0.0);
         assert_eq!(field(&json, "errors")?, 6.0);
+        Ok(())
+    }
+
+    #[test]
+    fn url_parsing() -> Result<()> {
+        let (a, host, path) = parse_url("http://10.77.2.2:8080/x/y")?;
+        assert_eq!(
+            (a.port(), host.as_str(), path.as_str()),
+            (8080, "10.77.2.2:8080", "/x/y")
+        );
+        let (_, _, path) = parse_url("http://[::1]:80")?;
+        assert_eq!(path, "/");
+        assert!(parse_url("https://1.2.3.4:1/").is_err());
+        assert!(parse_url("http://host:80/").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn http_exchange_parses_and_rejects() -> Result<()> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        let server = thread::spawn(move || -> Result<()> {
+            let (mut c, _) = l.accept()?;
+            let mut req = [0u8; 1024];
+            for resp in [
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"[..],
+                &b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"[..],
+            ] {
+                let _ = c.read(&mut req)?;
+                c.write_all(resp)?;
+            }
+            Ok(())
+        });
+        let mut s = TcpStream::connect(addr)?;
+        let mut buf = vec![0u8; 1024];
+        http_exchange(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &mut buf)?;
+        assert!(http_exchange(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &mut buf).is_err());
+        server.join().map_err(|_| anyhow!("server panicked"))??;
         Ok(())
     }
 }

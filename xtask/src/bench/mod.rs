@@ -119,6 +119,7 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
     if !require_privileges()? {
         bail!("this machine lacks what the bench needs (see above)");
     }
+    sh::cleanup_on_interrupt()?;
     let bins = Binaries {
         proxy: out.profile_dir.join("proxy"),
         meshtest: out.profile_dir.join("meshtest"),
@@ -636,6 +637,29 @@ impl<'a> Bench<'a> {
             push("http2 h2load c10 m10".into(), "req_per_s", "req/s", rps);
             push("http2 h2load c10 m10".into(), "errors", "count", failed);
             requests += n;
+        }
+        // Added latency at a fixed, moderate rate (what a user feels, rather than the
+        // saturation point): HTTP/1.1 GETs at 1000 req/s over 10 keep-alive connections.
+        for _ in 0..self.reps {
+            let j = self.meshbench_json(
+                false,
+                &[
+                    "http",
+                    "--url",
+                    &t.http1,
+                    "--rate",
+                    "1000",
+                    "--connections",
+                    "10",
+                    "--seconds",
+                    &self.sizes.http_seconds.to_string(),
+                ],
+            )?;
+            let w = "http1 1000 req/s c10".to_string();
+            push(w.clone(), "p50_us", "us", num(&j, "p50_us")?);
+            push(w.clone(), "p99_us", "us", num(&j, "p99_us")?);
+            push(w, "errors", "count", num(&j, "errors")?);
+            requests += num(&j, "requests")?;
         }
         let cpu_http = under.cpu_seconds() - cpu0;
         if requests > 0.0 && !matches!(under, UnderTest::Nothing) {

@@ -192,6 +192,9 @@ stream {{
 }}
 http {{
     access_log off;
+    # nginx closes an HTTP/2 (and 1.1) connection after 1000 requests by default; the
+    # load generators do not reconnect, so that would count as failed requests.
+    keepalive_requests 1000000;
     client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
     upstream origin {{ server {server}:{HTTP1}; keepalive 64; }}

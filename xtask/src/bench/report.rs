@@ -87,6 +87,11 @@ pub fn table(samples: &[Sample]) -> String {
     let mut lines: BTreeMap<(usize, String, String), BTreeMap<String, String>> = BTreeMap::new();
     let mut order: Vec<(String, String)> = Vec::new();
     let mut errors = Vec::new();
+    let failed: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|r| r.metric == "errors" && r.max > 0.0)
+        .map(|r| (r.scenario.as_str(), r.workload.as_str()))
+        .collect();
     for r in &rows {
         if r.metric == "errors" || r.metric == "spurious_eagain" {
             if r.max > 0.0 {
@@ -107,9 +112,16 @@ pub fn table(samples: &[Sample]) -> String {
             order.push(key.clone());
             order.len() - 1
         });
+        // A figure from a run that also counted errors is flagged: the connections that
+        // failed are not in it (see the ERRORS lines).
+        let flag = if failed.contains(&(r.scenario.as_str(), r.workload.as_str())) {
+            "!"
+        } else {
+            ""
+        };
         let cell = match r.ratio {
-            Some(x) if r.scenario != "direct" => format!("{} (x{x:.2})", fmt(r.median)),
-            _ => fmt(r.median),
+            Some(x) if r.scenario != "direct" => format!("{}{flag} (x{x:.2})", fmt(r.median)),
+            _ => format!("{}{flag}", fmt(r.median)),
         };
         lines
             .entry((idx, key.0, key.1))
@@ -133,7 +145,7 @@ pub fn table(samples: &[Sample]) -> String {
         }
         out.push('\n');
     }
-    out.push_str("(medians; xN = ratio to direct measured in the same run)\n");
+    out.push_str("(medians; xN = ratio to direct measured in the same run; ! = errors in that run, see below)\n");
     for e in errors {
         let _ = writeln!(out, "{e}");
     }
@@ -528,7 +540,8 @@ fn duration_ms(v: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|x| x * scale)
 }
 
-/// h2load: (requests/s, requests done, requests failed + errored + timed out).
+/// h2load: (requests/s, requests done, requests failed). h2load's `errored` and `timeout`
+/// are subsets of `failed` (which also counts non-2xx/3xx statuses), so only `failed` counts.
 pub fn parse_h2load(text: &str) -> Option<(f64, f64, f64)> {
     let fin = text.lines().find(|l| l.starts_with("finished in"))?;
     let rps = fin
@@ -546,11 +559,7 @@ pub fn parse_h2load(text: &str) -> Option<(f64, f64, f64)> {
             p.strip_suffix(name).and_then(|n| n.trim().parse().ok())
         })
     };
-    Some((
-        rps,
-        field("done")?,
-        field("failed")? + field("errored")? + field("timeout")?,
-    ))
+    Some((rps, field("done")?, field("failed")?))
 }
 
 #[cfg(test)]
@@ -578,7 +587,7 @@ mod tests {
     #[test]
     fn parses_h2load() {
         let text = "starting benchmark...\nfinished in 1.23s, 8130.08 req/s, 1.23MB/s\nrequests: 10000 total, 10000 started, 9990 done, 9980 succeeded, 10 failed, 2 errored, 1 timeout\n";
-        assert_eq!(parse_h2load(text), Some((8130.08, 9990.0, 13.0)));
+        assert_eq!(parse_h2load(text), Some((8130.08, 9990.0, 10.0)));
         assert_eq!(parse_h2load("nothing"), None);
     }
 
