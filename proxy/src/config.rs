@@ -29,6 +29,18 @@ pub struct File {
     pub limits: LimitsSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the admin server (health, metrics, debug).
+    pub address: Option<String>,
+    /// Allow an address other than loopback (the admin API must never face workloads by
+    /// accident).
+    pub allow_non_loopback: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +106,7 @@ pub struct Overrides {
     pub exclude_cidrs: Vec<String>,
     pub iptables_interfaces: Vec<String>,
     pub sockhash_entries: Option<u32>,
+    pub admin_address: Option<String>,
     pub log_level: Option<String>,
     pub log_json: bool,
 }
@@ -146,6 +159,7 @@ pub struct Config {
     pub copy_buffer_bytes: usize,
     pub log_level: String,
     pub log_json: bool,
+    pub admin_address: std::net::SocketAddr,
 }
 
 /// A config error: which field, which value, why, and what to do.
@@ -207,6 +221,7 @@ impl Config {
             intercept,
             limits,
             log,
+            admin,
         } = file;
 
         let port = o.port.or(proxy.port).unwrap_or(15001);
@@ -452,6 +467,27 @@ impl Config {
         }
         let log_json = o.log_json || log.json.unwrap_or(false);
 
+        let admin_text = o
+            .admin_address
+            .or(admin.address)
+            .unwrap_or_else(|| "127.0.0.1:15020".into());
+        let admin_address: std::net::SocketAddr = admin_text.trim().parse().map_err(|_| {
+            invalid(
+                "admin.address",
+                &admin_text,
+                "not an ADDRESS:PORT",
+                "write it as 127.0.0.1:15020 (IPv6: [::1]:15020)",
+            )
+        })?;
+        if !admin_address.ip().is_loopback() && !admin.allow_non_loopback.unwrap_or(false) {
+            return Err(invalid(
+                "admin.address",
+                admin_address,
+                "the admin API (metrics, config, connections) would be reachable from beyond this host, possibly by workloads",
+                "keep it on loopback, or set admin.allow_non_loopback = true if that is intended",
+            ));
+        }
+
         Ok(Config {
             port,
             redirect_ipv4,
@@ -472,11 +508,44 @@ impl Config {
             copy_buffer_bytes,
             log_level,
             log_json,
+            admin_address,
         })
     }
 }
 
 impl Config {
+    /// The effective config as JSON, for the admin API's /config. Nothing in it is secret
+    /// yet; TLS material (issue 5) must be redacted here.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "proxy": {
+                "port": self.port,
+                "redirect_ipv4": self.redirect_ipv4,
+                "redirect_ipv6": self.redirect_ipv6,
+                "bind_ipv4": self.bind_ipv4,
+                "bind_ipv6": self.bind_ipv6,
+            },
+            "intercept": {
+                "mode": self.mode.to_string(),
+                "workload_cgroup": self.workload_cgroup,
+                "proxy_cgroup": self.proxy_cgroup,
+                "pin_dir": self.pin_dir,
+                "fail_mode": self.fail_mode.to_string(),
+                "sockmap": self.sockmap,
+                "exclude_ports": self.exclude_ports,
+                "exclude_cidrs": self.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "iptables_interfaces": self.iptables_interfaces,
+            },
+            "limits": {
+                "sockhash_entries": self.sockhash_entries,
+                "connect_timeout_ms": self.connect_timeout.as_millis() as u64,
+                "copy_buffer_bytes": self.copy_buffer_bytes,
+            },
+            "log": {"level": self.log_level, "json": self.log_json},
+            "admin": {"address": self.admin_address.to_string()},
+        })
+    }
+
     /// What `proxy run` and `proxy check` need beyond a well-formed config (`proxy clean`
     /// does not need to know where connects would be sent).
     pub fn require_interception(&self) -> Result<(), ConfigError> {
@@ -664,6 +733,15 @@ mod tests {
             "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\niptables_interfaces = [\"a b\"]\n",
         );
         assert!(e.contains("iptables_interfaces"), "{e}");
+        let e =
+            err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[admin]\naddress = \"0.0.0.0:15020\"\n");
+        assert!(
+            e.contains("admin.address") && e.contains("allow_non_loopback"),
+            "{e}"
+        );
+        assert!(resolve("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[admin]\naddress = \"0.0.0.0:15020\"\nallow_non_loopback = true\n").is_ok());
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[admin]\naddress = \"localhost\"\n");
+        assert!(e.contains("admin.address"), "{e}");
         let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[log]\nlevel = \"=[\"\n");
         assert!(e.contains("log.level"), "{e}");
     }

@@ -2,10 +2,12 @@
 //! modules; fuzz targets and tests reach the parsers through here.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cgroup;
 pub mod check;
 pub mod config;
 pub mod ebpf;
 pub mod iptables;
+pub mod metrics;
 pub mod outbound;
 pub mod transport;

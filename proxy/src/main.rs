@@ -6,7 +6,10 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -15,9 +18,9 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{error, info, warn};
 
 use proxy::{
-    cgroup, check, config,
+    admin, cgroup, check, config,
     config::{Config, File, Mode, Overrides},
-    ebpf, iptables, outbound,
+    ebpf, iptables, metrics, outbound,
     outbound::Outbound,
     transport,
     transport::orig_dst::OrigDstSource,
@@ -61,6 +64,16 @@ enum Command {
     /// Remove what a stopped proxy left: pins (and the fail-closed connect programs they
     /// hold attached) and iptables rules. Refuses while a proxy runs on the pin directory.
     Clean(ConfigArgs),
+    /// Show a running proxy's state from its admin API: readiness, programs, maps with
+    /// occupancy, kernel counters, open connections.
+    Status {
+        /// Admin address of the proxy.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: String,
+        /// Print the raw JSON of /debug/ebpf and /debug/connections.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the kernel programs' counters (summed over CPUs) from the pin directory.
     Counters {
         /// Pin directory of the proxy to read.
@@ -113,6 +126,9 @@ struct ConfigArgs {
     /// iptables mode: interface workloads' traffic arrives on; `+` is a wildcard (repeatable).
     #[arg(long = "iptables-interface", value_name = "IFACE")]
     iptables_interfaces: Vec<String>,
+    /// Admin server address (health, metrics, debug) [default: 127.0.0.1:15020].
+    #[arg(long, value_name = "ADDR:PORT")]
+    admin_address: Option<String>,
     /// SOCKHASH size; 4 entries carry one short-circuited connection [default: 65536].
     #[arg(long, value_name = "N")]
     sockhash_entries: Option<u32>,
@@ -149,6 +165,7 @@ fn main() -> ExitCode {
         Command::Check(args) => with_config(&args, true, |cfg| check(&cfg)),
         Command::Clean(args) => with_config(&args, false, |cfg| clean(&cfg)),
         Command::Counters { pin_dir, json } => counters(&pin_dir, json),
+        Command::Status { admin, json } => status(&admin, json),
     };
     ExitCode::from(code)
 }
@@ -200,6 +217,7 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
         exclude_cidrs: args.exclude_cidrs.clone(),
         iptables_interfaces: args.iptables_interfaces.clone(),
         sockhash_entries: args.sockhash_entries,
+        admin_address: args.admin_address.clone(),
         log_level: args.log_level.clone(),
         log_json: args.log_json,
     };
@@ -297,6 +315,23 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         }
     };
 
+    // The admin server comes up before interception, not ready, so a readiness probe sees
+    // the transition.
+    let kernel = Arc::new(std::sync::OnceLock::new());
+    let (metrics, registry) = metrics::Metrics::new(Arc::clone(&kernel));
+    let conns = Arc::new(outbound::ConnTable::default());
+    let admin_state = Arc::new(admin::AdminState {
+        ready: AtomicBool::new(false),
+        registry,
+        config: cfg.to_json(),
+        conns: Arc::clone(&conns),
+        pin_dir: (cfg.mode == Mode::Ebpf).then(|| cfg.pin_dir.clone()),
+    });
+    if let Err(e) = admin::start(cfg.admin_address, Arc::clone(&admin_state)) {
+        error!("{e}");
+        return exit::SETUP;
+    }
+
     // Interception last: listeners exist, so no redirected connect finds a closed port.
     let (datapath, rules, orig_dst) = match cfg.mode {
         Mode::Ebpf => {
@@ -307,7 +342,11 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
                 proxy_cgroup: proxy_cg,
             };
             match ebpf::Datapath::start(&plan) {
-                Ok((dp, maps)) => (Some(dp), None, OrigDstSource::Ebpf(Arc::new(maps))),
+                Ok((dp, maps)) => {
+                    let maps = Arc::new(maps);
+                    let _ = kernel.set(Arc::clone(&maps));
+                    (Some(dp), None, OrigDstSource::Ebpf(maps))
+                }
                 Err(e) => {
                     error!("{e}");
                     return match e {
@@ -335,8 +374,15 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         connect_timeout: cfg.connect_timeout,
         copy_buffer: cfg.copy_buffer_bytes,
         own_addrs,
-        stats: outbound::Stats::default(),
+        metrics,
+        conns,
+        path: if cfg.sockmap {
+            "short-circuit"
+        } else {
+            "proxied"
+        },
     });
+    admin_state.ready.store(true, Ordering::Relaxed);
     info!(
         listen = ?addrs,
         mode = %cfg.mode,
@@ -353,7 +399,8 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         DRAIN,
     ));
     let signal = wait_for_signal().await;
-    let kernel = match &outbound.orig_dst {
+    admin_state.ready.store(false, Ordering::Relaxed);
+    let kernel_counters = match &outbound.orig_dst {
         OrigDstSource::Ebpf(maps) => maps.counters().ok(),
         OrigDstSource::Conntrack => None,
     };
@@ -372,18 +419,8 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     if let Err(e) = server.await {
         warn!(error = %e, "server task ended abnormally");
     }
-    let s = &outbound.stats;
-    info!(
-        accepted = s.accepted.load(Ordering::Relaxed),
-        forwarded = s.forwarded.load(Ordering::Relaxed),
-        orig_dst_unknown = s.orig_dst_unknown.load(Ordering::Relaxed),
-        connect_failed = s.connect_failed.load(Ordering::Relaxed),
-        loops_refused = s.loops_refused.load(Ordering::Relaxed),
-        bytes_to_upstream = s.bytes_to_upstream.load(Ordering::Relaxed),
-        bytes_to_client = s.bytes_to_client.load(Ordering::Relaxed),
-        "stopped"
-    );
-    if let Some(values) = kernel {
+    info!(open_connections = outbound.conns.len(), "stopped");
+    if let Some(values) = kernel_counters {
         let summary: Vec<String> = proxy_common::counter::NAMES
             .iter()
             .zip(values)
@@ -492,4 +529,110 @@ fn counters(pin_dir: &Path, json: bool) -> u8 {
             exit::RUNTIME
         }
     }
+}
+
+/// `proxy status`: a running proxy's state, from its admin API.
+fn status(admin: &str, json: bool) -> u8 {
+    let get = |path: &str| admin_get(admin, path);
+    let ready = match get("/ready") {
+        Ok((code, _)) => code == 200,
+        Err(e) => {
+            eprintln!(
+                "proxy: cannot reach the admin API at {admin}: {e}; is the proxy running, and is --admin its admin.address?"
+            );
+            return exit::RUNTIME;
+        }
+    };
+    let ebpf = get("/debug/ebpf")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .unwrap_or_default();
+    let conns = get("/debug/connections")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .unwrap_or_default();
+    let config = get("/config")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ready": ready, "config": config, "ebpf": ebpf, "connections": conns})
+        );
+        return 0;
+    }
+    println!(
+        "proxy at {admin}: {}",
+        if ready { "ready" } else { "NOT ready" }
+    );
+    println!(
+        "mode {}, sockmap {}, fail_mode {}, pin dir {}",
+        config["intercept"]["mode"],
+        config["intercept"]["sockmap"],
+        config["intercept"]["fail_mode"],
+        config["intercept"]["pin_dir"]
+    );
+    if let Some(progs) = ebpf["programs"].as_array() {
+        println!("programs:");
+        for p in progs {
+            println!("  {:<18} id {}", p["name"].as_str().unwrap_or("?"), p["id"]);
+        }
+    }
+    if let Some(maps) = ebpf["maps"].as_array() {
+        println!("maps:");
+        for m in maps {
+            println!(
+                "  {:<18} {} entries",
+                m["name"].as_str().unwrap_or("?"),
+                m["entries"]
+            );
+        }
+    }
+    if let Some(c) = ebpf["counters"].as_object() {
+        println!("kernel counters (non-zero):");
+        for (k, v) in c.iter().filter(|(_, v)| v.as_u64().unwrap_or(0) > 0) {
+            println!("  {k:<28} {v}");
+        }
+    }
+    let list = conns.as_array().cloned().unwrap_or_default();
+    println!("open connections: {}", list.len());
+    for c in list.iter().take(20) {
+        println!(
+            "  {} -> {}  {}  up {} B  down {} B  {:.1} s",
+            c["client"].as_str().unwrap_or("?"),
+            c["original_dst"].as_str().unwrap_or("?"),
+            c["path"].as_str().unwrap_or("?"),
+            c["bytes_to_upstream"],
+            c["bytes_to_client"],
+            c["age_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
+    0
+}
+
+/// A minimal HTTP/1.1 GET to the admin API (loopback, tiny responses): status and body.
+fn admin_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("{addr:?} is not ADDRESS:PORT")))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
 }

@@ -7,14 +7,16 @@
 //! by the service's stack.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
+use serde_json::{Value, json};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -23,9 +25,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::transport::{
-    copy::{self, Transferred},
-    orig_dst::OrigDstSource,
+use crate::{
+    metrics::{ConnLabels, FailLabels, Metrics, OUTBOUND, TCP},
+    transport::{
+        copy::{self, Progress},
+        orig_dst::OrigDstSource,
+    },
 };
 
 /// What every connection needs, built once at start-up.
@@ -36,19 +41,82 @@ pub struct Outbound {
     /// The proxy's own listening addresses: a connection whose original destination is one
     /// of them would loop.
     pub own_addrs: Vec<SocketAddr>,
-    pub stats: Stats,
+    pub metrics: Arc<Metrics>,
+    pub conns: Arc<ConnTable>,
+    /// How connections travel besides the proxy's copy: "short-circuit" when the sk_msg
+    /// redirect is on (the bytes still pass through the proxy, but skip TCP/IP on both
+    /// same-node hops when both sockets are paired), else "proxied".
+    pub path: &'static str,
 }
 
-/// Userspace counters (exported as metrics in a later issue; logged at shutdown now).
+// === connection table ===
+
+/// Open connections, for /debug/connections. Entries are added after accept and removed
+/// when the connection ends; the lock is held only for those two map operations.
 #[derive(Default)]
-pub struct Stats {
-    pub accepted: AtomicU64,
-    pub forwarded: AtomicU64,
-    pub orig_dst_unknown: AtomicU64,
-    pub connect_failed: AtomicU64,
-    pub loops_refused: AtomicU64,
-    pub bytes_to_upstream: AtomicU64,
-    pub bytes_to_client: AtomicU64,
+pub struct ConnTable {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, ConnEntry>>,
+}
+
+struct ConnEntry {
+    client: SocketAddr,
+    orig_dst: SocketAddr,
+    started: Instant,
+    path: &'static str,
+    progress: Arc<Progress>,
+}
+
+impl ConnTable {
+    fn insert(&self, entry: ConnEntry) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(id, entry);
+        }
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut open) = self.open.lock() {
+            open.remove(&id);
+        }
+    }
+
+    /// JSON list of open connections, oldest first.
+    pub fn snapshot(&self) -> Value {
+        let mut rows: Vec<(Instant, Value)> = match self.open.lock() {
+            Ok(open) => open
+                .values()
+                .map(|e| {
+                    let t = e.progress.snapshot();
+                    (
+                        e.started,
+                        json!({
+                            "client": e.client.to_string(),
+                            "original_dst": e.orig_dst.to_string(),
+                            "direction": OUTBOUND,
+                            "protocol": TCP,
+                            "path": e.path,
+                            "bytes_to_upstream": t.to_upstream,
+                            "bytes_to_client": t.to_client,
+                            "age_seconds": e.started.elapsed().as_secs_f64(),
+                        }),
+                    )
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        rows.sort_by_key(|r| r.0);
+        Value::Array(rows.into_iter().map(|r| r.1).collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.open.lock().map(|o| o.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Accepts until `stop` turns true, then waits up to `drain` for open connections.
@@ -121,7 +189,19 @@ async fn accept_loop(
 }
 
 async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
-    ob.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let labels = ConnLabels {
+        direction: OUTBOUND,
+        protocol: TCP,
+    };
+    let fail = |reason: &'static str| {
+        ob.metrics
+            .failed
+            .get_or_create(&FailLabels {
+                direction: OUTBOUND,
+                reason,
+            })
+            .inc();
+    };
     let local = match client.local_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -132,60 +212,65 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
     let orig = match ob.orig_dst.lookup(&client, client_addr, local) {
         Ok(o) => o,
         Err(e) => {
-            ob.stats.orig_dst_unknown.fetch_add(1, Ordering::Relaxed);
+            fail("orig_dst_unknown");
             warn!(error = %e, "closing connection");
             copy::reset(client);
             return;
         }
     };
     if ob.own_addrs.iter().any(|a| same_endpoint(*a, orig, local)) {
-        ob.stats.loops_refused.fetch_add(1, Ordering::Relaxed);
+        fail("loop");
         warn!(client = %client_addr, original_dst = %orig, "original destination is the proxy itself; refusing to loop");
         copy::reset(client);
         return;
     }
     debug!(client = %client_addr, original_dst = %orig, "connection accepted");
+    ob.metrics.opened.get_or_create(&labels).inc();
+    ob.metrics.active.get_or_create(&labels).inc();
+    let started = Instant::now();
+    let progress = Arc::new(Progress::default());
+    let id = ob.conns.insert(ConnEntry {
+        client: client_addr,
+        orig_dst: orig,
+        started,
+        path: ob.path,
+        progress: Arc::clone(&progress),
+    });
 
-    let mut upstream = match timeout(ob.connect_timeout, TcpStream::connect(orig)).await {
-        Ok(Ok(s)) => s,
+    // Protocol detection, balancing and TLS (issues 4 and 5) go here: the original
+    // destination becomes a target resolved by the service's stack.
+    match timeout(ob.connect_timeout, TcpStream::connect(orig)).await {
+        Ok(Ok(mut upstream)) => {
+            // Latency over batching: the workload already chose how to write.
+            let _ = client.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            match copy::bidirectional(&mut client, &mut upstream, ob.copy_buffer, &progress).await {
+                Ok(t) => {
+                    debug!(client = %client_addr, original_dst = %orig, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
+                }
+                Err(e) => {
+                    fail("reset");
+                    debug!(client = %client_addr, original_dst = %orig, error = %e, "connection failed; resetting both sides");
+                    copy::reset(client);
+                    copy::reset(upstream);
+                }
+            }
+        }
         Ok(Err(e)) => {
-            ob.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+            fail("connect_failed");
             debug!(client = %client_addr, original_dst = %orig, error = %e, "upstream connect failed; resetting the client");
             copy::reset(client);
-            return;
         }
         Err(_) => {
-            ob.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+            fail("connect_timeout");
             warn!(client = %client_addr, original_dst = %orig, timeout_ms = ob.connect_timeout.as_millis() as u64, "upstream connect timed out (limits.connect_timeout_ms); resetting the client");
             copy::reset(client);
-            return;
-        }
-    };
-    // Latency over batching: the workload already chose how to write.
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-
-    match copy::bidirectional(&mut client, &mut upstream, ob.copy_buffer).await {
-        Ok(t) => {
-            record(&ob.stats, t);
-            debug!(client = %client_addr, original_dst = %orig, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
-        }
-        Err(e) => {
-            debug!(client = %client_addr, original_dst = %orig, error = %e, "connection failed; resetting both sides");
-            copy::reset(client);
-            copy::reset(upstream);
         }
     }
-    ob.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-}
-
-fn record(stats: &Stats, t: Transferred) {
-    stats
-        .bytes_to_upstream
-        .fetch_add(t.to_upstream, Ordering::Relaxed);
-    stats
-        .bytes_to_client
-        .fetch_add(t.to_client, Ordering::Relaxed);
+    let t = progress.snapshot();
+    ob.metrics
+        .observe_close(&labels, started.elapsed(), t.to_upstream, t.to_client);
+    ob.conns.remove(id);
 }
 
 /// True if `orig` is the listener `own` (a wildcard listener matches the local address the

@@ -764,3 +764,156 @@ fn two_proxies_on_one_machine_do_not_interfere() -> Result<()> {
     );
     Ok(())
 }
+
+// === admin API ===
+
+/// GET from the admin API inside the node namespace, with curl (as an operator would).
+fn admin_get(node: &Node, path: &str) -> Result<(u16, String)> {
+    let mut cmd = node.node_command("curl");
+    cmd.args([
+        "-s",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://127.0.0.1:15020{path}"),
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(30))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// The value of the first sample line that starts with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn admin_api_reports_readiness_exact_metrics_and_connections() -> Result<()> {
+    require!();
+    let s = Setup::new(&ProxyOptions::default(), 0)?;
+    let (code, body) = admin_get(&s.node, "/ready")?;
+    ensure!(
+        code == 200 && body.contains("ready"),
+        "/ready: {code} {body}"
+    );
+    let (code, _) = admin_get(&s.node, "/live")?;
+    ensure!(code == 200);
+
+    // Exactly known bytes: 3 connections, each 32 header + 12345 up, 1 status + 54321 down.
+    s.client(
+        &s.v4(),
+        &["--send", "12345", "--reply", "54321", "--connections", "3"],
+    )?;
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = admin_get(&s.node, "/metrics")?.1;
+        if sample(&metrics, "mesh_tcp_connections_closed_total") == Some(3.0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let up = sample(
+        &metrics,
+        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_upstream\"}",
+    );
+    let down = sample(
+        &metrics,
+        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_client\"}",
+    );
+    ensure!(
+        up == Some(3.0 * (32.0 + 12345.0)),
+        "to_upstream {up:?}:\n{metrics}"
+    );
+    ensure!(
+        down == Some(3.0 * (1.0 + 54321.0)),
+        "to_client {down:?}:\n{metrics}"
+    );
+    ensure!(
+        sample(&metrics, "mesh_tcp_connections_opened_total") == Some(3.0),
+        "{metrics}"
+    );
+    ensure!(
+        sample(&metrics, "mesh_tcp_connections_active") == Some(0.0),
+        "{metrics}"
+    );
+    ensure!(
+        sample(
+            &metrics,
+            "mesh_ebpf_connects_redirected_total{family=\"ipv4\"}"
+        ) == Some(3.0),
+        "kernel counters missing or wrong:\n{metrics}"
+    );
+    ensure!(
+        sample(&metrics, "mesh_ebpf_msg_bytes_total{path=\"redirected\"}").is_some_and(|v| v > 0.0),
+        "{metrics}"
+    );
+    ensure!(
+        metrics.contains("mesh_process_resident_memory_bytes"),
+        "{metrics}"
+    );
+
+    // promtool, the Prometheus project's own checker, accepts the exposition.
+    let mut cmd = s.node.node_command("sh");
+    cmd.args([
+        "-c",
+        "curl -s http://127.0.0.1:15020/metrics | promtool check metrics",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(60))?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A long-lived connection shows up with its original destination.
+    let mut cmd = s.client.command("python3");
+    cmd.args([
+        "-c",
+        &format!(
+            "import socket,time; s=socket.create_connection(('{}', {SERVER_PORT})); s.sendall(b'MTv1'); print('open', flush=True); time.sleep(60)",
+            s.server.ipv4
+        ),
+    ]);
+    let mut held = Background::spawn(cmd, s.node.scratch.join("held.out"))?;
+    held.wait_for("open")?;
+    let mut listed = String::new();
+    for _ in 0..100 {
+        listed = admin_get(&s.node, "/debug/connections")?.1;
+        if listed.contains(&s.v4()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        listed.contains(&format!("\"original_dst\": \"{}\"", s.v4()))
+            && listed.contains(&format!("\"client\": \"{}:", s.client.ipv4)),
+        "/debug/connections: {listed}"
+    );
+    let (_, ebpf) = admin_get(&s.node, "/debug/ebpf")?;
+    ensure!(
+        ebpf.contains("mesh_connect4") && ebpf.contains("MESH_SOCKS"),
+        "/debug/ebpf: {ebpf}"
+    );
+    let (_, config) = admin_get(&s.node, "/config")?;
+    ensure!(config.contains("\"sockmap\": true"), "/config: {config}");
+
+    // `proxy status` reads the same API.
+    let mut cmd = s.node.node_command(&s.node.bins.proxy);
+    cmd.arg("status");
+    let out = run_bounded(cmd, Duration::from_secs(30))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success()
+            && text.contains("ready")
+            && text.contains("mesh_connect4")
+            && text.contains("open connections: 1"),
+        "proxy status:\n{text}"
+    );
+    drop(held);
+    Ok(())
+}

@@ -343,6 +343,51 @@ pub fn read_pinned_counters(pin_dir: &Path) -> Result<Vec<u64>, EbpfError> {
     sum_counters(&m).map_err(map_err(map::COUNTERS, "read"))
 }
 
+/// What `/debug/ebpf` and `proxy status` show: the pinned programs (kernel ids and
+/// names), map occupancy and the counters summed over CPUs.
+pub fn inspect(pin_dir: &Path) -> Result<serde_json::Value, EbpfError> {
+    use serde_json::json;
+    let programs: Vec<serde_json::Value> = program::ALL
+        .iter()
+        .filter_map(|name| {
+            let info =
+                aya::programs::ProgramInfo::from_pin(pin_dir.join("progs").join(name)).ok()?;
+            Some(json!({"name": name, "id": info.id(), "pin": pin_dir.join("progs").join(name)}))
+        })
+        .collect();
+    let socks = MapData::from_pin(pins::map_path(pin_dir, map::SOCKS))
+        .ok()
+        .and_then(|d| SockHash::<_, SockKey>::try_from(aya::maps::Map::SockHash(d)).ok())
+        .map(|m| m.keys().count());
+    let maps = json!([
+        {"name": map::SOCKS, "entries": socks},
+        {"name": map::PEERS, "entries": count_lru::<SockKey, SockKey>(pin_dir, map::PEERS)},
+        {"name": map::TAINTED, "entries": count_lru::<SockKey, u32>(pin_dir, map::TAINTED)},
+        {"name": map::ORIG_DST, "entries": count_lru::<OrigKey, OrigDst>(pin_dir, map::ORIG_DST)},
+    ]);
+    let values = read_pinned_counters(pin_dir)?;
+    let counters: serde_json::Map<String, serde_json::Value> = counter::NAMES
+        .iter()
+        .zip(values)
+        .map(|(n, v)| ((*n).to_string(), json!(v)))
+        .collect();
+    Ok(json!({
+        "pin_dir": pin_dir,
+        "programs": programs,
+        "maps": maps,
+        "counters": counters,
+    }))
+}
+
+/// Entries of a pinned LRU hash map, counted by walking its keys: bounded by max_entries,
+/// and only done on an operator's request, never on the data path.
+fn count_lru<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &str) -> Option<usize> {
+    let data = MapData::from_pin(pins::map_path(pin_dir, name)).ok()?;
+    HashMap::<_, K, V>::try_from(aya::maps::Map::LruHashMap(data))
+        .ok()
+        .map(|m| m.keys().count())
+}
+
 /// Removes every pin under `pin_dir` (detaching pinned links). Refuses while a proxy runs.
 pub fn clean(pin_dir: &Path) -> Result<usize, EbpfError> {
     let pins = PinDir::lock(pin_dir)?;

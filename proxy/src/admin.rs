@@ -1,0 +1,196 @@
+//! The admin server: health, readiness, metrics, the effective config and debug views.
+//!
+//! It runs on its own single-threaded tokio runtime in its own OS thread, so a slow or
+//! hostile scrape never takes a data-plane worker. It binds loopback by default; another
+//! address needs `admin.allow_non_loopback = true` (config.rs).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::{ebpf, outbound::ConnTable};
+
+/// What the admin endpoints read. Shared with the data plane through atomics and locks
+/// that the data plane holds only briefly.
+pub struct AdminState {
+    /// True once interception is in place and the config is loaded; false again when the
+    /// proxy starts to stop.
+    pub ready: AtomicBool,
+    pub registry: Registry,
+    /// The effective config, as JSON (nothing secret in it yet; TLS keys will be redacted).
+    pub config: Value,
+    pub conns: Arc<ConnTable>,
+    /// The pin directory, for /debug/ebpf (None in iptables mode).
+    pub pin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot bind the admin server to {addr}: {source}; choose another admin.address")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the admin thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Binds the listener now (so a bad address fails start-up), then serves from its own
+/// thread and runtime until the process exits.
+pub fn start(addr: SocketAddr, state: Arc<AdminState>) -> Result<SocketAddr, AdminError> {
+    let std_listener =
+        std::net::TcpListener::bind(addr).map_err(|source| AdminError::Bind { addr, source })?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|source| AdminError::Bind { addr, source })?;
+    let local = std_listener
+        .local_addr()
+        .map_err(|source| AdminError::Bind { addr, source })?;
+    thread::Builder::new()
+        .name("proxy-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "admin runtime failed to start; no admin API");
+                    return;
+                }
+            };
+            rt.block_on(serve(std_listener, state));
+        })
+        .map_err(AdminError::Thread)?;
+    info!(address = %local, "admin server listening");
+    Ok(local)
+}
+
+async fn serve(std_listener: std::net::TcpListener, state: Arc<AdminState>) {
+    let listener = match TcpListener::from_std(std_listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "admin listener failed; no admin API");
+            return;
+        }
+    };
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(route(&req, &state)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => {
+            if state.ready.load(Ordering::Relaxed) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        "/metrics" => match crate::metrics::render(&state.registry) {
+            // Content negotiation: OpenMetrics for scrapers that ask for it (Prometheus
+            // does), the classic text format for everything else (promtool, curl).
+            Ok(body) if accepts_openmetrics(req) => with_type(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body,
+            ),
+            Ok(body) => with_type(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                crate::metrics::to_prometheus_text(&body),
+            ),
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding metrics failed\n",
+            ),
+        },
+        "/config" => json_response(&state.config),
+        "/debug/connections" => json_response(&state.conns.snapshot()),
+        "/debug/ebpf" => json_response(&ebpf_view(state)),
+        "/" => text(
+            StatusCode::OK,
+            "/live /ready /metrics /config /debug/connections /debug/ebpf\n",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
+    }
+}
+
+fn accepts_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+fn ebpf_view(state: &AdminState) -> Value {
+    let Some(pin_dir) = &state.pin_dir else {
+        return json!({"mode": "iptables", "programs": [], "maps": [], "counters": {}});
+    };
+    match ebpf::inspect(pin_dir) {
+        Ok(v) => v,
+        Err(e) => json!({"error": e.to_string()}),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    with_type(status, "text/plain; charset=utf-8", body.to_string())
+}
+
+fn json_response(v: &Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string_pretty(v).unwrap_or_else(|_| "{}".into());
+    with_type(StatusCode::OK, "application/json", body)
+}
+
+fn with_type(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}

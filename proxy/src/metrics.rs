@@ -1,0 +1,475 @@
+//! Prometheus metrics: the proxy's own counters and histograms, the kernel programs'
+//! per-CPU counters (read at scrape time), and process figures (RSS, CPU, open files).
+//!
+//! Label cardinality is bounded: labels are directions, protocols and reasons from fixed
+//! sets, never addresses, ports or connection ids.
+
+use std::{
+    fmt, fs,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
+        gauge::Gauge, histogram::Histogram,
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::ebpf::Maps;
+
+/// Labels of the TCP connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// "outbound": a workload's connect, intercepted.
+    pub direction: &'static str,
+    /// "tcp" until protocol detection lands (issue 4).
+    pub protocol: &'static str,
+}
+
+/// Labels of connections the proxy refused or could not complete.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailLabels {
+    pub direction: &'static str,
+    /// "orig_dst_unknown", "connect_failed", "connect_timeout", "loop", "reset".
+    pub reason: &'static str,
+}
+
+/// Labels of byte counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByteLabels {
+    pub direction: &'static str,
+    pub protocol: &'static str,
+    /// "to_upstream" or "to_client".
+    pub flow: &'static str,
+}
+
+pub const OUTBOUND: &str = "outbound";
+pub const TCP: &str = "tcp";
+
+/// Everything the data path records. Cheap to clone handles; built once at start-up.
+pub struct Metrics {
+    pub opened: Family<ConnLabels, Counter>,
+    pub closed: Family<ConnLabels, Counter>,
+    pub active: Family<ConnLabels, Gauge>,
+    pub failed: Family<FailLabels, Counter>,
+    pub bytes: Family<ByteLabels, Counter>,
+    pub duration: Family<ConnLabels, Histogram>,
+}
+
+fn duration_histogram() -> Histogram {
+    // 100 µs to ~100 s: sub-millisecond resolution for short RPC connections, and long
+    // streams still land in a bucket.
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0, 100.0,
+    ])
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them, the kernel counters and the process figures
+    /// in a new registry. `kernel` is filled in once the programs are loaded (the admin
+    /// server, and so the registry, exists before that); until then, and in iptables mode,
+    /// no kernel counters are exported.
+    pub fn new(kernel: Arc<OnceLock<Arc<Maps>>>) -> (Arc<Metrics>, Registry) {
+        let m = Arc::new(Metrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            active: Family::default(),
+            failed: Family::default(),
+            bytes: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+        });
+        let mut r = Registry::with_prefix("mesh");
+        r.register(
+            "tcp_connections_opened",
+            "TCP connections accepted from workloads",
+            m.opened.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "TCP connections finished (cleanly or not)",
+            m.closed.clone(),
+        );
+        r.register(
+            "tcp_connections_active",
+            "TCP connections open now",
+            m.active.clone(),
+        );
+        r.register(
+            "tcp_connections_failed",
+            "Connections the proxy closed or reset, by reason",
+            m.failed.clone(),
+        );
+        r.register_with_unit(
+            "tcp_transferred",
+            "Bytes copied by the proxy, by flow",
+            Unit::Bytes,
+            m.bytes.clone(),
+        );
+        r.register_with_unit(
+            "tcp_connection_duration",
+            "Lifetime of finished connections",
+            Unit::Seconds,
+            m.duration.clone(),
+        );
+        r.register_collector(Box::new(KernelCollector { maps: kernel }));
+        r.register_collector(Box::new(ProcessCollector));
+        (m, r)
+    }
+
+    pub fn observe_close(
+        &self,
+        labels: &ConnLabels,
+        age: Duration,
+        to_upstream: u64,
+        to_client: u64,
+    ) {
+        self.closed.get_or_create(labels).inc();
+        self.active.get_or_create(labels).dec();
+        self.duration
+            .get_or_create(labels)
+            .observe(age.as_secs_f64());
+        for (flow, n) in [("to_upstream", to_upstream), ("to_client", to_client)] {
+            self.bytes
+                .get_or_create(&ByteLabels {
+                    direction: labels.direction,
+                    protocol: labels.protocol,
+                    flow,
+                })
+                .inc_by(n);
+        }
+    }
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+/// Converts OpenMetrics text (what prometheus-client writes) to the classic Prometheus
+/// text format 0.0.4, for clients that did not ask for OpenMetrics (promtool, curl, older
+/// scrapers). The differences that matter: a counter family's HELP/TYPE name carries the
+/// `_total` suffix its samples have, and there are no `# UNIT` or `# EOF` lines.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut counters: Vec<&str> = Vec::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.push(name);
+        }
+    }
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+// === kernel counters ===
+
+/// Reads `MESH_COUNTERS` (summed over CPUs) at scrape time.
+struct KernelCollector {
+    maps: Arc<OnceLock<Arc<Maps>>>,
+}
+
+impl fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KernelCollector")
+            .field("loaded", &self.maps.get().is_some())
+            .finish()
+    }
+}
+
+/// How each kernel counter is exported: metric name, label (key, value), help.
+fn kernel_metric(
+    name: &str,
+) -> (
+    &'static str,
+    Option<(&'static str, &'static str)>,
+    &'static str,
+) {
+    match name {
+        "connect4_redirected" => (
+            "ebpf_connects_redirected",
+            Some(("family", "ipv4")),
+            "Workload connects sent to the proxy by the cgroup connect programs",
+        ),
+        "connect6_redirected" => (
+            "ebpf_connects_redirected",
+            Some(("family", "ipv6")),
+            "Workload connects sent to the proxy by the cgroup connect programs",
+        ),
+        "bypass_not_tcp" => (
+            "ebpf_connects_bypassed",
+            Some(("reason", "not_tcp")),
+            "Workload connects left alone, by reason",
+        ),
+        "bypass_loopback" => (
+            "ebpf_connects_bypassed",
+            Some(("reason", "loopback")),
+            "Workload connects left alone, by reason",
+        ),
+        "bypass_excluded_port" => (
+            "ebpf_connects_bypassed",
+            Some(("reason", "excluded_port")),
+            "Workload connects left alone, by reason",
+        ),
+        "bypass_excluded_cidr" => (
+            "ebpf_connects_bypassed",
+            Some(("reason", "excluded_cidr")),
+            "Workload connects left alone, by reason",
+        ),
+        "bypass_proxy_address" => (
+            "ebpf_connects_bypassed",
+            Some(("reason", "proxy_address")),
+            "Workload connects left alone, by reason",
+        ),
+        "bypass_unconfigured" => (
+            "ebpf_connects_bypassed",
+            Some(("reason", "unconfigured")),
+            "Workload connects left alone, by reason",
+        ),
+        "bypass_record_failed" => (
+            "ebpf_connects_bypassed",
+            Some(("reason", "record_failed")),
+            "Workload connects left alone, by reason",
+        ),
+        "orig_dst_recorded" => (
+            "ebpf_orig_dst_recorded",
+            None,
+            "Original destinations handed to the proxy",
+        ),
+        "sockhash_inserted" => (
+            "ebpf_sockhash_inserts",
+            Some(("result", "ok")),
+            "SOCKHASH insertions, by result",
+        ),
+        "sockhash_insert_failed" => (
+            "ebpf_sockhash_inserts",
+            Some(("result", "failed")),
+            "SOCKHASH insertions, by result",
+        ),
+        "sockhash_skipped_early_data" => (
+            "ebpf_sockhash_inserts",
+            Some(("result", "skipped_early_data")),
+            "SOCKHASH insertions, by result",
+        ),
+        "msg_redirected" => (
+            "ebpf_msg",
+            Some(("path", "redirected")),
+            "sk_msg messages, by path",
+        ),
+        "msg_passed" => (
+            "ebpf_msg",
+            Some(("path", "tcp")),
+            "sk_msg messages, by path",
+        ),
+        "msg_redirected_bytes" => (
+            "ebpf_msg_bytes",
+            Some(("path", "redirected")),
+            "sk_msg bytes, by path",
+        ),
+        "msg_passed_bytes" => (
+            "ebpf_msg_bytes",
+            Some(("path", "tcp")),
+            "sk_msg bytes, by path",
+        ),
+        "msg_passed_no_peer" => (
+            "ebpf_msg_tcp_reasons",
+            Some(("reason", "no_peer")),
+            "sk_msg messages put on the TCP path, by reason",
+        ),
+        "msg_passed_tainted" => (
+            "ebpf_msg_tcp_reasons",
+            Some(("reason", "direction_on_tcp")),
+            "sk_msg messages put on the TCP path, by reason",
+        ),
+        _ => (
+            "ebpf_unknown",
+            None,
+            "Kernel counter without an export mapping",
+        ),
+    }
+}
+
+/// One exported family of kernel counters: name, help, and (label, value) per series.
+type KernelFamily = (&'static str, &'static str, Vec<(Option<Label>, u64)>);
+type Label = (&'static str, &'static str);
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(maps) = self.maps.get() else {
+            return Ok(());
+        };
+        let Ok(values) = maps.counters() else {
+            // A failed read is not a reason to fail the whole scrape.
+            return Ok(());
+        };
+        // Group the counters by metric name: each family is described once.
+        let mut families: Vec<KernelFamily> = Vec::new();
+        for (name, v) in proxy_common::counter::NAMES.iter().zip(values) {
+            let (metric, label, help) = kernel_metric(name);
+            match families.iter_mut().find(|f| f.0 == metric) {
+                Some(f) => f.2.push((label, v)),
+                None => families.push((metric, help, vec![(label, v)])),
+            }
+        }
+        for (metric, help, series) in families {
+            let mut fam = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (label, v) in series {
+                let c = ConstCounter::new(v);
+                match label {
+                    Some(l) => c.encode(fam.encode_family(&[l])?)?,
+                    None => c.encode(fam.encode_family(&Vec::<(&str, &str)>::new())?)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// === process figures ===
+
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let rss_kib: i64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+            .unwrap_or(0);
+        let rss = ConstGauge::new(rss_kib * 1024);
+        rss.encode(encoder.encode_descriptor(
+            "process_resident_memory",
+            "Resident set size of the proxy",
+            Some(&Unit::Bytes),
+            rss.metric_type(),
+        )?)?;
+        let cpu = ConstCounter::new(cpu_seconds());
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu",
+            "User and system CPU time of the proxy",
+            Some(&Unit::Seconds),
+            cpu.metric_type(),
+        )?)?;
+        let fds = fs::read_dir("/proc/self/fd")
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let fds = ConstGauge::new(i64::try_from(fds).unwrap_or(i64::MAX));
+        fds.encode(encoder.encode_descriptor(
+            "process_open_fds",
+            "Open file descriptors of the proxy",
+            None,
+            fds.metric_type(),
+        )?)?;
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            let tasks = ConstGauge::new(i64::try_from(h.metrics().num_alive_tasks()).unwrap_or(0));
+            tasks.encode(encoder.encode_descriptor(
+                "tokio_admin_tasks",
+                "Tasks alive on the admin runtime",
+                None,
+                tasks.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3; utime and stime are fields 14 and 15, in USER_HZ (100) ticks.
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_counter_is_exported() {
+        for name in proxy_common::counter::NAMES {
+            assert_ne!(
+                kernel_metric(name).0,
+                "ebpf_unknown",
+                "{name} has no metric"
+            );
+        }
+    }
+
+    #[test]
+    fn render_contains_families() -> Result<(), fmt::Error> {
+        let (m, r) = Metrics::new(Arc::new(OnceLock::new()));
+        let l = ConnLabels {
+            direction: OUTBOUND,
+            protocol: TCP,
+        };
+        m.opened.get_or_create(&l).inc();
+        m.active.get_or_create(&l).inc();
+        m.observe_close(&l, Duration::from_millis(3), 10, 20);
+        let text = render(&r)?;
+        assert!(
+            text.contains(
+                "mesh_tcp_connections_opened_total{direction=\"outbound\",protocol=\"tcp\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_client\"} 20"), "{text}");
+        assert!(
+            text.contains("mesh_process_resident_memory_bytes"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let classic = to_prometheus_text(&text);
+        assert!(
+            classic.contains("# TYPE mesh_tcp_connections_opened_total counter"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# HELP mesh_tcp_connections_opened_total "),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# TYPE mesh_tcp_connections_active gauge"),
+            "{classic}"
+        );
+        assert!(
+            !classic.contains("# EOF") && !classic.contains("# UNIT"),
+            "{classic}"
+        );
+        Ok(())
+    }
+}
