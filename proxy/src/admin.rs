@@ -146,12 +146,95 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         "/config" => json_response(&state.config),
         "/debug/connections" => json_response(&state.conns.snapshot()),
         "/debug/ebpf" => json_response(&ebpf_view(state)),
+        "/debug/summary" => json_response(&summary(state)),
+        "/dashboard" => with_type(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            DASHBOARD.to_string(),
+        ),
         "/" => text(
             StatusCode::OK,
-            "/live /ready /metrics /config /debug/connections /debug/ebpf\n",
+            "/live /ready /metrics /config /debug/connections /debug/ebpf /debug/summary /dashboard\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
     }
+}
+
+/// The web dashboard: one self-contained page (no external resources) that polls
+/// /debug/summary.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Everything the dashboard and `proxy top` show, in one request: readiness, totals from
+/// the metrics, kernel counters, and open connections grouped by edge.
+fn summary(state: &AdminState) -> Value {
+    let metrics = crate::metrics::render(&state.registry)
+        .map(|t| crate::metrics::to_prometheus_text(&t))
+        .unwrap_or_default();
+    let total = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let kernel = match &state.pin_dir {
+        Some(dir) => ebpf::read_pinned_counters(dir)
+            .map(|v| {
+                proxy_common::counter::NAMES
+                    .iter()
+                    .zip(v)
+                    .map(|(n, v)| ((*n).to_string(), json!(v)))
+                    .collect::<serde_json::Map<String, Value>>()
+            })
+            .unwrap_or_default(),
+        None => serde_json::Map::new(),
+    };
+    let redirected = kernel
+        .get("msg_redirected_bytes")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let passed = kernel
+        .get("msg_passed_bytes")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let share = if redirected + passed > 0 {
+        json!(redirected as f64 / (redirected + passed) as f64)
+    } else {
+        Value::Null
+    };
+    let edges = state.conns.edges();
+    let open_bytes: u64 = edges
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    e["bytes_to_upstream"].as_u64().unwrap_or(0)
+                        + e["bytes_to_client"].as_u64().unwrap_or(0)
+                })
+                .sum()
+        })
+        .unwrap_or(0);
+    let closed_up = total(
+        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_upstream\"}",
+    );
+    let closed_down = total(
+        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_client\"}",
+    );
+    json!({
+        "ready": state.ready.load(Ordering::Relaxed),
+        // Closed connections' bytes (from the metrics) plus open ones' (live counters).
+        "bytes_moved": closed_up + closed_down + open_bytes as f64,
+        "connections_opened": total("mesh_tcp_connections_opened_total"),
+        "connections_active": total("mesh_tcp_connections_active"),
+        "connections_failed": total("mesh_tcp_connections_failed_total"),
+        "bytes_to_upstream_closed": closed_up,
+        "bytes_to_client_closed": closed_down,
+        "short_circuit_byte_share": share,
+        "kernel": kernel,
+        "edges": edges,
+        "sockmap": state.config["intercept"]["sockmap"],
+        "mode": state.config["intercept"]["mode"],
+    })
 }
 
 fn accepts_openmetrics(req: &Request<Incoming>) -> bool {

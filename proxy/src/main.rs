@@ -74,6 +74,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live, refreshing table of what flows through a running proxy: totals and rates,
+    /// the short-circuit share, and open connections per edge (workload -> destination).
+    Top {
+        /// Admin address of the proxy.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: String,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many refreshes (default: until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Print the kernel programs' counters (summed over CPUs) from the pin directory.
     Counters {
         /// Pin directory of the proxy to read.
@@ -166,6 +179,11 @@ fn main() -> ExitCode {
         Command::Clean(args) => with_config(&args, false, |cfg| clean(&cfg)),
         Command::Counters { pin_dir, json } => counters(&pin_dir, json),
         Command::Status { admin, json } => status(&admin, json),
+        Command::Top {
+            admin,
+            interval,
+            count,
+        } => top(&admin, interval, count),
     };
     ExitCode::from(code)
 }
@@ -635,4 +653,107 @@ fn admin_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((code, body))
+}
+
+/// `proxy top`: polls /debug/summary and redraws a table.
+fn top(admin: &str, interval: f64, count: Option<u64>) -> u8 {
+    if !(0.1..=3600.0).contains(&interval) {
+        eprintln!("proxy: --interval {interval} is out of range 0.1..=3600 seconds");
+        return 2;
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut prev: Option<(std::time::Instant, f64, f64)> = None;
+    let mut n = 0u64;
+    loop {
+        let summary = match admin_get(admin, "/debug/summary") {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default(),
+            Ok((code, _)) => {
+                eprintln!("proxy: the admin API at {admin} answered {code} for /debug/summary");
+                return exit::RUNTIME;
+            }
+            Err(e) => {
+                eprintln!(
+                    "proxy: cannot reach the admin API at {admin}: {e}; is the proxy running, and is --admin its admin.address?"
+                );
+                return exit::RUNTIME;
+            }
+        };
+        let now = std::time::Instant::now();
+        let bytes = summary["bytes_moved"].as_f64().unwrap_or(0.0);
+        let opened = summary["connections_opened"].as_f64().unwrap_or(0.0);
+        let (bps, cps) = match prev {
+            Some((t, b, c)) => {
+                let dt = now.duration_since(t).as_secs_f64().max(1e-6);
+                ((bytes - b).max(0.0) / dt, (opened - c).max(0.0) / dt)
+            }
+            None => (0.0, 0.0),
+        };
+        prev = Some((now, bytes, opened));
+        if tty {
+            // Clear the screen and go home: a redrawn table, like top(1).
+            print!("\x1b[2J\x1b[H");
+        }
+        println!(
+            "proxy at {admin}  {}  mode {}  sockmap {}",
+            if summary["ready"].as_bool().unwrap_or(false) {
+                "ready"
+            } else {
+                "NOT READY"
+            },
+            summary["mode"],
+            summary["sockmap"]
+        );
+        let share = summary["short_circuit_byte_share"]
+            .as_f64()
+            .map(|s| format!("{:.1}%", s * 100.0))
+            .unwrap_or_else(|| "n/a".into());
+        println!(
+            "connections: {} open, {} opened ({cps:.1}/s), {} failed   bytes: {} ({}/s)   short-circuit share: {share}",
+            summary["connections_active"],
+            opened,
+            summary["connections_failed"],
+            human_bytes(bytes),
+            human_bytes(bps)
+        );
+        println!(
+            "HTTP request rate, success rate and latency per route: with protocol detection (issue 4)"
+        );
+        println!(
+            "{:<40} {:>6} {:>12} {:>12}",
+            "EDGE (workload -> destination)", "OPEN", "BYTES UP", "BYTES DOWN"
+        );
+        for e in summary["edges"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "{:<40} {:>6} {:>12} {:>12}",
+                format!(
+                    "{} -> {}",
+                    e["source"].as_str().unwrap_or("?"),
+                    e["destination"].as_str().unwrap_or("?")
+                ),
+                e["connections"],
+                human_bytes(e["bytes_to_upstream"].as_f64().unwrap_or(0.0)),
+                human_bytes(e["bytes_to_client"].as_f64().unwrap_or(0.0))
+            );
+        }
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_secs_f64(interval));
+    }
+}
+
+fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} {}", UNITS[i])
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
 }

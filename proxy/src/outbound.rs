@@ -110,6 +110,35 @@ impl ConnTable {
         Value::Array(rows.into_iter().map(|r| r.1).collect())
     }
 
+    /// Open connections grouped by edge (client address -> original destination address,
+    /// ports left out), for the dashboard's topology: counts and live bytes per edge.
+    pub fn edges(&self) -> Value {
+        let mut edges: HashMap<(String, String), (u64, u64, u64)> = HashMap::new();
+        if let Ok(open) = self.open.lock() {
+            for e in open.values() {
+                let t = e.progress.snapshot();
+                let k = (e.client.ip().to_string(), e.orig_dst.ip().to_string());
+                let v = edges.entry(k).or_default();
+                v.0 += 1;
+                v.1 += t.to_upstream;
+                v.2 += t.to_client;
+            }
+        }
+        let mut list: Vec<Value> = edges
+            .into_iter()
+            .map(|((src, dst), (n, up, down))| {
+                json!({"source": src, "destination": dst, "connections": n, "bytes_to_upstream": up, "bytes_to_client": down})
+            })
+            .collect();
+        list.sort_by(|a, b| {
+            a["source"]
+                .as_str()
+                .cmp(&b["source"].as_str())
+                .then(a["destination"].as_str().cmp(&b["destination"].as_str()))
+        });
+        Value::Array(list)
+    }
+
     pub fn len(&self) -> usize {
         self.open.lock().map(|o| o.len()).unwrap_or(0)
     }

@@ -10,8 +10,9 @@ use crate::{
     sh::{self, say},
 };
 
-/// Clients the end-to-end tests run inside the pods' namespaces (prometheus: for promtool).
-const TEST_PACKAGES: &[&str] = &["curl", "socat", "python3", "prometheus"];
+/// Clients the end-to-end tests run inside the pods' namespaces (prometheus: promtool;
+/// chromium: the dashboard test).
+const TEST_PACKAGES: &[&str] = &["curl", "socat", "python3", "prometheus", "chromium"];
 
 /// The steps in order, for a summary that also lists those a failure kept from running.
 const STEPS: &[&str] = &["fmt", "build", "clippy", "tests", "bench --quick"];
