@@ -305,8 +305,44 @@ pub fn write_all(dir: &Path, run: &Run<'_>) -> Result<()> {
     md.push_str("```\n");
     md.push_str(&table(samples));
     md.push_str("```\n\nPlots: latency.svg, throughput.svg, rss.svg. Raw data: results.json, results.csv.\n");
+    md.push_str(&details(&rows));
     fs::write(dir.join("summary.md"), md)?;
     Ok(())
+}
+
+/// Every figure as median [min, max] over its repetitions, one table per workload.
+fn details(rows: &[Row]) -> String {
+    let mut out = String::from("\n## Details: median [min, max] over the repetitions\n");
+    let mut keys: Vec<(&str, &str, &str)> = Vec::new();
+    for r in rows {
+        let k = (r.workload.as_str(), r.metric.as_str(), r.unit);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let _ = write!(out, "\n| workload | metric |");
+    for sc in SCENARIO_ORDER {
+        let _ = write!(out, " {sc} |");
+    }
+    out.push_str("\n|---|---|");
+    out.push_str(&"---|".repeat(SCENARIO_ORDER.len()));
+    out.push('\n');
+    for (w, m, unit) in keys {
+        let _ = write!(out, "| {w} | {m} [{unit}] |");
+        for sc in SCENARIO_ORDER {
+            match rows
+                .iter()
+                .find(|r| r.scenario == sc && r.workload == w && r.metric == m)
+            {
+                Some(r) => {
+                    let _ = write!(out, " {} [{}, {}] |", fmt(r.median), fmt(r.min), fmt(r.max));
+                }
+                None => out.push_str(" - |"),
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn nan_null(v: f64) -> Value {
@@ -610,5 +646,11 @@ mod tests {
         assert_eq!(e, Some(Some(2.0)));
         let table = table(&[s("direct", 10.0), s("ebpf", 5.0)]);
         assert!(table.contains("(x0.50)"), "{table}");
+        let d = details(&super::rows(&[
+            s("direct", 10.0),
+            s("direct", 14.0),
+            s("direct", 12.0),
+        ]));
+        assert!(d.contains("| w | m [us] | 12.00 [10.00, 14.00] |"), "{d}");
     }
 }
