@@ -336,6 +336,13 @@ impl Collector for KernelCollector {
                 None => families.push((metric, help, vec![(label, v)])),
             }
         }
+        let entries = ConstGauge::new(i64::try_from(maps.sockhash_entries()).unwrap_or(i64::MAX));
+        entries.encode(encoder.encode_descriptor(
+            "ebpf_sockhash_entries",
+            "Sockets registered in the SOCKHASH now (4 per short-circuited connection)",
+            None,
+            entries.metric_type(),
+        )?)?;
         for (metric, help, series) in families {
             let mut fam = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
             for (label, v) in series {

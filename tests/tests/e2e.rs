@@ -894,6 +894,12 @@ fn admin_api_reports_readiness_exact_metrics_and_connections() -> Result<()> {
             && listed.contains(&format!("\"client\": \"{}:", s.client.ipv4)),
         "/debug/connections: {listed}"
     );
+    // The held connection's four sockets are registered (client, proxy in, proxy out, server).
+    let metrics = admin_get(&s.node, "/metrics")?.1;
+    ensure!(
+        sample(&metrics, "mesh_ebpf_sockhash_entries") == Some(4.0),
+        "{metrics}"
+    );
     let (_, ebpf) = admin_get(&s.node, "/debug/ebpf")?;
     ensure!(
         ebpf.contains("mesh_connect4") && ebpf.contains("MESH_SOCKS"),

@@ -124,6 +124,7 @@ enum ConnectLink {
 pub struct Maps {
     orig_dst: HashMap<MapData, OrigKey, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
+    socks: SockHash<MapData, SockKey>,
 }
 
 impl Datapath {
@@ -262,7 +263,18 @@ impl Datapath {
             fail_mode = %cfg.fail_mode,
             "eBPF programs attached"
         );
-        Ok((ebpf, connect_links, Maps { orig_dst, counters }))
+        // Taken after the sk_msg attach above; the attached program keeps its own reference.
+        let socks = take_map(&mut ebpf, map::SOCKS)?;
+        let socks = SockHash::try_from(socks).map_err(map_err(map::SOCKS, "open"))?;
+        Ok((
+            ebpf,
+            connect_links,
+            Maps {
+                orig_dst,
+                counters,
+                socks,
+            },
+        ))
     }
 
     /// Orderly stop: detach and unpin everything. In fail-closed mode the connect programs
@@ -317,6 +329,12 @@ impl Maps {
     }
 
     /// The kernel counters summed over CPUs, by `proxy_common::counter` index.
+    /// Sockets in the SOCKHASH now, counted by walking its keys. Costs one syscall per
+    /// entry, so it runs at scrape time on the admin thread, never on the data path.
+    pub fn sockhash_entries(&self) -> usize {
+        self.socks.keys().filter(Result::is_ok).count()
+    }
+
     pub fn counters(&self) -> Result<Vec<u64>, aya::maps::MapError> {
         sum_counters(&self.counters)
     }
