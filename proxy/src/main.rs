@@ -308,6 +308,22 @@ fn run(cfg: Config) -> u8 {
 }
 
 async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
+    // The pin directory lock first: a second proxy on it is refused with the clearest
+    // message before it binds ports that the first one holds.
+    let mut pins = None;
+    if cfg.mode == Mode::Ebpf {
+        match ebpf::PinDir::lock(&cfg.pin_dir) {
+            Ok(p) => pins = Some(p),
+            Err(e) => {
+                error!("{e}");
+                return match e {
+                    ebpf::PinError::Locked(_) => exit::ALREADY_RUNNING,
+                    ebpf::PinError::NotBpffs { .. } => exit::PREFLIGHT,
+                    ebpf::PinError::Io { .. } => exit::SETUP,
+                };
+            }
+        }
+    }
     let mut addrs = vec![SocketAddr::new(IpAddr::V4(cfg.bind_ipv4), cfg.port)];
     if cfg.redirect_ipv6.is_some() || cfg.mode == Mode::Iptables {
         addrs.push(SocketAddr::new(IpAddr::V6(cfg.bind_ipv6), cfg.port));
@@ -359,7 +375,10 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
                 workload_cgroup: workload_cg,
                 proxy_cgroup: proxy_cg,
             };
-            match ebpf::Datapath::start(&plan) {
+            let Some(pins) = pins else {
+                return exit::SETUP;
+            };
+            match ebpf::Datapath::start(&plan, pins) {
                 Ok((dp, maps)) => {
                     let maps = Arc::new(maps);
                     let _ = kernel.set(Arc::clone(&maps));

@@ -130,11 +130,13 @@ pub struct Maps {
 impl Datapath {
     /// Loads, configures, pins and attaches everything. Stale pins left by a crashed proxy
     /// are removed first; a pin directory held by a running proxy is refused.
-    pub fn start(plan: &Plan<'_>) -> Result<(Datapath, Maps), EbpfError> {
+    /// `pins` is the pin directory, locked by the caller first thing at start-up so a
+    /// second proxy is refused before it touches anything.
+    pub fn start(plan: &Plan<'_>, pins: PinDir) -> Result<(Datapath, Maps), EbpfError> {
         if OBJECT.is_empty() {
+            pins.remove_all_except(&[]);
             return Err(EbpfError::NoObject);
         }
-        let pins = PinDir::lock(&plan.config.pin_dir)?;
         match Datapath::start_locked(plan, &pins) {
             Ok((ebpf, connect_links, maps)) => Ok((
                 Datapath {

@@ -154,8 +154,8 @@ impl PinDir {
         })
     }
 
-    /// Removes every pin except the links and programs named in `keep`, then the directory
-    /// itself if it is empty. Errors are logged: this runs on the way out.
+    /// Removes every pin except the links and programs named in `keep`; the directory goes
+    /// too if that left it empty. Errors are logged: this runs on the way out.
     pub fn remove_all_except(self, keep: &[&str]) {
         for sub in [LINKS, PROGS, MAPS] {
             let entries = match list(&self.dir.join(sub)) {
@@ -174,6 +174,17 @@ impl PinDir {
                     warn!(path = %entry.display(), error = %e, "cannot remove pin");
                 }
             }
+        }
+        // The now empty directories go with `self` (Drop).
+    }
+}
+
+impl Drop for PinDir {
+    /// A proxy that locked the directory but stopped before pinning anything (a port in
+    /// use, a bad admin address) leaves no empty directories behind. Only empty
+    /// directories are removed: pins that must outlive the proxy stay.
+    fn drop(&mut self) {
+        for sub in [LINKS, PROGS, MAPS] {
             let _ = fs::remove_dir(self.dir.join(sub));
         }
         let _ = fs::remove_dir(&self.dir);
