@@ -4,13 +4,7 @@
 //! `/debug/summary`, show the client -> server edge, move on between two loads while the
 //! traffic runs, and log no JavaScript errors.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Output,
-    thread,
-    time::Duration,
-};
+use std::{fs, path::Path, process::Output, thread, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use tests::{Background, Binaries, Node, ProxyOptions, require_privileges, run_bounded};
@@ -62,12 +56,15 @@ fn dashboard_shows_live_numbers_and_topology() -> Result<()> {
     srv.wait_for("listening")?;
     node.start_proxy(&ProxyOptions::default())?;
 
-    // Bounded background load: many concurrent connections per run, so that some are open
-    // (and listed as an edge) whenever the page polls. `timeout` bounds the time; the
-    // loop stops at the first failed run; the node's cgroup cleanup kills what is left.
+    // Bounded background load: two staggered loops of clients with many concurrent
+    // connections each, so that some connection is open (and listed as an edge) whenever
+    // the page polls, also while one loop starts its next client. `timeout` bounds the
+    // time, LOAD_RUNS the count; a loop stops at its first failed run; the node's cgroup
+    // cleanup kills whatever is left.
     let target = format!("{}:{SERVER_PORT}", server.ipv4);
+    let runs = LOAD_RUNS / 2;
     let script = format!(
-        r#"i=0; while [ $i -lt {LOAD_RUNS} ]; do "$0" client --connect "$1" --io poll --connections 16 --send 2000000 --reply 2000000 --max-write 4096 || exit 1; i=$((i+1)); done"#
+        r#"m=$0; t=$1; run() {{ i=0; while [ $i -lt {runs} ]; do "$m" client --connect "$t" --io poll --connections 16 --send 2000000 --reply 2000000 --max-write 4096 || return 1; i=$((i+1)); done; }}; run & sleep 0.3; run; wait"#
     );
     let mut load = client.command("timeout");
     load.arg(LOAD_SECONDS.to_string())
@@ -88,7 +85,7 @@ fn dashboard_shows_live_numbers_and_topology() -> Result<()> {
     let png = artifacts.join("dashboard.png");
     let _ = fs::remove_file(&png);
     let shot = format!("--screenshot={}", png.display());
-    Page::load(
+    let third = Page::load(
         &node,
         &profile.join("3"),
         &[shot.as_str(), "--window-size=1280,900"],
@@ -108,12 +105,12 @@ fn dashboard_shows_live_numbers_and_topology() -> Result<()> {
         );
         ensure!(
             page.bytes > 0.0,
-            "{name} load: bytes moved is {}",
+            "{name} load: bytes moved is {}; load output: {load_out}",
             page.bytes
         );
         ensure!(
             page.opened > 0.0,
-            "{name} load: connections opened is {}",
+            "{name} load: connections opened is {}; load output: {load_out}",
             page.opened
         );
         ensure!(
@@ -140,6 +137,11 @@ fn dashboard_shows_live_numbers_and_topology() -> Result<()> {
         second.opened
     );
 
+    ensure!(
+        third.js_errors.is_empty(),
+        "screenshot load: JavaScript errors:\n{}",
+        third.js_errors.join("\n")
+    );
     let bytes = fs::read(&png).with_context(|| format!("no screenshot at {}", png.display()))?;
     ensure!(
         bytes.len() > 8 && bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
@@ -166,7 +168,7 @@ struct Page {
 impl Page {
     /// Loads the dashboard in a fresh profile inside the node namespace and reads the DOM
     /// after 5 s of virtual time (about five polls).
-    fn load(node: &Node, profile: &PathBuf, extra: &[&str]) -> Result<Page> {
+    fn load(node: &Node, profile: &Path, extra: &[&str]) -> Result<Page> {
         fs::create_dir_all(profile)?;
         let mut cmd = node.node_command("chromium");
         cmd.args([
@@ -213,7 +215,7 @@ impl Page {
             v.parse()
                 .with_context(|| format!("#{id} data-value {v:?} is not a number"))
         };
-        let body = tags(&dom, "body").next().context("no <body> in the DOM")?;
+        let body = *tags(&dom, "body").first().context("no <body> in the DOM")?;
         let updates = attr(body, "data-updates")
             .context("no data-updates on <body>")?
             .parse()?;
