@@ -16,12 +16,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio_stream::{StreamExt, wrappers::BroadcastStream};
 use tracing::{info, warn};
 
 use crate::{ebpf, outbound::ConnTable};
@@ -38,7 +40,16 @@ pub struct AdminState {
     pub conns: Arc<ConnTable>,
     /// The pin directory, for /debug/ebpf (None in iptables mode).
     pub pin_dir: Option<PathBuf>,
+    /// Finished-connection events, for /debug/tap.
+    pub tap: tokio::sync::broadcast::Sender<Arc<Value>>,
+    /// Taps streaming now; bounded by MAX_TAPS.
+    pub taps: std::sync::atomic::AtomicUsize,
 }
+
+/// At most this many /debug/tap streams at once: each holds a channel receiver.
+const MAX_TAPS: usize = 8;
+
+type Body = BoxBody<Bytes, Infallible>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -112,7 +123,7 @@ async fn serve(std_listener: std::net::TcpListener, state: Arc<AdminState>) {
     }
 }
 
-fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
@@ -147,6 +158,7 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         "/debug/connections" => json_response(&state.conns.snapshot()),
         "/debug/ebpf" => json_response(&ebpf_view(state)),
         "/debug/summary" => json_response(&summary(state)),
+        "/debug/tap" => tap(req, state),
         "/dashboard" => with_type(
             StatusCode::OK,
             "text/html; charset=utf-8",
@@ -154,7 +166,7 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         ),
         "/" => text(
             StatusCode::OK,
-            "/live /ready /metrics /config /debug/connections /debug/ebpf /debug/summary /dashboard\n",
+            "/live /ready /metrics /config /debug/connections /debug/ebpf /debug/summary /debug/tap /dashboard\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
     }
@@ -222,6 +234,7 @@ fn summary(state: &AdminState) -> Value {
     );
     json!({
         "ready": state.ready.load(Ordering::Relaxed),
+        "taps_open": state.taps.load(Ordering::Relaxed),
         // Closed connections' bytes (from the metrics) plus open ones' (live counters).
         "bytes_moved": closed_up + closed_down + open_bytes as f64,
         "connections_opened": total("mesh_tcp_connections_opened_total"),
@@ -255,21 +268,73 @@ fn ebpf_view(state: &AdminState) -> Value {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+/// A live stream of finished connections as JSON lines, optionally filtered with
+/// `?src=TEXT&dst=TEXT` (substring of the client / original destination address). A tap
+/// that falls behind is told how many events it lost; the data plane never waits for it.
+fn tap(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("");
+    let param = |k: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_string)
+    };
+    let (src, dst) = (param("src"), param("dst"));
+    if state.taps.fetch_add(1, Ordering::Relaxed) >= MAX_TAPS {
+        state.taps.fetch_sub(1, Ordering::Relaxed);
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many taps open; close one\n",
+        );
+    }
+    let guard = TapGuard(Arc::clone(state));
+    let stream = BroadcastStream::new(state.tap.subscribe()).filter_map(move |ev| {
+        let _keep = &guard;
+        let line = match ev {
+            Ok(v) => {
+                let s = v["client"].as_str().unwrap_or("");
+                let d = v["original_dst"].as_str().unwrap_or("");
+                if src.as_deref().is_some_and(|f| !s.contains(f))
+                    || dst.as_deref().is_some_and(|f| !d.contains(f))
+                {
+                    return None;
+                }
+                v.to_string()
+            }
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                json!({"lost": n, "reason": "the tap read too slowly"}).to_string()
+            }
+        };
+        Some(Ok::<_, Infallible>(Frame::data(Bytes::from(line + "\n"))))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
+/// Counts a tap as closed when its stream is dropped (the client went away).
+struct TapGuard(Arc<AdminState>);
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        self.0.taps.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     with_type(status, "text/plain; charset=utf-8", body.to_string())
 }
 
-fn json_response(v: &Value) -> Response<Full<Bytes>> {
+fn json_response(v: &Value) -> Response<Body> {
     let body = serde_json::to_string_pretty(v).unwrap_or_else(|_| "{}".into());
     with_type(StatusCode::OK, "application/json", body)
 }
 
-fn with_type(
-    status: StatusCode,
-    content_type: &'static str,
-    body: String,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn with_type(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(BodyExt::boxed(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

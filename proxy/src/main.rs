@@ -87,6 +87,26 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// A live stream of finished connections (client, original destination, outcome,
+    /// bytes, duration) from a running proxy, optionally filtered. Bounded: a tap that
+    /// reads too slowly loses events (it is told) instead of slowing the proxy.
+    Tap {
+        /// Admin address of the proxy.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: String,
+        /// Only connections whose client address contains this text.
+        #[arg(long)]
+        src: Option<String>,
+        /// Only connections whose original destination contains this text.
+        #[arg(long)]
+        dst: Option<String>,
+        /// Stop after this many events (default: until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Print the raw JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the kernel programs' counters (summed over CPUs) from the pin directory.
     Counters {
         /// Pin directory of the proxy to read.
@@ -184,6 +204,13 @@ fn main() -> ExitCode {
             interval,
             count,
         } => top(&admin, interval, count),
+        Command::Tap {
+            admin,
+            src,
+            dst,
+            count,
+            json,
+        } => tap(&admin, src.as_deref(), dst.as_deref(), count, json),
     };
     ExitCode::from(code)
 }
@@ -354,12 +381,15 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     let kernel = Arc::new(std::sync::OnceLock::new());
     let (metrics, registry) = metrics::Metrics::new(Arc::clone(&kernel));
     let conns = Arc::new(outbound::ConnTable::default());
+    let (tap, _) = tokio::sync::broadcast::channel(outbound::TAP_CAPACITY);
     let admin_state = Arc::new(admin::AdminState {
         ready: AtomicBool::new(false),
         registry,
         config: cfg.to_json(),
         conns: Arc::clone(&conns),
         pin_dir: (cfg.mode == Mode::Ebpf).then(|| cfg.pin_dir.clone()),
+        tap: tap.clone(),
+        taps: std::sync::atomic::AtomicUsize::new(0),
     });
     if let Err(e) = admin::start(cfg.admin_address, Arc::clone(&admin_state)) {
         error!("{e}");
@@ -413,6 +443,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         own_addrs,
         metrics,
         conns,
+        tap,
         path: if cfg.sockmap {
             "short-circuit"
         } else {
@@ -775,4 +806,86 @@ fn human_bytes(b: f64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[i])
     }
+}
+
+/// `proxy tap`: streams /debug/tap. HTTP/1.0 so the body is plain lines until close.
+fn tap(admin: &str, src: Option<&str>, dst: Option<&str>, count: Option<u64>, json: bool) -> u8 {
+    use std::io::{BufRead, BufReader, Write};
+    let bad = |v: &str| {
+        !v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".:[]".contains(c))
+    };
+    if src.is_some_and(bad) || dst.is_some_and(bad) {
+        eprintln!(
+            "proxy: --src/--dst take an address or part of one (digits, letters, '.', ':', '[', ']')"
+        );
+        return 2;
+    }
+    let Ok(addr) = admin.parse::<SocketAddr>() else {
+        eprintln!("proxy: --admin {admin:?} is not ADDRESS:PORT");
+        return 2;
+    };
+    let mut query = Vec::new();
+    if let Some(s) = src {
+        query.push(format!("src={s}"));
+    }
+    if let Some(d) = dst {
+        query.push(format!("dst={d}"));
+    }
+    let mut stream = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("proxy: cannot reach the admin API at {admin}: {e}; is the proxy running?");
+            return exit::RUNTIME;
+        }
+    };
+    if write!(
+        stream,
+        "GET /debug/tap?{} HTTP/1.0\r\nHost: {admin}\r\n\r\n",
+        query.join("&")
+    )
+    .is_err()
+    {
+        eprintln!("proxy: the admin API at {admin} closed the connection");
+        return exit::RUNTIME;
+    }
+    let mut reader = BufReader::new(stream);
+    let mut status = String::new();
+    if reader.read_line(&mut status).is_err() || !status.contains(" 200 ") {
+        eprintln!("proxy: the admin API refused the tap: {}", status.trim());
+        return exit::RUNTIME;
+    }
+    // Skip the response head.
+    let mut line = String::new();
+    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) && line.trim() != "" {
+        line.clear();
+    }
+    let mut seen = 0u64;
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        if json {
+            println!("{line}");
+        } else {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if let Some(lost) = v["lost"].as_u64() {
+                println!("... {lost} events lost (this tap read too slowly)");
+                continue;
+            }
+            println!(
+                "{} -> {}  {}  {}  up {} B  down {} B  {:.2} ms",
+                v["client"].as_str().unwrap_or("?"),
+                v["original_dst"].as_str().unwrap_or("?"),
+                v["outcome"].as_str().unwrap_or("?"),
+                v["path"].as_str().unwrap_or("?"),
+                v["bytes_to_upstream"],
+                v["bytes_to_client"],
+                v["duration_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    0
 }

@@ -43,6 +43,10 @@ pub struct Outbound {
     pub own_addrs: Vec<SocketAddr>,
     pub metrics: Arc<Metrics>,
     pub conns: Arc<ConnTable>,
+    /// Finished connections for `proxy tap`. A broadcast channel: sending never blocks or
+    /// allocates per subscriber, and a tap that reads too slowly loses events (it is told how
+    /// many) instead of slowing the data plane.
+    pub tap: tokio::sync::broadcast::Sender<Arc<Value>>,
     /// How connections travel besides the proxy's copy: "short-circuit" when the sk_msg
     /// redirect is on (the bytes still pass through the proxy, but skip TCP/IP on both
     /// same-node hops when both sockets are paired), else "proxied".
@@ -217,6 +221,9 @@ async fn accept_loop(
     }
 }
 
+/// Capacity of the tap channel: events a slow tap may fall behind before it loses some.
+pub const TAP_CAPACITY: usize = 1024;
+
 async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
     let labels = ConnLabels {
         direction: OUTBOUND,
@@ -268,7 +275,7 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
 
     // Protocol detection, balancing and TLS (issues 4 and 5) go here: the original
     // destination becomes a target resolved by the service's stack.
-    match timeout(ob.connect_timeout, TcpStream::connect(orig)).await {
+    let outcome = match timeout(ob.connect_timeout, TcpStream::connect(orig)).await {
         Ok(Ok(mut upstream)) => {
             // Latency over batching: the workload already chose how to write.
             let _ = client.set_nodelay(true);
@@ -276,12 +283,14 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
             match copy::bidirectional(&mut client, &mut upstream, ob.copy_buffer, &progress).await {
                 Ok(t) => {
                     debug!(client = %client_addr, original_dst = %orig, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
+                    "ok"
                 }
                 Err(e) => {
                     fail("reset");
                     debug!(client = %client_addr, original_dst = %orig, error = %e, "connection failed; resetting both sides");
                     copy::reset(client);
                     copy::reset(upstream);
+                    "reset"
                 }
             }
         }
@@ -289,14 +298,29 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
             fail("connect_failed");
             debug!(client = %client_addr, original_dst = %orig, error = %e, "upstream connect failed; resetting the client");
             copy::reset(client);
+            "connect_failed"
         }
         Err(_) => {
             fail("connect_timeout");
             warn!(client = %client_addr, original_dst = %orig, timeout_ms = ob.connect_timeout.as_millis() as u64, "upstream connect timed out (limits.connect_timeout_ms); resetting the client");
             copy::reset(client);
+            "connect_timeout"
         }
-    }
+    };
     let t = progress.snapshot();
+    if ob.tap.receiver_count() > 0 {
+        let _ = ob.tap.send(Arc::new(json!({
+            "client": client_addr.to_string(),
+            "original_dst": orig.to_string(),
+            "direction": OUTBOUND,
+            "protocol": TCP,
+            "path": ob.path,
+            "outcome": outcome,
+            "bytes_to_upstream": t.to_upstream,
+            "bytes_to_client": t.to_client,
+            "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+        })));
+    }
     ob.metrics
         .observe_close(&labels, started.elapsed(), t.to_upstream, t.to_client);
     ob.conns.remove(id);
