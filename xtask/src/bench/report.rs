@@ -361,20 +361,21 @@ fn colour(i: usize) -> RGBColor {
     C[i % C.len()]
 }
 
-fn plot_latency(path: &Path, rows: &[Row]) -> Result<()> {
-    let metrics = ["p50_us", "p90_us", "p99_us", "p999_us"];
-    let series: Vec<(&str, Vec<(f64, f64)>)> = SCENARIO_ORDER
+/// Medians of one metric across categories (x positions 0, 1, ...), one series per scenario.
+fn series_by_category(
+    rows: &[Row],
+    categories: &[(&str, &str)],
+) -> Vec<(&'static str, Vec<(f64, f64)>)> {
+    SCENARIO_ORDER
         .iter()
         .map(|sc| {
-            let pts = metrics
+            let pts = categories
                 .iter()
                 .enumerate()
-                .filter_map(|(i, m)| {
+                .filter_map(|(i, (workload, metric))| {
                     rows.iter()
                         .find(|r| {
-                            r.scenario == *sc
-                                && r.workload == "pingpong 1B pinned"
-                                && r.metric == *m
+                            r.scenario == *sc && r.workload == *workload && r.metric == *metric
                         })
                         .filter(|r| r.median.is_finite())
                         .map(|r| (i as f64, r.median))
@@ -382,34 +383,42 @@ fn plot_latency(path: &Path, rows: &[Row]) -> Result<()> {
                 .collect();
             (*sc, pts)
         })
-        .collect();
+        .collect()
+}
+
+/// A line chart over categorical x positions, one line per scenario.
+fn category_chart(
+    path: &Path,
+    caption: &str,
+    y_desc: &str,
+    x_labels: &[&str],
+    series: Vec<(&str, Vec<(f64, f64)>)>,
+) -> Result<()> {
     let ymax = series
         .iter()
         .flat_map(|s| s.1.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
+        .fold(0.1, f64::max)
         * 1.1;
+    let xmax = x_labels.len() as f64 - 0.8;
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "1-byte ping-pong latency, pinned (µs, median of reps)",
-            ("sans-serif", 20),
-        )
+        .caption(caption, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(-0.2f64..3.2f64, 0f64..ymax)?;
+        .build_cartesian_2d(-0.2f64..xmax, 0f64..ymax)?;
     chart
         .configure_mesh()
-        .x_labels(4)
+        .x_labels(x_labels.len())
         .x_label_formatter(&|x| {
-            ["p50", "p90", "p99", "p99.9"]
+            x_labels
                 .get(x.round() as usize)
                 .copied()
                 .unwrap_or("")
                 .to_string()
         })
-        .y_desc("µs")
+        .y_desc(y_desc)
         .draw()?;
     for (i, (name, pts)) in series.into_iter().enumerate() {
         let c = colour(i);
@@ -427,70 +436,32 @@ fn plot_latency(path: &Path, rows: &[Row]) -> Result<()> {
     Ok(())
 }
 
+fn plot_latency(path: &Path, rows: &[Row]) -> Result<()> {
+    let w = "pingpong 1B pinned";
+    let cats = [(w, "p50_us"), (w, "p90_us"), (w, "p99_us"), (w, "p999_us")];
+    category_chart(
+        path,
+        "1-byte ping-pong latency, pinned (µs, median of reps)",
+        "µs",
+        &["p50", "p90", "p99", "p99.9"],
+        series_by_category(rows, &cats),
+    )
+}
+
 fn plot_throughput(path: &Path, rows: &[Row]) -> Result<()> {
-    let sizes = ["64B", "1KiB", "16KiB", "64KiB", "1MiB"];
-    let series: Vec<(&str, Vec<(f64, f64)>)> = SCENARIO_ORDER
+    let labels = ["64B", "1KiB", "16KiB", "64KiB", "1MiB"];
+    let workloads: Vec<String> = labels.iter().map(|s| format!("stream {s} x1")).collect();
+    let cats: Vec<(&str, &str)> = workloads
         .iter()
-        .map(|sc| {
-            let pts = sizes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, s)| {
-                    rows.iter()
-                        .find(|r| {
-                            r.scenario == *sc
-                                && r.workload == format!("stream {s} x1")
-                                && r.metric == "gbit_per_s"
-                        })
-                        .filter(|r| r.median.is_finite())
-                        .map(|r| (i as f64, r.median))
-                })
-                .collect();
-            (*sc, pts)
-        })
+        .map(|w| (w.as_str(), "gbit_per_s"))
         .collect();
-    let ymax = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.1))
-        .fold(0.1, f64::max)
-        * 1.1;
-    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Stream throughput by write size, 1 connection (Gbit/s)",
-            ("sans-serif", 20),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.2f64..4.2f64, 0f64..ymax)?;
-    chart
-        .configure_mesh()
-        .x_labels(5)
-        .x_label_formatter(&|x| {
-            sizes
-                .get(x.round() as usize)
-                .copied()
-                .unwrap_or("")
-                .to_string()
-        })
-        .y_desc("Gbit/s")
-        .draw()?;
-    for (i, (name, pts)) in series.into_iter().enumerate() {
-        let c = colour(i);
-        chart
-            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    category_chart(
+        path,
+        "Stream throughput by write size, 1 connection (Gbit/s)",
+        "Gbit/s",
+        &labels,
+        series_by_category(rows, &cats),
+    )
 }
 
 fn plot_rss(path: &Path, traces: &[RssTrace]) -> Result<()> {
@@ -652,5 +623,41 @@ mod tests {
             s("direct", 12.0),
         ]));
         assert!(d.contains("| w | m [us] | 12.00 [10.00, 14.00] |"), "{d}");
+    }
+
+    #[test]
+    fn plots_render_every_scenario() -> Result<()> {
+        let mut samples = Vec::new();
+        for (k, sc) in SCENARIO_ORDER.iter().enumerate() {
+            for m in ["p50_us", "p90_us", "p99_us", "p999_us"] {
+                samples.push(Sample {
+                    scenario: (*sc).into(),
+                    workload: "pingpong 1B pinned".into(),
+                    metric: m.into(),
+                    unit: "us",
+                    value: 10.0 + k as f64,
+                });
+            }
+            samples.push(Sample {
+                scenario: (*sc).into(),
+                workload: "stream 64KiB x1".into(),
+                metric: "gbit_per_s".into(),
+                unit: "Gbit/s",
+                value: 5.0 + k as f64,
+            });
+        }
+        let rows = rows(&samples);
+        let dir = std::env::temp_dir().join(format!("bench-plot-test-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        plot_latency(&dir.join("l.svg"), &rows)?;
+        plot_throughput(&dir.join("t.svg"), &rows)?;
+        for f in ["l.svg", "t.svg"] {
+            let svg = fs::read_to_string(dir.join(f))?;
+            for sc in SCENARIO_ORDER {
+                assert!(svg.contains(sc), "{f} lacks {sc}");
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+        Ok(())
     }
 }
