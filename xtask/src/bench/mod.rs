@@ -661,6 +661,40 @@ impl<'a> Bench<'a> {
             push(w, "errors", "count", num(&j, "errors")?);
             requests += num(&j, "requests")?;
         }
+        // The same for HTTP/2: h2load at 100 req/s on each of 10 connections; its
+        // per-request log gives the percentiles. (h2load times each request from when it
+        // was sent, so unlike meshbench http a stall can hide later requests' waiting.)
+        for rep in 0..self.reps {
+            let log = self
+                .node
+                .scratch
+                .join(format!("h2load-{scenario}-{rep}.log"));
+            let mut cmd = self.client.command("h2load");
+            cmd.args([
+                "--rps=100",
+                "-c10",
+                "-m1",
+                &format!("-D{}", self.sizes.http_seconds),
+            ])
+            .arg(format!("--log-file={}", log.display()))
+            .arg(&t.http2);
+            let o = run_bounded(cmd, Duration::from_secs(120))?;
+            if !o.status.success() {
+                bail!(
+                    "h2load --rps failed: {}",
+                    String::from_utf8_lossy(&o.stdout)
+                );
+            }
+            let text = fs::read_to_string(&log)
+                .with_context(|| format!("h2load log {}", log.display()))?;
+            let (p50, p99, n, bad) = report::parse_h2load_log(&text)
+                .with_context(|| format!("h2load log {} has no requests", log.display()))?;
+            let w = "http2 1000 req/s c10".to_string();
+            push(w.clone(), "p50_us", "us", p50);
+            push(w.clone(), "p99_us", "us", p99);
+            push(w, "errors", "count", bad);
+            requests += n;
+        }
         let cpu_http = under.cpu_seconds() - cpu0;
         if requests > 0.0 && !matches!(under, UnderTest::Nothing) {
             push(

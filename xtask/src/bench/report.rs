@@ -569,6 +569,30 @@ pub fn parse_h2load(text: &str) -> Option<(f64, f64, f64)> {
     Some((rps, field("done")?, field("failed")?))
 }
 
+/// h2load --log-file: one request a line, tab-separated: start (µs since epoch), status,
+/// duration (µs). Returns (p50 µs, p99 µs, requests, requests without a 2xx status).
+pub fn parse_h2load_log(text: &str) -> Option<(f64, f64, f64, f64)> {
+    let mut durations = Vec::new();
+    let mut bad = 0u64;
+    for line in text.lines() {
+        let mut f = line.split('\t');
+        let (_, status, dur) = (f.next(), f.next()?, f.next()?);
+        let status: u16 = status.trim().parse().ok()?;
+        if !(200..300).contains(&status) {
+            bad += 1;
+        }
+        durations.push(dur.trim().parse::<f64>().ok()?);
+    }
+    if durations.is_empty() {
+        return None;
+    }
+    durations.sort_by(f64::total_cmp);
+    let rank = |p: f64| {
+        durations[((p * durations.len() as f64).ceil() as usize).clamp(1, durations.len()) - 1]
+    };
+    Some((rank(0.50), rank(0.99), durations.len() as f64, bad as f64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,6 +620,21 @@ mod tests {
         let text = "starting benchmark...\nfinished in 1.23s, 8130.08 req/s, 1.23MB/s\nrequests: 10000 total, 10000 started, 9990 done, 9980 succeeded, 10 failed, 2 errored, 1 timeout\n";
         assert_eq!(parse_h2load(text), Some((8130.08, 9990.0, 10.0)));
         assert_eq!(parse_h2load("nothing"), None);
+    }
+
+    #[test]
+    fn parses_h2load_log() {
+        let mut text = String::new();
+        for i in 1..=100 {
+            text.push_str(&format!(
+                "1700000000{i:06}\t{}\t{}\n",
+                if i == 7 { 502 } else { 200 },
+                i * 10
+            ));
+        }
+        assert_eq!(parse_h2load_log(&text), Some((500.0, 990.0, 100.0, 1.0)));
+        assert_eq!(parse_h2load_log(""), None);
+        assert_eq!(parse_h2load_log("x\ty\tz\n"), None);
     }
 
     #[test]
