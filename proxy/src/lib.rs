@@ -6,6 +6,7 @@ pub mod admin;
 pub mod cgroup;
 pub mod check;
 pub mod config;
+pub mod detect;
 pub mod ebpf;
 pub mod iptables;
 pub mod metrics;
