@@ -335,6 +335,15 @@ fn run(cfg: Config) -> u8 {
 }
 
 async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
+    // Signal handlers first: a SIGTERM during start-up must lead to an orderly stop (after
+    // start-up completes), not to the default action that would leave pins behind.
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot install signal handlers");
+            return exit::RUNTIME;
+        }
+    };
     // The pin directory lock first: a second proxy on it is refused with the clearest
     // message before it binds ports that the first one holds.
     let mut pins = None;
@@ -466,7 +475,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         stop_rx,
         DRAIN,
     ));
-    let signal = wait_for_signal().await;
+    let signal = signals.wait().await;
     admin_state.ready.store(false, Ordering::Relaxed);
     let kernel_counters = match &outbound.orig_dst {
         OrigDstSource::Ebpf(maps) => maps.counters().ok(),
@@ -503,17 +512,24 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
 /// How long open connections may finish after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(5);
 
-async fn wait_for_signal() -> &'static str {
-    let term = tokio::signal::unix::signal(SignalKind::terminate());
-    let int = tokio::signal::unix::signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => tokio::select! {
-            _ = t.recv() => "SIGTERM",
-            _ = i.recv() => "SIGINT",
-        },
-        _ => {
-            warn!("cannot install signal handlers; stopping only with SIGKILL");
-            std::future::pending().await
+/// SIGTERM and SIGINT, registered once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: tokio::signal::unix::signal(SignalKind::terminate())?,
+            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
     }
 }

@@ -152,33 +152,27 @@ impl ConnTable {
     }
 }
 
-/// Accepts until `stop` turns true, then waits up to `drain` for open connections.
+/// Accepts until `stop` turns true, then takes what is still in the accept queues (those
+/// clients already completed their handshake: dropping them would reset them), then waits up
+/// to `drain` for open connections.
 pub async fn serve(
     listeners: Vec<TcpListener>,
     outbound: Arc<Outbound>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let mut conns = JoinSet::new();
-    let mut accepts = JoinSet::new();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(1024);
     for l in listeners {
-        let tx = tx.clone();
-        accepts.spawn(accept_loop(l, tx));
+        tokio::spawn(accept_loop(l, tx.clone(), stop.clone()));
     }
     drop(tx);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            next = rx.recv() => {
-                let Some((stream, client)) = next else { break };
-                while conns.try_join_next().is_some() {}
-                let ob = Arc::clone(&outbound);
-                conns.spawn(async move { handle(stream, client, ob).await });
-            }
-        }
+    // Ends when every accept loop has finished (stopped and drained its queue).
+    while let Some((stream, client)) = rx.recv().await {
+        while conns.try_join_next().is_some() {}
+        let ob = Arc::clone(&outbound);
+        conns.spawn(async move { handle(stream, client, ob).await });
     }
-    accepts.abort_all();
     while conns.try_join_next().is_some() {}
     let open = conns.len();
     if open > 0 {
@@ -200,12 +194,33 @@ pub async fn serve(
     }
 }
 
+/// How long the accept queue must stay empty after stop before a listener closes. The
+/// interception is detached before stop, so only handshakes already in flight can still
+/// arrive; they complete within microseconds on a node.
+const ACCEPT_QUIET: Duration = Duration::from_millis(100);
+
 async fn accept_loop(
     listener: TcpListener,
     tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr)>,
+    mut stop: watch::Receiver<bool>,
 ) {
+    let mut stopping = *stop.borrow();
     loop {
-        match listener.accept().await {
+        let next = if stopping {
+            match timeout(ACCEPT_QUIET, listener.accept()).await {
+                Ok(r) => r,
+                Err(_) => return, // queue empty and quiet: close the listener
+            }
+        } else {
+            tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.changed() => {
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        match next {
             Ok((stream, client)) => {
                 if tx.send((stream, client)).await.is_err() {
                     return;
