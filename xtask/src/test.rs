@@ -43,7 +43,14 @@ fn run_steps(summary: &mut Summary, extra: &[String]) -> Result<()> {
                 .args(["fmt", "--all", "--", "--check"])
                 .current_dir(&root),
         )
-        .context("formatting differs from rustfmt's: run `cargo fmt --all`")
+        .context("formatting differs from rustfmt's: run `cargo fmt --all`")?;
+        // The kernel crate is its own workspace, so `--all` above does not reach it.
+        sh::run(
+            sh::clean_toolchain_command("cargo")?
+                .args(["fmt", "--", "--check"])
+                .current_dir(root.join("proxy-ebpf")),
+        )
+        .context("formatting of proxy-ebpf differs: run `cargo fmt` in proxy-ebpf/")
     })?;
 
     let built = summary.step("build", || {
@@ -71,7 +78,14 @@ fn run_steps(summary: &mut Summary, extra: &[String]) -> Result<()> {
         .context(
             "clippy found problems: fix them (`cargo clippy --fix --workspace --all-targets` \
              does some), then rerun",
+        )?;
+        // The kernel crate, with its own (nightly) toolchain.
+        sh::run(
+            sh::clean_toolchain_command("cargo")?
+                .args(["clippy", "--release", "--", "-D", "warnings"])
+                .current_dir(root.join("proxy-ebpf")),
         )
+        .context("clippy found problems in proxy-ebpf: run `cargo clippy --release` in proxy-ebpf/")
     })?;
 
     summary.step("tests", || {
