@@ -328,6 +328,26 @@ impl Node {
         Ok(pod)
     }
 
+    /// Turns on receive packet steering over every CPU for every interface of the node and
+    /// its pods, as multi-queue NICs and veths on real nodes spread softirq work. Races that
+    /// default loopback placement hides (a receiver's softirq running after the sender
+    /// already moved on) show up with it (../shared/notes/sockmap-measured.md).
+    pub fn spread_softirq(&self) -> Result<()> {
+        let cpus = thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+            .min(32);
+        let mask = format!("{:x}", (1u64 << cpus) - 1);
+        let script = format!(
+            "for f in /sys/class/net/*/queues/rx-*/rps_cpus; do echo {mask} > \"$f\" || exit 1; done"
+        );
+        // `ip netns exec` mounts the namespace's own /sys, where its interfaces live.
+        for ns in std::iter::once(&self.netns).chain(self.pods.iter().map(|p| &p.netns)) {
+            sh(&["ip", "netns", "exec", ns, "sh", "-c", &script])?;
+        }
+        Ok(())
+    }
+
     /// Interface name pattern of this node's pod veths (for iptables mode).
     pub fn pod_interfaces(&self) -> String {
         format!("{}+", self.if_prefix)
