@@ -392,52 +392,6 @@ fn server_speaks_first_and_data_right_after_connect() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn immediate_writes_stay_in_order_with_softirq_spread_over_cpus() -> Result<()> {
-    require!();
-    let s = Setup::new(&ProxyOptions::default(), 0)?;
-    s.node.spread_softirq()?;
-    // Connections that write right after connect(), in small pieces, both directions, many
-    // at once: the case where a direction's first bytes take the TCP path (the peer socket
-    // is not registered yet) and later ones could overtake them.
-    for seed in ["1000", "5000"] {
-        s.client(
-            &s.v4(),
-            &[
-                "--send",
-                "8192",
-                "--reply",
-                "8192",
-                "--connections",
-                "400",
-                "--max-write",
-                "512",
-                "--seed",
-                seed,
-            ],
-        )?;
-    }
-    let lines = s.server_lines();
-    ensure!(lines.len() == 800, "server saw {} connections", lines.len());
-    for l in &lines {
-        ensure!(l.contains("verified=true"), "{l}");
-    }
-    let c = s.node.counters()?;
-    // How often the mixed-path case actually happened in this run (not asserted: it is a
-    // race), for the log.
-    eprintln!(
-        "msg_redirected={:?} msg_passed_no_peer={:?} msg_passed_tainted={:?}",
-        c.get("msg_redirected"),
-        c.get("msg_passed_no_peer"),
-        c.get("msg_passed_tainted")
-    );
-    ensure!(
-        c.get("msg_redirected").is_some_and(|v| *v > 0),
-        "nothing was short-circuited: {c:?}"
-    );
-    Ok(())
-}
-
 // === what is not intercepted ===
 
 #[test]
