@@ -35,6 +35,10 @@ pub struct AdminState {
     /// proxy starts to stop.
     pub ready: AtomicBool,
     pub registry: Registry,
+    /// The same metrics the registry exports, read directly by /debug/summary.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The kernel maps once loaded (None before, and in iptables mode).
+    pub kernel: Arc<std::sync::OnceLock<Arc<ebpf::Maps>>>,
     /// The effective config, as JSON (nothing secret in it yet; TLS keys will be redacted).
     pub config: Value,
     pub conns: Arc<ConnTable>,
@@ -179,28 +183,19 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 /// Everything the dashboard and `proxy top` show, in one request: readiness, totals from
 /// the metrics, kernel counters, and open connections grouped by edge.
 fn summary(state: &AdminState) -> Value {
-    let metrics = crate::metrics::render(&state.registry)
-        .map(|t| crate::metrics::to_prometheus_text(&t))
+    let t = state.metrics.totals();
+    let kernel: serde_json::Map<String, Value> = state
+        .kernel
+        .get()
+        .and_then(|maps| maps.counters().ok())
+        .map(|v| {
+            proxy_common::counter::NAMES
+                .iter()
+                .zip(v)
+                .map(|(n, v)| ((*n).to_string(), json!(v)))
+                .collect()
+        })
         .unwrap_or_default();
-    let total = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
-    };
-    let kernel = match &state.pin_dir {
-        Some(dir) => ebpf::read_pinned_counters(dir)
-            .map(|v| {
-                proxy_common::counter::NAMES
-                    .iter()
-                    .zip(v)
-                    .map(|(n, v)| ((*n).to_string(), json!(v)))
-                    .collect::<serde_json::Map<String, Value>>()
-            })
-            .unwrap_or_default(),
-        None => serde_json::Map::new(),
-    };
     let redirected = kernel
         .get("msg_redirected_bytes")
         .and_then(Value::as_u64)
@@ -226,22 +221,16 @@ fn summary(state: &AdminState) -> Value {
                 .sum()
         })
         .unwrap_or(0);
-    let closed_up = total(
-        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_upstream\"}",
-    );
-    let closed_down = total(
-        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_client\"}",
-    );
     json!({
         "ready": state.ready.load(Ordering::Relaxed),
         "taps_open": state.taps.load(Ordering::Relaxed),
         // Closed connections' bytes (from the metrics) plus open ones' (live counters).
-        "bytes_moved": closed_up + closed_down + open_bytes as f64,
-        "connections_opened": total("mesh_tcp_connections_opened_total"),
-        "connections_active": total("mesh_tcp_connections_active"),
-        "connections_failed": total("mesh_tcp_connections_failed_total"),
-        "bytes_to_upstream_closed": closed_up,
-        "bytes_to_client_closed": closed_down,
+        "bytes_moved": (t.bytes_to_upstream + t.bytes_to_client + open_bytes) as f64,
+        "connections_opened": t.opened as f64,
+        "connections_active": t.active as f64,
+        "connections_failed": t.failed as f64,
+        "bytes_to_upstream_closed": t.bytes_to_upstream as f64,
+        "bytes_to_client_closed": t.bytes_to_client as f64,
         "short_circuit_byte_share": share,
         "kernel": kernel,
         "edges": edges,

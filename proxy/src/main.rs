@@ -394,6 +394,8 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     let admin_state = Arc::new(admin::AdminState {
         ready: AtomicBool::new(false),
         registry,
+        metrics: Arc::clone(&metrics),
+        kernel: Arc::clone(&kernel),
         config: cfg.to_json(),
         conns: Arc::clone(&conns),
         pin_dir: (cfg.mode == Mode::Ebpf).then(|| cfg.pin_dir.clone()),

@@ -51,6 +51,35 @@ pub struct ByteLabels {
 pub const OUTBOUND: &str = "outbound";
 pub const TCP: &str = "tcp";
 
+/// Why the proxy closed or reset a connection (`FailLabels::reason`).
+pub mod reason {
+    pub const ORIG_DST_UNKNOWN: &str = "orig_dst_unknown";
+    pub const LOOP: &str = "loop";
+    pub const RESET: &str = "reset";
+    pub const CONNECT_FAILED: &str = "connect_failed";
+    pub const CONNECT_TIMEOUT: &str = "connect_timeout";
+    /// Every reason, so totals can sum the family without scanning its series.
+    pub const ALL: [&str; 5] = [
+        ORIG_DST_UNKNOWN,
+        LOOP,
+        RESET,
+        CONNECT_FAILED,
+        CONNECT_TIMEOUT,
+    ];
+}
+
+/// Sums of the outbound TCP families, read straight from the metrics (for /debug/summary,
+/// which the dashboard and `proxy top` poll every second: cheaper than encoding and
+/// re-parsing the whole exposition, which also walks the SOCKHASH).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Totals {
+    pub opened: u64,
+    pub active: i64,
+    pub failed: u64,
+    pub bytes_to_upstream: u64,
+    pub bytes_to_client: u64,
+}
+
 /// Everything the data path records. Cheap to clone handles; built once at start-up.
 pub struct Metrics {
     pub opened: Family<ConnLabels, Counter>,
@@ -120,6 +149,39 @@ impl Metrics {
         r.register_collector(Box::new(KernelCollector { maps: kernel }));
         r.register_collector(Box::new(ProcessCollector));
         (m, r)
+    }
+
+    /// Reads without creating series (`Family::get`), so a summary request never adds
+    /// zero-valued series to the exposition.
+    pub fn totals(&self) -> Totals {
+        let conn = ConnLabels {
+            direction: OUTBOUND,
+            protocol: TCP,
+        };
+        let bytes = |flow: &'static str| {
+            let l = ByteLabels {
+                direction: OUTBOUND,
+                protocol: TCP,
+                flow,
+            };
+            self.bytes.get(&l).map(|c| c.get()).unwrap_or(0)
+        };
+        Totals {
+            opened: self.opened.get(&conn).map(|c| c.get()).unwrap_or(0),
+            active: self.active.get(&conn).map(|g| g.get()).unwrap_or(0),
+            failed: reason::ALL
+                .iter()
+                .filter_map(|reason| {
+                    let l = FailLabels {
+                        direction: OUTBOUND,
+                        reason,
+                    };
+                    self.failed.get(&l).map(|c| c.get())
+                })
+                .sum(),
+            bytes_to_upstream: bytes("to_upstream"),
+            bytes_to_client: bytes("to_client"),
+        }
     }
 
     pub fn observe_close(
@@ -447,6 +509,22 @@ mod tests {
         m.opened.get_or_create(&l).inc();
         m.active.get_or_create(&l).inc();
         m.observe_close(&l, Duration::from_millis(3), 10, 20);
+        m.failed
+            .get_or_create(&FailLabels {
+                direction: OUTBOUND,
+                reason: reason::LOOP,
+            })
+            .inc();
+        assert_eq!(
+            m.totals(),
+            Totals {
+                opened: 1,
+                active: 0,
+                failed: 1,
+                bytes_to_upstream: 10,
+                bytes_to_client: 20,
+            }
+        );
         let text = render(&r)?;
         assert!(
             text.contains(

@@ -26,7 +26,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    metrics::{ConnLabels, FailLabels, Metrics, OUTBOUND, TCP},
+    metrics::{ConnLabels, FailLabels, Metrics, OUTBOUND, TCP, reason},
     transport::{
         copy::{self, Progress},
         orig_dst::OrigDstSource,
@@ -263,14 +263,14 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
     let orig = match ob.orig_dst.lookup(&client, client_addr, local) {
         Ok(o) => o,
         Err(e) => {
-            fail("orig_dst_unknown");
+            fail(reason::ORIG_DST_UNKNOWN);
             warn!(error = %e, "closing connection");
             copy::reset(client);
             return;
         }
     };
     if ob.own_addrs.iter().any(|a| same_endpoint(*a, orig, local)) {
-        fail("loop");
+        fail(reason::LOOP);
         warn!(client = %client_addr, original_dst = %orig, "original destination is the proxy itself; refusing to loop");
         copy::reset(client);
         return;
@@ -301,7 +301,7 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
                     "ok"
                 }
                 Err(e) => {
-                    fail("reset");
+                    fail(reason::RESET);
                     debug!(client = %client_addr, original_dst = %orig, error = %e, "connection failed; resetting both sides");
                     copy::reset(client);
                     copy::reset(upstream);
@@ -310,13 +310,13 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
             }
         }
         Ok(Err(e)) => {
-            fail("connect_failed");
+            fail(reason::CONNECT_FAILED);
             debug!(client = %client_addr, original_dst = %orig, error = %e, "upstream connect failed; resetting the client");
             copy::reset(client);
             "connect_failed"
         }
         Err(_) => {
-            fail("connect_timeout");
+            fail(reason::CONNECT_TIMEOUT);
             warn!(client = %client_addr, original_dst = %orig, timeout_ms = ob.connect_timeout.as_millis() as u64, "upstream connect timed out (limits.connect_timeout_ms); resetting the client");
             copy::reset(client);
             "connect_timeout"
