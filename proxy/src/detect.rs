@@ -488,10 +488,8 @@ fn host_name(name: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
+    use crate::transport::test_support::tcp_pair;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const REQUEST: &[u8] = b"GET /index.html?q=1 HTTP/1.1\r\nHost: example.com\r\n\r\n";
 
@@ -935,16 +933,9 @@ mod tests {
 
     // --- detect over loopback TCP ---
 
-    async fn pair() -> io::Result<(TcpStream, TcpStream)> {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        let a = TcpStream::connect(l.local_addr()?).await?;
-        let (b, _) = l.accept().await?;
-        Ok((a, b))
-    }
-
     #[tokio::test]
     async fn client_hello_in_two_writes_is_tls_and_stays_readable() -> io::Result<()> {
-        let (mut client, mut server) = pair().await?;
+        let (mut client, mut server) = tcp_pair().await?;
         client.set_nodelay(true)?;
         let hello = client_hello("split.example.com");
         // The first part ends inside the cipher suites, before server_name.
@@ -977,7 +968,7 @@ mod tests {
 
     #[tokio::test]
     async fn http1_is_detected_and_stays_readable() -> io::Result<()> {
-        let (mut client, mut server) = pair().await?;
+        let (mut client, mut server) = tcp_pair().await?;
         client.write_all(REQUEST).await?;
         let got = detect(&server, Duration::from_secs(10)).await?;
         assert_eq!(
@@ -997,7 +988,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn silent_client_times_out_as_opaque() -> io::Result<()> {
-        let (_client, server) = pair().await?;
+        let (_client, server) = tcp_pair().await?;
         let got = detect(&server, Duration::from_millis(50)).await?;
         assert_eq!(got, (Protocol::Opaque, Outcome::Timeout));
         Ok(())
@@ -1005,7 +996,7 @@ mod tests {
 
     #[tokio::test]
     async fn partial_prefix_times_out_and_stays_readable() -> io::Result<()> {
-        let (mut client, mut server) = pair().await?;
+        let (mut client, mut server) = tcp_pair().await?;
         client.write_all(b"GET /pa").await?;
         let got = detect(&server, Duration::from_millis(50)).await?;
         assert_eq!(got, (Protocol::Opaque, Outcome::Timeout));
@@ -1021,7 +1012,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_closing_at_once_is_closed() -> io::Result<()> {
-        let (client, server) = pair().await?;
+        let (client, server) = tcp_pair().await?;
         drop(client);
         let got = detect(&server, Duration::from_secs(10)).await?;
         assert_eq!(got, (Protocol::Opaque, Outcome::Closed));
@@ -1030,7 +1021,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_closing_after_a_prefix_is_closed() -> io::Result<()> {
-        let (mut client, server) = pair().await?;
+        let (mut client, server) = tcp_pair().await?;
         client.write_all(&H2_PREFACE[..5]).await?;
         client.shutdown().await?;
         let got = detect(&server, Duration::from_secs(10)).await?;
@@ -1040,7 +1031,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_peek_buffer_is_opaque() -> io::Result<()> {
-        let (mut client, server) = pair().await?;
+        let (mut client, server) = tcp_pair().await?;
         // A request line that never ends would be Opaque by MAX_REQUEST_LINE; a TLS record
         // that promises 2^14 bytes stays undecided up to the peek limit.
         let mut big = vec![TLS_HANDSHAKE, 0x03, 0x01];

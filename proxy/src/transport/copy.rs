@@ -87,19 +87,12 @@ pub fn reset(stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
-
-    async fn pair() -> io::Result<(TcpStream, TcpStream)> {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        let a = TcpStream::connect(l.local_addr()?).await?;
-        let (b, _) = l.accept().await?;
-        Ok((a, b))
-    }
+    use crate::transport::test_support::tcp_pair;
 
     #[tokio::test]
     async fn half_close_passes_through_and_counts_bytes() -> io::Result<()> {
-        let (mut client, mut proxy_in) = pair().await?;
-        let (mut proxy_out, mut server) = pair().await?;
+        let (mut client, mut proxy_in) = tcp_pair().await?;
+        let (mut proxy_out, mut server) = tcp_pair().await?;
         let copier = tokio::spawn(async move {
             let p = Progress::default();
             bidirectional(&mut proxy_in, &mut proxy_out, 1024, &p).await
@@ -128,8 +121,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_on_one_side_ends_both() -> io::Result<()> {
-        let (client, mut proxy_in) = pair().await?;
-        let (mut proxy_out, _server) = pair().await?;
+        let (client, mut proxy_in) = tcp_pair().await?;
+        let (mut proxy_out, _server) = tcp_pair().await?;
         // The client resets: the copy must end with an error even though the server side
         // stays open and silent.
         client.set_zero_linger()?;

@@ -46,3 +46,19 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 pub fn netns_cookie(listener: &TcpListener) -> io::Result<u64> {
     getsockopt(listener, NetnsCookie).map_err(io::Error::from)
 }
+
+/// Helpers for tests that need real sockets.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::io;
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected loopback TCP pair: (the connecting end, the accepted end).
+    pub(crate) async fn tcp_pair() -> io::Result<(TcpStream, TcpStream)> {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let a = TcpStream::connect(l.local_addr()?).await?;
+        let (b, _) = l.accept().await?;
+        Ok((a, b))
+    }
+}
