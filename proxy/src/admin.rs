@@ -40,7 +40,7 @@ pub struct AdminState {
     /// The kernel maps once loaded (None before, and in iptables mode).
     pub kernel: Arc<std::sync::OnceLock<Arc<ebpf::Maps>>>,
     /// The effective config, as JSON (nothing secret in it yet; TLS keys will be redacted).
-    pub config: Value,
+    pub config: Arc<std::sync::RwLock<Value>>,
     pub conns: Arc<ConnTable>,
     /// The pin directory, for /debug/ebpf (None in iptables mode).
     pub pin_dir: Option<PathBuf>,
@@ -48,6 +48,14 @@ pub struct AdminState {
     pub tap: tokio::sync::broadcast::Sender<Arc<Value>>,
     /// Taps streaming now; bounded by MAX_TAPS.
     pub taps: std::sync::atomic::AtomicUsize,
+}
+
+/// The effective config now (replaced by every applied reload).
+fn current_config(state: &AdminState) -> Value {
+    match state.config.read() {
+        Ok(v) => v.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
 }
 
 /// At most this many /debug/tap streams at once: each holds a channel receiver.
@@ -158,7 +166,7 @@ fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
                 "encoding metrics failed\n",
             ),
         },
-        "/config" => json_response(&state.config),
+        "/config" => json_response(&current_config(state)),
         "/debug/connections" => json_response(&state.conns.snapshot()),
         "/debug/ebpf" => json_response(&ebpf_view(state)),
         "/debug/summary" => json_response(&summary(state)),
@@ -234,8 +242,8 @@ fn summary(state: &AdminState) -> Value {
         "short_circuit_byte_share": share,
         "kernel": kernel,
         "edges": edges,
-        "sockmap": state.config["intercept"]["sockmap"],
-        "mode": state.config["intercept"]["mode"],
+        "sockmap": current_config(state)["intercept"]["sockmap"],
+        "mode": current_config(state)["intercept"]["mode"],
     })
 }
 

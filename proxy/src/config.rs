@@ -11,6 +11,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::discovery::spec::{Catalog, ServiceSection, WorkloadSection};
+
 /// Where the default config file lives on a node.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ebpf-mesh/proxy.toml";
 
@@ -31,6 +33,36 @@ pub struct File {
     pub log: LogSection,
     #[serde(default)]
     pub admin: AdminSection,
+    #[serde(default)]
+    pub detect: DetectSection,
+    #[serde(default)]
+    pub http: HttpSection,
+    /// `[[service]]` tables: see `discovery::spec`.
+    #[serde(default)]
+    pub service: Vec<ServiceSection>,
+    /// `[[workload]]` tables: see `discovery::spec`.
+    #[serde(default)]
+    pub workload: Vec<WorkloadSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectSection {
+    /// How long protocol detection waits for a client's first bytes.
+    pub timeout_ms: Option<u64>,
+    /// Destination ports that skip detection (server-speaks-first protocols).
+    pub opaque_ports: Option<Vec<u16>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// A client must send a request's headers within this time (slowloris).
+    pub header_read_timeout_ms: Option<u64>,
+    /// Largest request head (HTTP/1) or header list (HTTP/2) accepted; larger gets 431.
+    pub max_header_bytes: Option<usize>,
+    /// Concurrent streams an HTTP/2 client may open on one connection.
+    pub max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +89,9 @@ pub struct ProxySection {
     pub bind_ipv4: Option<String>,
     /// Address the IPv6 listener binds.
     pub bind_ipv6: Option<String>,
+    /// How often the config file is checked for changes (services and workloads reload
+    /// without a restart).
+    pub reload_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,7 +195,33 @@ pub struct Config {
     pub log_level: String,
     pub log_json: bool,
     pub admin_address: std::net::SocketAddr,
+    pub detect_timeout: Duration,
+    /// Sorted, deduplicated.
+    pub opaque_ports: Vec<u16>,
+    pub http: HttpLimits,
+    /// Services and workloads: the part of the config a reload may change.
+    pub catalog: Catalog,
+    /// How often the config file is checked for changes.
+    pub reload_interval: Duration,
+    /// The file this config came from (None: flags only), and the flags, so that a reload
+    /// resolves the changed file exactly like start-up did.
+    pub file_path: Option<PathBuf>,
+    pub overrides: Overrides,
 }
+
+/// Limits of the HTTP server side (what a client may make the proxy hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_concurrent_streams: u32,
+}
+
+/// Ports of server-speaks-first protocols, which never send first and so would always wait
+/// out detection: SMTP (25, 587), MySQL (3306), PostgreSQL (5432; its client does speak
+/// first but often behind a proxy that does not), MongoDB (27017) is client-first and not
+/// here. Operators extend the list with `detect.opaque_ports`.
+pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 5432];
 
 /// A config error: which field, which value, why, and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +242,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(
+pub(crate) fn invalid(
     field: &'static str,
     value: impl fmt::Display,
     reason: impl Into<String>,
@@ -216,12 +277,17 @@ impl File {
 impl Config {
     /// Merges the file and the flags (flags win) and validates the result.
     pub fn resolve(file: File, o: Overrides) -> Result<Config, ConfigError> {
+        let overrides = o.clone();
         let File {
             proxy,
             intercept,
             limits,
             log,
             admin,
+            detect,
+            http,
+            service,
+            workload,
         } = file;
 
         let port = o.port.or(proxy.port).unwrap_or(15001);
@@ -488,7 +554,78 @@ impl Config {
             ));
         }
 
+        let detect_ms = detect.timeout_ms.unwrap_or(100);
+        if !(1..=10_000).contains(&detect_ms) {
+            return Err(invalid(
+                "detect.timeout_ms",
+                detect_ms,
+                "out of range 1..=10000",
+                "keep it short (default 100): every connection of a server-speaks-first protocol waits this long unless its port is in detect.opaque_ports",
+            ));
+        }
+        let mut opaque_ports = detect
+            .opaque_ports
+            .unwrap_or_else(|| DEFAULT_OPAQUE_PORTS.to_vec());
+        if opaque_ports.contains(&0) {
+            return Err(invalid(
+                "detect.opaque_ports",
+                0,
+                "port 0 is not a destination port",
+                "remove 0 from the list",
+            ));
+        }
+        opaque_ports.sort_unstable();
+        opaque_ports.dedup();
+        let header_read_ms = http.header_read_timeout_ms.unwrap_or(10_000);
+        if !(100..=600_000).contains(&header_read_ms) {
+            return Err(invalid(
+                "http.header_read_timeout_ms",
+                header_read_ms,
+                "out of range 100..=600000",
+                "use about 10000: a client that takes longer to send its headers is cut off",
+            ));
+        }
+        let max_header_bytes = http.max_header_bytes.unwrap_or(64 * 1024);
+        if !(8192..=1 << 20).contains(&max_header_bytes) {
+            return Err(invalid(
+                "http.max_header_bytes",
+                max_header_bytes,
+                "out of range 8192..=1048576",
+                "use 65536",
+            ));
+        }
+        let max_concurrent_streams = http.max_concurrent_streams.unwrap_or(256);
+        if !(1..=10_000).contains(&max_concurrent_streams) {
+            return Err(invalid(
+                "http.max_concurrent_streams",
+                max_concurrent_streams,
+                "out of range 1..=10000",
+                "use 256",
+            ));
+        }
+        let catalog = Catalog::resolve(service, workload)?;
+        let reload_ms = proxy.reload_interval_ms.unwrap_or(1000);
+        if !(100..=3_600_000).contains(&reload_ms) {
+            return Err(invalid(
+                "proxy.reload_interval_ms",
+                reload_ms,
+                "out of range 100..=3600000",
+                "use 1000: the file is re-read (and compared) once a second",
+            ));
+        }
+
         Ok(Config {
+            detect_timeout: Duration::from_millis(detect_ms),
+            opaque_ports,
+            http: HttpLimits {
+                header_read_timeout: Duration::from_millis(header_read_ms),
+                max_header_bytes,
+                max_concurrent_streams,
+            },
+            catalog,
+            reload_interval: Duration::from_millis(reload_ms),
+            file_path: None,
+            overrides,
             port,
             redirect_ipv4,
             redirect_ipv6,
@@ -524,6 +661,7 @@ impl Config {
                 "redirect_ipv6": self.redirect_ipv6,
                 "bind_ipv4": self.bind_ipv4,
                 "bind_ipv6": self.bind_ipv6,
+                "reload_interval_ms": self.reload_interval.as_millis() as u64,
             },
             "intercept": {
                 "mode": self.mode.to_string(),
@@ -543,6 +681,43 @@ impl Config {
             },
             "log": {"level": self.log_level, "json": self.log_json},
             "admin": {"address": self.admin_address.to_string()},
+            "detect": {"timeout_ms": self.detect_timeout.as_millis() as u64, "opaque_ports": self.opaque_ports},
+            "http": {
+                "header_read_timeout_ms": self.http.header_read_timeout.as_millis() as u64,
+                "max_header_bytes": self.http.max_header_bytes,
+                "max_concurrent_streams": self.http.max_concurrent_streams,
+            },
+            "services": self.catalog.services.iter().map(|s| serde_json::json!({
+                "name": s.name,
+                "addresses": s.addresses,
+                "ports": s.ports,
+                "protocol": s.protocol.as_str(),
+                "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+                    "address": e.address, "port": e.port, "weight": e.weight, "identity": e.identity,
+                })).collect::<Vec<_>>(),
+                "timeouts": {
+                    "connect_ms": s.connect_timeout.as_millis() as u64,
+                    "request_ms": s.request_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+                    "idle_ms": s.idle_timeout.as_millis() as u64,
+                },
+                "retry": {
+                    "attempts": s.retry.attempts,
+                    "statuses": s.retry.statuses,
+                    "per_try_timeout_ms": s.retry.per_try_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+                    "max_body_bytes": s.retry.max_body_bytes,
+                    "budget_ratio": s.retry.budget_ratio,
+                    "budget_min_per_sec": s.retry.budget_min_per_sec,
+                },
+                "circuit": {
+                    "consecutive_failures": s.circuit.consecutive_failures,
+                    "base_ejection_ms": s.circuit.base_ejection.as_millis() as u64,
+                    "max_ejection_ms": s.circuit.max_ejection.as_millis() as u64,
+                },
+                "max_request_body_bytes": s.max_request_body,
+            })).collect::<Vec<_>>(),
+            "workloads": self.catalog.workloads.iter().map(|w| serde_json::json!({
+                "name": w.name, "namespace": w.namespace, "identity": w.identity, "cgroups": w.cgroups,
+            })).collect::<Vec<_>>(),
         })
     }
 

@@ -3,11 +3,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod balance;
 pub mod cgroup;
 pub mod check;
 pub mod config;
 pub mod detect;
+pub mod discovery;
 pub mod ebpf;
+pub mod http;
 pub mod iptables;
 pub mod metrics;
 pub mod outbound;

@@ -20,7 +20,9 @@ use tracing::{error, info, warn};
 use proxy::{
     admin, cgroup, check, config,
     config::{Config, File, Mode, Overrides},
-    ebpf, iptables, metrics, outbound,
+    discovery,
+    discovery::Discovery,
+    ebpf, http, iptables, metrics, outbound,
     outbound::Outbound,
     transport,
     transport::orig_dst::OrigDstSource,
@@ -266,7 +268,13 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
         log_level: args.log_level.clone(),
         log_json: args.log_json,
     };
-    Config::resolve(file, o)
+    let mut cfg = Config::resolve(file, o)?;
+    cfg.file_path = match &args.config {
+        Some(p) => Some(p.clone()),
+        None if default.exists() => Some(default.to_owned()),
+        None => None,
+    };
+    Ok(cfg)
 }
 
 fn init_logging(cfg: &Config) {
@@ -388,15 +396,21 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     // The admin server comes up before interception, not ready, so a readiness probe sees
     // the transition.
     let kernel = Arc::new(std::sync::OnceLock::new());
-    let (metrics, registry) = metrics::Metrics::new(Arc::clone(&kernel));
+    let (metrics, mut registry) = metrics::Metrics::new(Arc::clone(&kernel));
     let conns = Arc::new(outbound::ConnTable::default());
     let (tap, _) = tokio::sync::broadcast::channel(outbound::TAP_CAPACITY);
+    let config_json = Arc::new(std::sync::RwLock::new(cfg.to_json()));
+    let discovery = Arc::new(Discovery::new(cfg.catalog.clone()));
+    metrics
+        .config_generation
+        .set(discovery.snapshot().generation as i64);
+    metrics::register_discovery(&mut registry, Arc::clone(&discovery));
     let admin_state = Arc::new(admin::AdminState {
         ready: AtomicBool::new(false),
         registry,
         metrics: Arc::clone(&metrics),
         kernel: Arc::clone(&kernel),
-        config: cfg.to_json(),
+        config: Arc::clone(&config_json),
         conns: Arc::clone(&conns),
         pin_dir: (cfg.mode == Mode::Ebpf).then(|| cfg.pin_dir.clone()),
         tap: tap.clone(),
@@ -447,7 +461,19 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
+    let pools = Arc::new(http::upstream::Pools::default());
+    let http = Arc::new(http::HttpProxy {
+        discovery: Arc::clone(&discovery),
+        pools: Arc::clone(&pools),
+        metrics: Arc::clone(&metrics),
+        limits: cfg.http,
+        tap: tap.clone(),
+    });
     let outbound = Arc::new(Outbound {
+        discovery: Arc::clone(&discovery),
+        http,
+        detect_timeout: cfg.detect_timeout,
+        opaque_ports: cfg.opaque_ports.clone(),
         orig_dst,
         connect_timeout: cfg.connect_timeout,
         copy_buffer: cfg.copy_buffer_bytes,
@@ -471,6 +497,31 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Idle upstream connections are closed after their service's idle timeout.
+    tokio::spawn({
+        let pools = Arc::clone(&pools);
+        let mut stop = stop_rx.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => pools.reap(std::time::Instant::now()),
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    });
+    if let Some(path) = cfg.file_path.clone() {
+        let reloader = discovery::watch::Reloader {
+            path,
+            overrides: cfg.overrides.clone(),
+            interval: cfg.reload_interval,
+            discovery: Arc::clone(&discovery),
+            metrics: Arc::clone(&outbound.metrics),
+            config_json: Arc::clone(&config_json),
+            started_with: cfg.to_json(),
+        };
+        tokio::spawn(reloader.run(stop_rx.clone()));
+    }
     let server = tokio::spawn(outbound::serve(
         listeners,
         Arc::clone(&outbound),

@@ -27,7 +27,7 @@ use crate::ebpf::Maps;
 pub struct ConnLabels {
     /// "outbound": a workload's connect, intercepted.
     pub direction: &'static str,
-    /// "tcp" until protocol detection lands (issue 4).
+    /// One of [`PROTOCOLS`].
     pub protocol: &'static str,
 }
 
@@ -50,6 +50,9 @@ pub struct ByteLabels {
 
 pub const OUTBOUND: &str = "outbound";
 pub const TCP: &str = "tcp";
+/// Every value of `ConnLabels::protocol`: opaque TCP, the two HTTP versions, and TLS from the
+/// application (forwarded as opaque, counted apart).
+pub const PROTOCOLS: [&str; 4] = [TCP, "http1", "http2", "tls"];
 
 /// Why the proxy closed or reset a connection (`FailLabels::reason`).
 pub mod reason {
@@ -58,13 +61,16 @@ pub mod reason {
     pub const RESET: &str = "reset";
     pub const CONNECT_FAILED: &str = "connect_failed";
     pub const CONNECT_TIMEOUT: &str = "connect_timeout";
+    /// A service connection found no endpoint (none configured, or all ejected).
+    pub const NO_ENDPOINTS: &str = "no_endpoints";
     /// Every reason, so totals can sum the family without scanning its series.
-    pub const ALL: [&str; 5] = [
+    pub const ALL: [&str; 6] = [
         ORIG_DST_UNKNOWN,
         LOOP,
         RESET,
         CONNECT_FAILED,
         CONNECT_TIMEOUT,
+        NO_ENDPOINTS,
     ];
 }
 
@@ -88,6 +94,66 @@ pub struct Metrics {
     pub failed: Family<FailLabels, Counter>,
     pub bytes: Family<ByteLabels, Counter>,
     pub duration: Family<ConnLabels, Histogram>,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_latency: Family<ServiceLabels, Histogram>,
+    pub grpc_responses: Family<GrpcLabels, Counter>,
+    pub body_errors: Family<ServiceLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub ejections: Family<ServiceLabels, Counter>,
+    pub detect: Family<DetectLabels, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub config_generation: Gauge,
+}
+
+/// Labels of HTTP request metrics. `service` comes from the config (bounded by it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub service: String,
+    /// "2xx" .. "5xx".
+    pub status_class: &'static str,
+    /// The proxy's own error reason ("" when the response came from the upstream).
+    pub proxy_error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub service: String,
+    /// The numeric grpc-status, or "missing" for a response that ended without one.
+    pub grpc_status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: String,
+    /// "retried" or "budget_exhausted".
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    /// "http1", "http2", "tls", "opaque" (decided by the bytes), "timeout", "peek_limit",
+    /// "closed" (fell back to opaque), "skipped" (opaque port or service).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// "applied" or "rejected".
+    pub result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to 30 s: same-node requests take tens to hundreds of microseconds, so the low
+    // buckets must resolve below a millisecond.
+    Histogram::new([
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+        1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
 }
 
 fn duration_histogram() -> Histogram {
@@ -112,6 +178,15 @@ impl Metrics {
             failed: Family::default(),
             bytes: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
+            http_requests: Family::default(),
+            http_latency: Family::new_with_constructor(latency_histogram),
+            grpc_responses: Family::default(),
+            body_errors: Family::default(),
+            retries: Family::default(),
+            ejections: Family::default(),
+            detect: Family::default(),
+            reloads: Family::default(),
+            config_generation: Gauge::default(),
         });
         let mut r = Registry::with_prefix("mesh");
         r.register(
@@ -146,6 +221,52 @@ impl Metrics {
             Unit::Seconds,
             m.duration.clone(),
         );
+        r.register(
+            "http_requests",
+            "HTTP and gRPC requests, by service, status class and proxy error reason",
+            m.http_requests.clone(),
+        );
+        r.register_with_unit(
+            "http_request_duration",
+            "Time from a request's arrival to its response's headers, retries included",
+            Unit::Seconds,
+            m.http_latency.clone(),
+        );
+        r.register(
+            "grpc_responses",
+            "gRPC responses by grpc-status (from trailers, or the head of a trailers-only response)",
+            m.grpc_responses.clone(),
+        );
+        r.register(
+            "http_response_body_errors",
+            "Responses whose body failed mid-way (the upstream closed early); the client saw an error, not a short success",
+            m.body_errors.clone(),
+        );
+        r.register(
+            "http_retries",
+            "Retries sent, and retries not sent because the budget was exhausted",
+            m.retries.clone(),
+        );
+        r.register(
+            "lb_ejections",
+            "Endpoints ejected by the circuit breaker after consecutive failures",
+            m.ejections.clone(),
+        );
+        r.register(
+            "protocol_detections",
+            "Protocol detection outcomes; timeout, peek_limit and closed fell back to opaque TCP",
+            m.detect.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config file changes applied or rejected (a rejected change leaves the running config in place)",
+            m.reloads.clone(),
+        );
+        r.register(
+            "config_generation",
+            "Generation of the service catalog in use (grows with every applied reload)",
+            m.config_generation.clone(),
+        );
         r.register_collector(Box::new(KernelCollector { maps: kernel }));
         r.register_collector(Box::new(ProcessCollector));
         (m, r)
@@ -154,34 +275,112 @@ impl Metrics {
     /// Reads without creating series (`Family::get`), so a summary request never adds
     /// zero-valued series to the exposition.
     pub fn totals(&self) -> Totals {
-        let conn = ConnLabels {
-            direction: OUTBOUND,
-            protocol: TCP,
-        };
-        let bytes = |flow: &'static str| {
-            let l = ByteLabels {
+        let mut t = Totals::default();
+        for protocol in PROTOCOLS {
+            let conn = ConnLabels {
                 direction: OUTBOUND,
-                protocol: TCP,
-                flow,
+                protocol,
             };
-            self.bytes.get(&l).map(|c| c.get()).unwrap_or(0)
-        };
-        Totals {
-            opened: self.opened.get(&conn).map(|c| c.get()).unwrap_or(0),
-            active: self.active.get(&conn).map(|g| g.get()).unwrap_or(0),
-            failed: reason::ALL
-                .iter()
-                .filter_map(|reason| {
-                    let l = FailLabels {
-                        direction: OUTBOUND,
-                        reason,
-                    };
-                    self.failed.get(&l).map(|c| c.get())
-                })
-                .sum(),
-            bytes_to_upstream: bytes("to_upstream"),
-            bytes_to_client: bytes("to_client"),
+            let bytes = |flow: &'static str| {
+                let l = ByteLabels {
+                    direction: OUTBOUND,
+                    protocol,
+                    flow,
+                };
+                self.bytes.get(&l).map(|c| c.get()).unwrap_or(0)
+            };
+            t.opened += self.opened.get(&conn).map(|c| c.get()).unwrap_or(0);
+            t.active += self.active.get(&conn).map(|g| g.get()).unwrap_or(0);
+            t.bytes_to_upstream += bytes("to_upstream");
+            t.bytes_to_client += bytes("to_client");
         }
+        t.failed = reason::ALL
+            .iter()
+            .filter_map(|reason| {
+                let l = FailLabels {
+                    direction: OUTBOUND,
+                    reason,
+                };
+                self.failed.get(&l).map(|c| c.get())
+            })
+            .sum();
+        t
+    }
+
+    pub fn http_request(
+        &self,
+        service: &str,
+        status: u16,
+        proxy_error: Option<&'static str>,
+        elapsed: Duration,
+    ) {
+        let status_class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                service: service.to_owned(),
+                status_class,
+                proxy_error: proxy_error.unwrap_or(""),
+            })
+            .inc();
+        self.http_latency
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn grpc_status(&self, service: &str, code: Option<u32>) {
+        // gRPC defines codes 0..=16; anything else is one label value, not an open set.
+        let grpc_status = match code {
+            Some(c) if c <= 16 => c.to_string(),
+            Some(_) => "invalid".into(),
+            None => "missing".into(),
+        };
+        self.grpc_responses
+            .get_or_create(&GrpcLabels {
+                service: service.to_owned(),
+                grpc_status,
+            })
+            .inc();
+    }
+
+    pub fn response_body_error(&self, service: &str) {
+        self.body_errors
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn retry(&self, service: &str, outcome: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                service: service.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn ejection(&self, service: &str) {
+        self.ejections
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn detected(&self, result: &'static str) {
+        self.detect.get_or_create(&DetectLabels { result }).inc();
+    }
+
+    pub fn config_reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
     pub fn observe_close(
@@ -555,6 +754,70 @@ mod tests {
             !classic.contains("# EOF") && !classic.contains("# UNIT"),
             "{classic}"
         );
+        Ok(())
+    }
+}
+
+// === load balancer state ===
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointStateLabels {
+    service: String,
+    /// "healthy", "ejected" or "probing".
+    state: &'static str,
+}
+
+/// Exports the endpoints of every service by circuit-breaker state, read from the current
+/// discovery snapshot at scrape time.
+pub fn register_discovery(registry: &mut Registry, discovery: Arc<crate::discovery::Discovery>) {
+    registry.register_collector(Box::new(DiscoveryCollector { discovery }));
+}
+
+struct DiscoveryCollector {
+    discovery: Arc<crate::discovery::Discovery>,
+}
+
+impl fmt::Debug for DiscoveryCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiscoveryCollector").finish()
+    }
+}
+
+impl Collector for DiscoveryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let snap = self.discovery.snapshot();
+        let now = std::time::Instant::now();
+        let states: Family<EndpointStateLabels, Gauge> = Family::default();
+        for s in &snap.services {
+            let (mut h, mut e, mut p) = (0, 0, 0);
+            for (_, b) in s.balancers() {
+                let (hh, ee, pp) = b.state_counts(now);
+                h += hh;
+                e += ee;
+                p += pp;
+            }
+            for (state, n) in [("healthy", h), ("ejected", e), ("probing", p)] {
+                states
+                    .get_or_create(&EndpointStateLabels {
+                        service: s.spec.name.clone(),
+                        state,
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        states.encode(encoder.encode_descriptor(
+            "lb_endpoints",
+            "Endpoints of each service (per service port) by circuit-breaker state",
+            None,
+            states.metric_type(),
+        )?)?;
+        let services = ConstGauge::new(i64::try_from(snap.services.len()).unwrap_or(i64::MAX));
+        services.encode(encoder.encode_descriptor(
+            "services",
+            "Services in the catalog in use",
+            None,
+            services.metric_type(),
+        )?)?;
         Ok(())
     }
 }

@@ -1,10 +1,13 @@
 //! The outbound stack: a workload's intercepted connection, from accept to its original
 //! destination. This module assembles; the algorithms live in `transport`.
 //!
-//! Per connection: recover the original destination, connect to it, copy both ways.
-//! Protocol detection, load balancing and TLS (later issues) slot in between the lookup and
-//! the upstream connect: the original destination becomes a target that is then resolved
-//! by the service's stack.
+//! Per connection: recover the original destination and look it up in discovery.
+//! - Not a service: connect to the original destination and copy both ways (transparent;
+//!   no detection, so server-speaks-first protocols never wait).
+//! - A service: unless its protocol is `opaque` or the port is in `detect.opaque_ports`,
+//!   detect the protocol with a bounded peek. HTTP/1 and HTTP/2 go to the HTTP stack
+//!   (`http`), balanced per request; TLS (SNI recorded) and anything else are balanced per
+//!   connection and copied.
 
 use std::{
     collections::HashMap,
@@ -26,9 +29,14 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    balance::PickError,
+    detect::{self, Outcome, Protocol},
+    discovery::{Discovery, ProtocolHint, Target},
+    http::{Downstream, HttpProxy},
     metrics::{ConnLabels, FailLabels, Metrics, OUTBOUND, TCP, reason},
     transport::{
         copy::{self, Progress},
+        counted::Counted,
         orig_dst::OrigDstSource,
     },
 };
@@ -51,6 +59,21 @@ pub struct Outbound {
     /// redirect is on (the bytes still pass through the proxy, but skip TCP/IP on both
     /// same-node hops when both sockets are paired), else "proxied".
     pub path: &'static str,
+    pub discovery: Arc<Discovery>,
+    pub http: Arc<HttpProxy>,
+    pub detect_timeout: Duration,
+    /// Sorted: ports that skip protocol detection.
+    pub opaque_ports: Vec<u16>,
+}
+
+/// What a connection to a service is handled as, after detection.
+enum Handling {
+    /// Not a service: copied to the original destination.
+    Passthrough,
+    /// A service, balanced per connection and copied.
+    Opaque { sni: Option<String> },
+    /// A service, served by the HTTP stack.
+    Http(Downstream),
 }
 
 // === connection table ===
@@ -66,6 +89,9 @@ pub struct ConnTable {
 struct ConnEntry {
     client: SocketAddr,
     orig_dst: SocketAddr,
+    protocol: &'static str,
+    service: Option<String>,
+    sni: Option<String>,
     started: Instant,
     path: &'static str,
     progress: Arc<Progress>,
@@ -99,7 +125,9 @@ impl ConnTable {
                             "client": e.client.to_string(),
                             "original_dst": e.orig_dst.to_string(),
                             "direction": OUTBOUND,
-                            "protocol": TCP,
+                            "protocol": e.protocol,
+                            "service": e.service,
+                            "sni": e.sni,
                             "path": e.path,
                             "bytes_to_upstream": t.to_upstream,
                             "bytes_to_client": t.to_client,
@@ -239,11 +267,7 @@ async fn accept_loop(
 /// Capacity of the tap channel: events a slow tap may fall behind before it loses some.
 pub const TAP_CAPACITY: usize = 1024;
 
-async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
-    let labels = ConnLabels {
-        direction: OUTBOUND,
-        protocol: TCP,
-    };
+async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
     let fail = |reason: &'static str| {
         ob.metrics
             .failed
@@ -276,50 +300,115 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
         return;
     }
     debug!(client = %client_addr, original_dst = %orig, "connection accepted");
+    let target = ob.discovery.lookup(orig);
+    let handling = match &target {
+        None => Handling::Passthrough,
+        Some(t) => {
+            let skip = t.service.spec.protocol == ProtocolHint::Opaque
+                || ob.opaque_ports.binary_search(&orig.port()).is_ok();
+            if skip {
+                ob.metrics.detected("skipped");
+                Handling::Opaque { sni: None }
+            } else {
+                match detect::detect(&client, ob.detect_timeout).await {
+                    Ok((protocol, outcome)) => {
+                        ob.metrics.detected(match (&protocol, outcome) {
+                            (_, Outcome::Timeout) => "timeout",
+                            (_, Outcome::PeekLimit) => "peek_limit",
+                            (_, Outcome::Closed) => "closed",
+                            (Protocol::Http1 { .. }, _) => "http1",
+                            (Protocol::Http2, _) => "http2",
+                            (Protocol::Tls { .. }, _) => "tls",
+                            (Protocol::Opaque, _) => "opaque",
+                        });
+                        if outcome == Outcome::Timeout {
+                            debug!(client = %client_addr, original_dst = %orig, "protocol detection timed out; forwarding as opaque TCP (list the port in detect.opaque_ports if the server speaks first)");
+                        }
+                        match protocol {
+                            Protocol::Http1 { .. } => Handling::Http(Downstream::Http1),
+                            Protocol::Http2 => Handling::Http(Downstream::Http2),
+                            Protocol::Tls { sni } => Handling::Opaque { sni },
+                            Protocol::Opaque => Handling::Opaque { sni: None },
+                        }
+                    }
+                    Err(e) => {
+                        fail(reason::RESET);
+                        debug!(client = %client_addr, error = %e, "client failed during protocol detection");
+                        copy::reset(client);
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let protocol = match &handling {
+        Handling::Passthrough => TCP,
+        Handling::Opaque { sni: Some(_) } => "tls",
+        Handling::Opaque { sni: None } => TCP,
+        Handling::Http(Downstream::Http1) => "http1",
+        Handling::Http(Downstream::Http2) => "http2",
+    };
+    let labels = ConnLabels {
+        direction: OUTBOUND,
+        protocol,
+    };
     ob.metrics.opened.get_or_create(&labels).inc();
     ob.metrics.active.get_or_create(&labels).inc();
     let started = Instant::now();
     let progress = Arc::new(Progress::default());
+    let service = target.as_ref().map(|t| t.service.spec.name.clone());
+    let sni = match &handling {
+        Handling::Opaque { sni } => sni.clone(),
+        _ => None,
+    };
     let id = ob.conns.insert(ConnEntry {
         client: client_addr,
         orig_dst: orig,
+        protocol,
+        service: service.clone(),
+        sni: sni.clone(),
         started,
         path: ob.path,
         progress: Arc::clone(&progress),
     });
 
-    // Protocol detection, balancing and TLS (issues 4 and 5) go here: the original
-    // destination becomes a target resolved by the service's stack.
-    let outcome = match timeout(ob.connect_timeout, TcpStream::connect(orig)).await {
-        Ok(Ok(mut upstream)) => {
-            // Latency over batching: the workload already chose how to write.
+    let outcome = match (handling, target) {
+        (Handling::Http(downstream), Some(_)) => {
             let _ = client.set_nodelay(true);
-            let _ = upstream.set_nodelay(true);
-            match copy::bidirectional(&mut client, &mut upstream, ob.copy_buffer, &progress).await {
-                Ok(t) => {
-                    debug!(client = %client_addr, original_dst = %orig, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
-                    "ok"
-                }
+            let io = Counted::new(client, Arc::clone(&progress));
+            match Arc::clone(&ob.http)
+                .serve(io, downstream, client_addr, orig)
+                .await
+            {
+                Ok(()) => "ok",
                 Err(e) => {
-                    fail(reason::RESET);
-                    debug!(client = %client_addr, original_dst = %orig, error = %e, "connection failed; resetting both sides");
-                    copy::reset(client);
-                    copy::reset(upstream);
-                    "reset"
+                    debug!(client = %client_addr, error = %e, "HTTP connection ended with an error");
+                    "http_error"
                 }
             }
         }
-        Ok(Err(e)) => {
-            fail(reason::CONNECT_FAILED);
-            debug!(client = %client_addr, original_dst = %orig, error = %e, "upstream connect failed; resetting the client");
-            copy::reset(client);
-            "connect_failed"
+        (Handling::Opaque { .. }, Some(t)) => {
+            opaque_service(&ob, client, client_addr, &t, &progress).await
         }
-        Err(_) => {
-            fail(reason::CONNECT_TIMEOUT);
-            warn!(client = %client_addr, original_dst = %orig, timeout_ms = ob.connect_timeout.as_millis() as u64, "upstream connect timed out (limits.connect_timeout_ms); resetting the client");
-            copy::reset(client);
-            "connect_timeout"
+        (_, _) => {
+            // Passthrough (a target-less Http/Opaque cannot happen: handling derives from it).
+            match timeout(ob.connect_timeout, TcpStream::connect(orig)).await {
+                Ok(Ok(upstream)) => {
+                    copy_both(&ob, client, upstream, client_addr, orig, &progress).await
+                }
+                Ok(Err(e)) => {
+                    fail(reason::CONNECT_FAILED);
+                    debug!(client = %client_addr, original_dst = %orig, error = %e, "upstream connect failed; resetting the client");
+                    copy::reset(client);
+                    "connect_failed"
+                }
+                Err(_) => {
+                    fail(reason::CONNECT_TIMEOUT);
+                    warn!(client = %client_addr, original_dst = %orig, timeout_ms = ob.connect_timeout.as_millis() as u64, "upstream connect timed out (limits.connect_timeout_ms); resetting the client");
+                    copy::reset(client);
+                    "connect_timeout"
+                }
+            }
         }
     };
     let t = progress.snapshot();
@@ -327,8 +416,11 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
         let _ = ob.tap.send(Arc::new(json!({
             "client": client_addr.to_string(),
             "original_dst": orig.to_string(),
+            "kind": "connection",
             "direction": OUTBOUND,
-            "protocol": TCP,
+            "protocol": protocol,
+            "service": service,
+            "sni": sni,
             "path": ob.path,
             "outcome": outcome,
             "bytes_to_upstream": t.to_upstream,
@@ -339,6 +431,111 @@ async fn handle(mut client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound
     ob.metrics
         .observe_close(&labels, started.elapsed(), t.to_upstream, t.to_client);
     ob.conns.remove(id);
+}
+
+/// Copies between the client and an upstream until both sides are done; resets both on an
+/// error.
+async fn copy_both(
+    ob: &Outbound,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    client_addr: SocketAddr,
+    to: SocketAddr,
+    progress: &Progress,
+) -> &'static str {
+    // Latency over batching: the workload already chose how to write.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    match copy::bidirectional(&mut client, &mut upstream, ob.copy_buffer, progress).await {
+        Ok(t) => {
+            debug!(client = %client_addr, upstream = %to, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
+            "ok"
+        }
+        Err(e) => {
+            ob.metrics
+                .failed
+                .get_or_create(&FailLabels {
+                    direction: OUTBOUND,
+                    reason: reason::RESET,
+                })
+                .inc();
+            debug!(client = %client_addr, upstream = %to, error = %e, "connection failed; resetting both sides");
+            copy::reset(client);
+            copy::reset(upstream);
+            "reset"
+        }
+    }
+}
+
+/// A service connection forwarded as opaque TCP: balanced per connection. A connect failure
+/// moves to another endpoint (nothing was sent yet) within the service's retry attempts and
+/// budget; the endpoint counts the connection as pending for its whole life, so the balancer
+/// sees long-lived connections as load.
+async fn opaque_service(
+    ob: &Outbound,
+    client: TcpStream,
+    client_addr: SocketAddr,
+    target: &Target,
+    progress: &Progress,
+) -> &'static str {
+    let svc = &target.service;
+    let spec = &svc.spec;
+    let fail = |reason: &'static str| {
+        ob.metrics
+            .failed
+            .get_or_create(&FailLabels {
+                direction: OUTBOUND,
+                reason,
+            })
+            .inc();
+    };
+    let Some(balancer) = svc.balancer(target.port) else {
+        fail(reason::NO_ENDPOINTS);
+        copy::reset(client);
+        return "no_endpoints";
+    };
+    svc.budget.deposit(Instant::now());
+    let mut tried = Vec::new();
+    loop {
+        let ep = match balancer.pick(Instant::now(), &tried) {
+            Ok(ep) => ep,
+            Err(e) => {
+                fail(reason::NO_ENDPOINTS);
+                debug!(client = %client_addr, service = %spec.name, error = %e, "no endpoint for an opaque connection; resetting the client");
+                copy::reset(client);
+                return match e {
+                    PickError::NoEndpoints => "no_endpoints",
+                    PickError::AllEjected => "circuit_open",
+                };
+            }
+        };
+        tried.push(ep.addr);
+        let attempt = ep.start(Instant::now());
+        match timeout(spec.connect_timeout, TcpStream::connect(ep.addr)).await {
+            Ok(Ok(upstream)) => {
+                attempt.success(Instant::now());
+                let _active = ep.start(Instant::now());
+                return copy_both(ob, client, upstream, client_addr, ep.addr, progress).await;
+            }
+            Ok(Err(_)) | Err(_) => {
+                if attempt.failure(Instant::now(), &spec.circuit) {
+                    ob.metrics.ejection(&spec.name);
+                }
+                let more = (tried.len() as u32) <= spec.retry.attempts;
+                if more && svc.budget.try_withdraw(Instant::now()) {
+                    ob.metrics.retry(&spec.name, "retried");
+                    continue;
+                }
+                if more {
+                    ob.metrics.retry(&spec.name, "budget_exhausted");
+                }
+                fail(reason::CONNECT_FAILED);
+                debug!(client = %client_addr, service = %spec.name, endpoint = %ep.addr, "endpoint connect failed; resetting the client");
+                copy::reset(client);
+                return "connect_failed";
+            }
+        }
+    }
 }
 
 /// True if `orig` is the listener `own` (a wildcard listener matches the local address the

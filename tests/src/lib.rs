@@ -537,7 +537,8 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if thread::panicking() {
+        // MESH_TEST_LOG=1 prints the log of every node, also of tests that return an error.
+        if thread::panicking() || std::env::var_os("MESH_TEST_LOG").is_some() {
             eprintln!(
                 "--- proxy log of {} ---\n{}",
                 self.id,

@@ -12,7 +12,18 @@ use crate::{
 
 /// Clients the end-to-end tests run inside the pods' namespaces (prometheus: promtool;
 /// chromium: the dashboard test).
-const TEST_PACKAGES: &[&str] = &["curl", "socat", "python3", "prometheus", "chromium"];
+const TEST_PACKAGES: &[&str] = &[
+    "curl",
+    "socat",
+    "python3",
+    "prometheus",
+    "chromium",
+    // End-to-end HTTP tests: real clients (h2load, wrk), gRPC and WebSocket from Python.
+    "nghttp2-client",
+    "wrk",
+    "python3-grpcio",
+    "python3-websockets",
+];
 
 /// The steps in order, for a summary that also lists those a failure kept from running.
 const STEPS: &[&str] = &["fmt", "build", "clippy", "tests", "bench --quick"];

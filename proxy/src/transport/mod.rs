@@ -2,6 +2,7 @@
 //! bidirectional copy.
 
 pub mod copy;
+pub mod counted;
 pub mod orig_dst;
 
 use std::{io, net::SocketAddr};

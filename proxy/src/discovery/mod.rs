@@ -1,0 +1,304 @@
+//! Service discovery: which virtual addresses are services, and their endpoints.
+//!
+//! Every source of services (the config file today, the Kubernetes API in issue 8) feeds the
+//! same interface, [`Discovery::apply`], with a validated [`Catalog`]. `apply` builds a new
+//! [`Snapshot`] off the hot path, reusing the load-balancer state of endpoints that stay (so a
+//! reload neither forgets latencies nor un-ejects a failing endpoint), then swaps it in with
+//! one pointer store. Connections and requests look the snapshot up per request and keep the
+//! `Arc`s they took, so a swap never disturbs anything in flight.
+
+pub mod spec;
+pub mod watch;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::balance::{Balancer, Endpoint, RetryBudget};
+pub use spec::{Catalog, ProtocolHint, ServiceSpec, WorkloadSpec};
+
+/// The window of every service's retry budget (the shape of linkerd's default).
+pub const RETRY_BUDGET_TTL: Duration = Duration::from_secs(10);
+
+/// A service with its runtime state.
+pub struct Service {
+    pub spec: ServiceSpec,
+    /// One balancer per service port: endpoints without a port of their own take the port
+    /// the workload connected to.
+    balancers: HashMap<u16, Balancer>,
+    pub budget: Arc<RetryBudget>,
+}
+
+impl Service {
+    pub fn balancer(&self, port: u16) -> Option<&Balancer> {
+        self.balancers.get(&port)
+    }
+
+    /// Every endpoint of every port, for metrics and status.
+    pub fn balancers(&self) -> impl Iterator<Item = (&u16, &Balancer)> {
+        self.balancers.iter()
+    }
+}
+
+/// What a connection to a service's virtual address resolves to.
+#[derive(Clone)]
+pub struct Target {
+    pub service: Arc<Service>,
+    /// The service port the workload connected to.
+    pub port: u16,
+}
+
+/// One generation of the catalog, ready for lookups.
+pub struct Snapshot {
+    pub generation: u64,
+    pub catalog: Catalog,
+    pub services: Vec<Arc<Service>>,
+    by_addr: HashMap<SocketAddr, (usize, u16)>,
+    workloads_by_cgroup: HashMap<PathBuf, usize>,
+}
+
+impl Snapshot {
+    pub fn lookup(&self, dst: SocketAddr) -> Option<Target> {
+        let dst = SocketAddr::new(canonical(dst.ip()), dst.port());
+        let (i, port) = self.by_addr.get(&dst)?;
+        Some(Target {
+            service: Arc::clone(self.services.get(*i)?),
+            port: *port,
+        })
+    }
+
+    /// The workload a cgroup (relative to the cgroup v2 mount) belongs to.
+    pub fn workload_of_cgroup(&self, cgroup: &std::path::Path) -> Option<&WorkloadSpec> {
+        let i = self.workloads_by_cgroup.get(cgroup)?;
+        self.catalog.workloads.get(*i)
+    }
+}
+
+/// An IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4 peer) is the IPv4
+/// address for lookups.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// The current snapshot, swapped as a whole.
+pub struct Discovery {
+    current: RwLock<Arc<Snapshot>>,
+    next_generation: AtomicU64,
+}
+
+impl Discovery {
+    pub fn new(catalog: Catalog) -> Discovery {
+        let d = Discovery {
+            current: RwLock::new(Arc::new(Snapshot {
+                generation: 0,
+                catalog: Catalog::default(),
+                services: Vec::new(),
+                by_addr: HashMap::new(),
+                workloads_by_cgroup: HashMap::new(),
+            })),
+            next_generation: AtomicU64::new(1),
+        };
+        d.apply(catalog);
+        d
+    }
+
+    /// The current snapshot: a clone of an `Arc` under a read lock held for nanoseconds.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self.current.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn lookup(&self, dst: SocketAddr) -> Option<Target> {
+        self.snapshot().lookup(dst)
+    }
+
+    /// Installs a new catalog and returns its generation.
+    pub fn apply(&self, catalog: Catalog) -> u64 {
+        let old = self.snapshot();
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let next = Arc::new(build(generation, catalog, &old));
+        match self.current.write() {
+            Ok(mut g) => *g = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+        generation
+    }
+}
+
+fn build(generation: u64, catalog: Catalog, old: &Snapshot) -> Snapshot {
+    let old_by_name: HashMap<&str, &Arc<Service>> = old
+        .services
+        .iter()
+        .map(|s| (s.spec.name.as_str(), s))
+        .collect();
+    let mut services = Vec::with_capacity(catalog.services.len());
+    let mut by_addr = HashMap::new();
+    for (i, spec) in catalog.services.iter().enumerate() {
+        let prev = old_by_name.get(spec.name.as_str());
+        let mut balancers = HashMap::new();
+        for port in &spec.ports {
+            let endpoints = spec
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let addr = e.socket_addr(*port);
+                    // Same address, weight and identity: the same endpoint, state and all.
+                    let kept = prev
+                        .and_then(|p| p.balancers.get(port))
+                        .and_then(|b| {
+                            b.endpoints().iter().find(|x| {
+                                x.addr == addr && x.weight == e.weight && x.identity == e.identity
+                            })
+                        })
+                        .cloned();
+                    kept.unwrap_or_else(|| {
+                        Arc::new(Endpoint::new(addr, e.weight, e.identity.clone()))
+                    })
+                })
+                .collect();
+            balancers.insert(*port, Balancer::new(endpoints));
+            for ip in &spec.addresses {
+                by_addr.insert(SocketAddr::new(canonical(*ip), *port), (i, *port));
+            }
+        }
+        let budget = match prev {
+            Some(p)
+                if p.spec.retry.budget_ratio == spec.retry.budget_ratio
+                    && p.spec.retry.budget_min_per_sec == spec.retry.budget_min_per_sec =>
+            {
+                Arc::clone(&p.budget)
+            }
+            _ => Arc::new(RetryBudget::new(
+                spec.retry.budget_ratio,
+                spec.retry.budget_min_per_sec,
+                RETRY_BUDGET_TTL,
+            )),
+        };
+        services.push(Arc::new(Service {
+            spec: spec.clone(),
+            balancers,
+            budget,
+        }));
+    }
+    let mut workloads_by_cgroup = HashMap::new();
+    for (i, w) in catalog.workloads.iter().enumerate() {
+        for c in &w.cgroups {
+            workloads_by_cgroup.insert(c.clone(), i);
+        }
+    }
+    Snapshot {
+        generation,
+        catalog,
+        services,
+        by_addr,
+        workloads_by_cgroup,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::spec::{EndpointSpec, RetryPolicy};
+    use std::time::Instant;
+
+    fn service(name: &str, vip: &str, eps: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            addresses: vec![vip.parse().unwrap_or_else(|_| unreachable!())],
+            ports: vec![80],
+            protocol: ProtocolHint::Auto,
+            endpoints: eps
+                .iter()
+                .map(|e| EndpointSpec {
+                    address: e.parse().unwrap_or_else(|_| unreachable!()),
+                    port: Some(8080),
+                    weight: 1,
+                    identity: None,
+                })
+                .collect(),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: None,
+            idle_timeout: Duration::from_secs(60),
+            max_request_body: None,
+            retry: RetryPolicy {
+                attempts: 2,
+                statuses: vec![503],
+                per_try_timeout: None,
+                max_body_bytes: 1024,
+                budget_ratio: 0.2,
+                budget_min_per_sec: 10,
+            },
+            circuit: Default::default(),
+        }
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap_or_else(|_| unreachable!())
+    }
+
+    #[test]
+    fn lookup_by_vip_and_mapped_address() {
+        let d = Discovery::new(Catalog {
+            services: vec![service("web", "10.96.0.10", &["10.0.0.1"])],
+            workloads: vec![],
+        });
+        let t = d.lookup(sa("10.96.0.10:80"));
+        assert!(
+            t.as_ref()
+                .is_some_and(|t| t.service.spec.name == "web" && t.port == 80)
+        );
+        assert!(d.lookup(sa("[::ffff:10.96.0.10]:80")).is_some());
+        assert!(d.lookup(sa("10.96.0.10:81")).is_none());
+        assert!(d.lookup(sa("10.96.0.11:80")).is_none());
+        let b = t.and_then(|t| t.service.balancer(80).map(|b| b.endpoints()[0].addr));
+        assert_eq!(b, Some(sa("10.0.0.1:8080")));
+    }
+
+    #[test]
+    fn reload_keeps_endpoint_state_and_generation_grows() {
+        let d = Discovery::new(Catalog {
+            services: vec![service("web", "10.96.0.10", &["10.0.0.1", "10.0.0.2"])],
+            workloads: vec![],
+        });
+        let g1 = d.snapshot().generation;
+        let before = d.lookup(sa("10.96.0.10:80")).and_then(|t| {
+            t.service
+                .balancer(80)
+                .map(|b| Arc::clone(&b.endpoints()[0]))
+        });
+        // An in-flight request holds its endpoint across the reload.
+        let inflight = before.as_ref().map(|e| e.start(Instant::now()));
+        let g2 = d.apply(Catalog {
+            services: vec![service("web", "10.96.0.10", &["10.0.0.1", "10.0.0.3"])],
+            workloads: vec![],
+        });
+        assert!(g2 > g1);
+        let after = d
+            .lookup(sa("10.96.0.10:80"))
+            .and_then(|t| t.service.balancer(80).map(|b| b.endpoints().to_vec()));
+        let after = after.unwrap_or_default();
+        assert_eq!(after.len(), 2);
+        assert!(before.as_ref().is_some_and(|b| Arc::ptr_eq(b, &after[0])));
+        assert_eq!(after[0].pending(), 1);
+        drop(inflight);
+        assert_eq!(after[0].pending(), 0);
+        assert_eq!(after[1].addr, sa("10.0.0.3:8080"));
+        d.apply(Catalog::default());
+        assert!(d.lookup(sa("10.96.0.10:80")).is_none());
+    }
+}
