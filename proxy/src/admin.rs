@@ -48,6 +48,8 @@ pub struct AdminState {
     pub tap: tokio::sync::broadcast::Sender<Arc<Value>>,
     /// Taps streaming now; bounded by MAX_TAPS.
     pub taps: std::sync::atomic::AtomicUsize,
+    /// Services and endpoints, for /debug/services.
+    pub discovery: Arc<crate::discovery::Discovery>,
 }
 
 /// The effective config now (replaced by every applied reload).
@@ -170,6 +172,7 @@ fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
         "/debug/connections" => json_response(&state.conns.snapshot()),
         "/debug/ebpf" => json_response(&ebpf_view(state)),
         "/debug/summary" => json_response(&summary(state)),
+        "/debug/services" => json_response(&services(state)),
         "/debug/tap" => tap(req, state),
         "/dashboard" => with_type(
             StatusCode::OK,
@@ -178,7 +181,7 @@ fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
         ),
         "/" => text(
             StatusCode::OK,
-            "/live /ready /metrics /config /debug/connections /debug/ebpf /debug/summary /debug/tap /dashboard\n",
+            "/live /ready /metrics /config /debug/connections /debug/ebpf /debug/services /debug/summary /debug/tap /dashboard\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
     }
@@ -187,6 +190,68 @@ fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
 /// The web dashboard: one self-contained page (no external resources) that polls
 /// /debug/summary.
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Services with their endpoints' balancer and breaker state.
+fn services(state: &AdminState) -> Value {
+    let snap = state.discovery.snapshot();
+    let now = std::time::Instant::now();
+    let list: Vec<Value> = snap
+        .services
+        .iter()
+        .map(|s| {
+            let mut ports: Vec<_> = s.balancers().collect();
+            ports.sort_by_key(|(p, _)| **p);
+            let endpoints: Vec<Value> = ports
+                .iter()
+                .flat_map(|(port, b)| {
+                    b.endpoints().iter().map(move |e| {
+                        json!({
+                            "service_port": port,
+                            "address": e.addr.to_string(),
+                            "weight": e.weight,
+                            "identity": e.identity,
+                            "state": match e.state(now) {
+                                crate::balance::EndpointState::Healthy => "healthy",
+                                crate::balance::EndpointState::Ejected => "ejected",
+                                crate::balance::EndpointState::Probing => "probing",
+                            },
+                            "pending": e.pending(),
+                            "latency_ewma_ms": e.ewma_secs(now) * 1000.0,
+                            "ejections": e.ejections(),
+                        })
+                    })
+                })
+                .collect();
+            json!({
+                "name": s.spec.name,
+                "protocol": s.spec.protocol.as_str(),
+                "addresses": s.spec.addresses,
+                "ports": s.spec.ports,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({"generation": snap.generation, "services": list})
+}
+
+/// Per-service request totals and latency buckets (cumulative; `proxy top` and the
+/// dashboard diff two polls).
+fn routes(state: &AdminState) -> Value {
+    let list: Vec<Value> = state
+        .metrics
+        .routes()
+        .into_iter()
+        .map(|(name, r)| {
+            json!({
+                "service": name,
+                "requests": r.requests,
+                "failures": r.failures,
+                "buckets": r.buckets,
+            })
+        })
+        .collect();
+    json!({"bucket_bounds": crate::metrics::LATENCY_BUCKETS, "services": list})
+}
 
 /// Everything the dashboard and `proxy top` show, in one request: readiness, totals from
 /// the metrics, kernel counters, and open connections grouped by edge.
@@ -234,6 +299,7 @@ fn summary(state: &AdminState) -> Value {
         "taps_open": state.taps.load(Ordering::Relaxed),
         // Closed connections' bytes (from the metrics) plus open ones' (live counters).
         "bytes_moved": (t.bytes_to_upstream + t.bytes_to_client + open_bytes) as f64,
+        "routes": routes(state),
         "connections_opened": t.opened as f64,
         "connections_active": t.active as f64,
         "connections_failed": t.failed as f64,

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -415,6 +416,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         pin_dir: (cfg.mode == Mode::Ebpf).then(|| cfg.pin_dir.clone()),
         tap: tap.clone(),
         taps: std::sync::atomic::AtomicUsize::new(0),
+        discovery: Arc::clone(&discovery),
     });
     if let Err(e) = admin::start(cfg.admin_address, Arc::clone(&admin_state)) {
         error!("{e}");
@@ -692,10 +694,14 @@ fn status(admin: &str, json: bool) -> u8 {
         .ok()
         .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
         .unwrap_or_default();
+    let services = get("/debug/services")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .unwrap_or_default();
     if json {
         println!(
             "{}",
-            serde_json::json!({"ready": ready, "config": config, "ebpf": ebpf, "connections": conns})
+            serde_json::json!({"ready": ready, "config": config, "ebpf": ebpf, "services": services, "connections": conns})
         );
         return 0;
     }
@@ -732,13 +738,42 @@ fn status(admin: &str, json: bool) -> u8 {
             println!("  {k:<28} {v}");
         }
     }
+    let svcs = services["services"].as_array().cloned().unwrap_or_default();
+    println!(
+        "services: {} (config generation {})",
+        svcs.len(),
+        services["generation"]
+    );
+    for s in &svcs {
+        let eps = s["endpoints"].as_array().cloned().unwrap_or_default();
+        let healthy = eps.iter().filter(|e| e["state"] == "healthy").count();
+        println!(
+            "  {:<20} {:<7} {} port {}  endpoints {healthy}/{} healthy",
+            s["name"].as_str().unwrap_or("?"),
+            s["protocol"].as_str().unwrap_or("?"),
+            s["addresses"],
+            s["ports"],
+            eps.len()
+        );
+        for e in eps.iter().take(20) {
+            println!(
+                "    {:<28} {:<8} pending {:<4} latency {:>8.2} ms  ejections {}",
+                e["address"].as_str().unwrap_or("?"),
+                e["state"].as_str().unwrap_or("?"),
+                e["pending"],
+                e["latency_ewma_ms"].as_f64().unwrap_or(0.0),
+                e["ejections"]
+            );
+        }
+    }
     let list = conns.as_array().cloned().unwrap_or_default();
     println!("open connections: {}", list.len());
     for c in list.iter().take(20) {
         println!(
-            "  {} -> {}  {}  up {} B  down {} B  {:.1} s",
+            "  {} -> {}  {} {}  up {} B  down {} B  {:.1} s",
             c["client"].as_str().unwrap_or("?"),
             c["original_dst"].as_str().unwrap_or("?"),
+            c["protocol"].as_str().unwrap_or("?"),
             c["path"].as_str().unwrap_or("?"),
             c["bytes_to_upstream"],
             c["bytes_to_client"],
@@ -782,6 +817,7 @@ fn top(admin: &str, interval: f64, count: Option<u64>) -> u8 {
     }
     let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut prev: Option<(std::time::Instant, f64, f64)> = None;
+    let mut prev_routes: HashMap<String, RoutePoll> = HashMap::new();
     let mut n = 0u64;
     loop {
         let summary = match admin_get(admin, "/debug/summary") {
@@ -807,7 +843,6 @@ fn top(admin: &str, interval: f64, count: Option<u64>) -> u8 {
             }
             None => (0.0, 0.0),
         };
-        prev = Some((now, bytes, opened));
         if tty {
             // Clear the screen and go home: a redrawn table, like top(1).
             print!("\x1b[2J\x1b[H");
@@ -834,9 +869,53 @@ fn top(admin: &str, interval: f64, count: Option<u64>) -> u8 {
             human_bytes(bytes),
             human_bytes(bps)
         );
+        let routes = summary["routes"]["services"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let bounds: Vec<f64> = summary["routes"]["bucket_bounds"]
+            .as_array()
+            .map(|b| b.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
         println!(
-            "HTTP request rate, success rate and latency per route: with protocol detection (issue 4)"
+            "{:<24} {:>10} {:>9} {:>10} {:>10}",
+            "SERVICE", "REQ/S", "SUCCESS", "P50", "P99"
         );
+        let mut next_routes = HashMap::new();
+        for r in &routes {
+            let name = r["service"].as_str().unwrap_or("?").to_string();
+            let cur = RoutePoll::from_json(r);
+            let rate = match (&prev_routes.get(&name), prev) {
+                (Some(p), Some(_)) => cur.delta(p),
+                _ => cur.clone(),
+            };
+            let dt = prev
+                .map(|(t, _, _)| now.duration_since(t).as_secs_f64().max(1e-6))
+                .unwrap_or(1.0);
+            let fmt_q = |q: f64| {
+                rate.quantile(&bounds, q)
+                    .map(|s| format!("{:.2} ms", s * 1000.0))
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "{:<24} {:>10.1} {:>9} {:>10} {:>10}",
+                name,
+                rate.requests as f64 / dt,
+                if rate.requests > 0 {
+                    format!(
+                        "{:.1}%",
+                        100.0 * (rate.requests - rate.failures.min(rate.requests)) as f64
+                            / rate.requests as f64
+                    )
+                } else {
+                    "-".into()
+                },
+                fmt_q(0.5),
+                fmt_q(0.99)
+            );
+            next_routes.insert(name, cur);
+        }
+        prev_routes = next_routes;
         println!(
             "{:<40} {:>6} {:>12} {:>12}",
             "EDGE (workload -> destination)", "OPEN", "BYTES UP", "BYTES DOWN"
@@ -854,11 +933,66 @@ fn top(admin: &str, interval: f64, count: Option<u64>) -> u8 {
                 human_bytes(e["bytes_to_client"].as_f64().unwrap_or(0.0))
             );
         }
+        prev = Some((now, bytes, opened));
         n += 1;
         if count.is_some_and(|c| n >= c) {
             return 0;
         }
         std::thread::sleep(Duration::from_secs_f64(interval));
+    }
+}
+
+/// One service's cumulative request counts as /debug/summary reports them.
+#[derive(Clone, Default)]
+struct RoutePoll {
+    requests: u64,
+    failures: u64,
+    buckets: Vec<u64>,
+}
+
+impl RoutePoll {
+    fn from_json(v: &serde_json::Value) -> RoutePoll {
+        RoutePoll {
+            requests: v["requests"].as_u64().unwrap_or(0),
+            failures: v["failures"].as_u64().unwrap_or(0),
+            buckets: v["buckets"]
+                .as_array()
+                .map(|b| b.iter().map(|x| x.as_u64().unwrap_or(0)).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// What happened since `earlier` (a reload that reset nothing still never goes
+    /// negative: counters only grow, and a shorter list is padded with zeros).
+    fn delta(&self, earlier: &RoutePoll) -> RoutePoll {
+        RoutePoll {
+            requests: self.requests.saturating_sub(earlier.requests),
+            failures: self.failures.saturating_sub(earlier.failures),
+            buckets: self
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b.saturating_sub(earlier.buckets.get(i).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (None without requests; the
+    /// +Inf bucket reports the largest finite bound).
+    fn quantile(&self, bounds: &[f64], q: f64) -> Option<f64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b;
+            if seen >= rank {
+                return bounds.get(i).or(bounds.last()).copied();
+            }
+        }
+        bounds.last().copied()
     }
 }
 
@@ -938,6 +1072,33 @@ fn tap(admin: &str, src: Option<&str>, dst: Option<&str>, count: Option<u64>, js
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if let Some(lost) = v["lost"].as_u64() {
                 println!("... {lost} events lost (this tap read too slowly)");
+                continue;
+            }
+            if v["kind"] == "request" {
+                let grpc = v["grpc_status"]
+                    .as_u64()
+                    .map(|g| format!(" grpc-status {g}"))
+                    .unwrap_or_default();
+                let err = v["proxy_error"]
+                    .as_str()
+                    .map(|e| format!(" proxy-error {e}"))
+                    .unwrap_or_default();
+                println!(
+                    "{} -> {} ({} via {})  {} {} {}  {}{grpc}{err}  {:.2} ms",
+                    v["client"].as_str().unwrap_or("?"),
+                    v["service"].as_str().unwrap_or("?"),
+                    v["original_dst"].as_str().unwrap_or("?"),
+                    v["endpoint"].as_str().unwrap_or("-"),
+                    v["protocol"].as_str().unwrap_or("?"),
+                    v["method"].as_str().unwrap_or("?"),
+                    v["path"].as_str().unwrap_or("?"),
+                    v["status"],
+                    v["latency_ms"].as_f64().unwrap_or(0.0)
+                );
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    break;
+                }
                 continue;
             }
             println!(

@@ -103,6 +103,25 @@ pub struct Metrics {
     pub detect: Family<DetectLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub config_generation: Gauge,
+    /// Per-service request counts and latency buckets for `proxy top` and the dashboard,
+    /// which diff two polls (Prometheus histograms cannot be read back here).
+    pub routes: std::sync::Mutex<std::collections::HashMap<String, RouteStat>>,
+}
+
+/// Upper bounds (seconds) of [`RouteStat::buckets`]: the request latency histogram's.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+
+/// Cumulative counts of one service's requests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteStat {
+    pub requests: u64,
+    /// 5xx responses, the proxy's own errors included.
+    pub failures: u64,
+    /// Requests per latency bucket (not cumulative); the last slot is +Inf.
+    pub buckets: [u64; LATENCY_BUCKETS.len() + 1],
 }
 
 /// Labels of HTTP request metrics. `service` comes from the config (bounded by it).
@@ -150,10 +169,7 @@ pub struct ReloadLabels {
 fn latency_histogram() -> Histogram {
     // 50 µs to 30 s: same-node requests take tens to hundreds of microseconds, so the low
     // buckets must resolve below a millisecond.
-    Histogram::new([
-        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-        1.0, 2.5, 5.0, 10.0, 30.0,
-    ])
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 fn duration_histogram() -> Histogram {
@@ -187,6 +203,7 @@ impl Metrics {
             detect: Family::default(),
             reloads: Family::default(),
             config_generation: Gauge::default(),
+            routes: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
         let mut r = Registry::with_prefix("mesh");
         r.register(
@@ -328,11 +345,40 @@ impl Metrics {
                 proxy_error: proxy_error.unwrap_or(""),
             })
             .inc();
+        let secs = elapsed.as_secs_f64();
         self.http_latency
             .get_or_create(&ServiceLabels {
                 service: service.to_owned(),
             })
-            .observe(elapsed.as_secs_f64());
+            .observe(secs);
+        if let Ok(mut routes) = self.routes.lock() {
+            // Bounded like the labels: services come from the config.
+            let r = match routes.get_mut(service) {
+                Some(r) => r,
+                None => routes.entry(service.to_owned()).or_default(),
+            };
+            r.requests += 1;
+            if status >= 500 {
+                r.failures += 1;
+            }
+            let i = LATENCY_BUCKETS
+                .iter()
+                .position(|le| secs <= *le)
+                .unwrap_or(LATENCY_BUCKETS.len());
+            if let Some(b) = r.buckets.get_mut(i) {
+                *b += 1;
+            }
+        }
+    }
+
+    /// A copy of the per-service stats.
+    pub fn routes(&self) -> Vec<(String, RouteStat)> {
+        let mut v: Vec<_> = match self.routes.lock() {
+            Ok(r) => r.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     pub fn grpc_status(&self, service: &str, code: Option<u32>) {

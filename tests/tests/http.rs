@@ -9,10 +9,8 @@
 use std::{
     collections::HashMap,
     fs,
-    io::{Read, Write},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Command,
     thread,
     time::Duration,
 };
@@ -975,6 +973,3 @@ fn http2_rapid_reset_and_floods_are_bounded() -> Result<()> {
     ensure!(m.node.proxy_running(), "the proxy died");
     Ok(())
 }
-
-#[allow(dead_code)]
-fn unused(_: &mut dyn Read, _: &mut dyn Write, _: Command) {}
