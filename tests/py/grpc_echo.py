@@ -24,6 +24,8 @@ calls share one HTTP/2 connection), and prints one JSON object on stdout:
   {"unary": {"ok": 3, "failed": 0, "backends": ["a"]}, "server_stream": {...},
    "client_stream": {...}, "bidi_stream": {...}, "fail": {...}, "slow": {...},
    "backends": [every backend seen], "calls": N, "channels": K}
+"backends" lists every x-backend seen, on failed calls too (a Fail or a deadline still
+names the backend that answered).
 Exit 0 only if every call passed; otherwise 1, with the reasons on stderr. `--json` is
 accepted for clarity; the output is always JSON.
 """
@@ -130,17 +132,19 @@ def serve(args):
     })
     # Each open stream holds a worker thread for its whole life: size the pool for the
     # concurrent streams a test opens, not for the CPU count.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers))
+    # grpc turns SO_REUSEPORT on by default: a second server (a leftover of an earlier
+    # test) could then bind the same port and silently take half the connections.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers),
+                         options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((handler,))
+    # grpc 1.51 raises on a failed bind; older versions returned port 0.
     try:
         port = server.add_insecure_port(args.listen)
-    except RuntimeError as e:
+    except RuntimeError:
         port = 0
-        reason = e
-    else:
-        reason = "port in use or address not assigned in this namespace?"
     if port == 0:
-        print(f"grpc_echo: cannot listen on {args.listen}: {reason}", file=sys.stderr)
+        print(f"grpc_echo: cannot listen on {args.listen}: is the port in use or the "
+              f"address not assigned in this namespace?", file=sys.stderr)
         return 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -241,7 +241,7 @@ pub fn parse_grpc_timeout(v: &HeaderValue) -> Option<Duration> {
 
 /// Headers that describe one hop, not the message (RFC 9110, section 7.6.1), plus the ones
 /// the `Connection` header names. `te: trailers` survives: gRPC needs it end to end.
-fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

@@ -13,7 +13,6 @@
 
 use std::{
     convert::Infallible,
-    future::Future as _,
     io::Write as _,
     net::SocketAddr,
     pin::Pin,
@@ -82,7 +81,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// HTTP/1.1 and HTTP/2 prior-knowledge (h2c) server on the same port(s).
+    /// HTTP/1.1 and HTTP/2 prior-knowledge (h2c) server on the same port(s)
     ///
     /// Every response has `x-backend: NAME`. Routes (any method):
     ///   /                 200, body "NAME\n" (also every unknown path)
@@ -142,16 +141,19 @@ fn main() -> Result<()> {
     result
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() -> Result<()> {
+/// Installs the SIGTERM and SIGINT handlers at once and returns a future that resolves
+/// on either. Called before `ready` is printed: a test may signal as soon as it reads
+/// that line, and a signal before the handlers exist would kill the process instead.
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 fn print_ready() -> Result<()> {
@@ -177,6 +179,7 @@ struct State {
 }
 
 async fn serve(listen: Vec<SocketAddr>, name: String, delay: Duration) -> Result<()> {
+    let shutdown = shutdown_signal()?;
     let mut listeners = Vec::with_capacity(listen.len());
     for addr in &listen {
         listeners.push(bind(*addr).await?);
@@ -192,7 +195,8 @@ async fn serve(listen: Vec<SocketAddr>, name: String, delay: Duration) -> Result
         tokio::spawn(accept_http(listener, state.clone()));
     }
     print_ready()?;
-    shutdown_signal().await
+    shutdown.await;
+    Ok(())
 }
 
 async fn accept_http(listener: TcpListener, state: Arc<State>) {
@@ -754,6 +758,7 @@ async fn ws_echo<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) -> Result<()> {
 // === impl banner ===
 
 async fn banner(listen: SocketAddr, text: String) -> Result<()> {
+    let shutdown = shutdown_signal()?;
     let listener = bind(listen).await?;
     let local = listener.local_addr().context("reading the bound address")?;
     eprintln!("meshhttp banner: listening on {local}");
@@ -772,7 +777,8 @@ async fn banner(listen: SocketAddr, text: String) -> Result<()> {
         }
     });
     print_ready()?;
-    shutdown_signal().await
+    shutdown.await;
+    Ok(())
 }
 
 async fn banner_conn(mut stream: TcpStream, line: Bytes) {
