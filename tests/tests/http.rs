@@ -407,6 +407,68 @@ fn curl_http1_and_http2_reach_a_service_vip_and_other_destinations_pass_through(
     Ok(())
 }
 
+/// The service's protocol decides the upstream's: an HTTP/1.1 client reaches an `http2`
+/// service over HTTP/2 (its Host becomes `:authority`), an HTTP/2 client reaches an `http1`
+/// service over HTTP/1.1 (`:authority` becomes Host).
+#[test]
+fn clients_reach_upstreams_of_the_other_http_version_where_the_service_says_so() -> Result<()> {
+    require!();
+    let mut m = Mesh::new(1)?;
+    m.serve_http(1, &[])?;
+    m.write_config(&format!(
+        r#"
+[[service]]
+name = "h2only"
+addresses = ["10.96.0.30"]
+ports = [80]
+protocol = "http2"
+endpoints = {eps}
+
+[[service]]
+name = "h1only"
+addresses = ["10.96.0.31"]
+ports = [80]
+protocol = "http1"
+endpoints = {eps}
+"#,
+        eps = m.endpoints(&[1], BACKEND_PORT)
+    ))?;
+    m.start_proxy(false)?;
+    let o = m.client(
+        "curl",
+        &[
+            "-s",
+            "--http1.1",
+            "--max-time",
+            "20",
+            "http://10.96.0.30/headers",
+        ],
+    )?;
+    let text = stdout(&o);
+    ensure!(
+        text.contains(":version: HTTP/2.0") && text.contains(":authority: 10.96.0.30"),
+        "{}",
+        all_output(&o)
+    );
+    let o = m.client(
+        "curl",
+        &[
+            "-s",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "20",
+            "http://10.96.0.31/headers",
+        ],
+    )?;
+    let text = stdout(&o);
+    ensure!(
+        text.contains(":version: HTTP/1.1") && text.contains("host: 10.96.0.31"),
+        "{}",
+        all_output(&o)
+    );
+    Ok(())
+}
+
 #[test]
 fn h2load_and_wrk_complete_every_request_with_the_short_circuit_on() -> Result<()> {
     require!();

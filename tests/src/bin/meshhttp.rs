@@ -364,6 +364,8 @@ fn headers_listing(req: &Request<Incoming>) -> String {
     {
         lines.push(format!(":authority: {authority}\n"));
     }
+    // The version the request arrived with, so a test can see a protocol conversion.
+    lines.push(format!(":version: {:?}\n", req.version()));
     lines.sort();
     lines.concat()
 }
