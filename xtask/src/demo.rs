@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: builds everything, makes a node with two pods, sends traffic from
-//! one pod to the other through the proxy, and shows what happened: original
-//! destinations, bytes, the kernel counters and what bpftool sees. Cleans up at the end,
+//! `cargo xtask demo`: builds everything, makes a node with pods, sends traffic from one
+//! pod to another through the proxy and calls an HTTP service by its virtual address, and
+//! shows what happened: original destinations, bytes, per-request balancing, the services'
+//! endpoints, the kernel counters and what bpftool sees. Cleans up at the end,
 //! also on failure (the harness's guards run on drop).
 
 use std::{process::Command, time::Duration};
@@ -11,6 +12,8 @@ use tests::{Background, Binaries, Node, ProxyOptions, require_privileges, run_bo
 use crate::{build, sh};
 
 const PORT: u16 = 8080;
+/// The demo service's virtual address (nothing listens there: connects are intercepted).
+const VIP: &str = "10.96.0.10";
 
 pub fn run() -> Result<()> {
     if !sh::is_root()? {
@@ -69,8 +72,72 @@ pub fn run() -> Result<()> {
     let mut srv = Background::spawn(cmd, node.scratch.join("server.out"))?;
     srv.wait_for("listening")?;
 
-    step("starting the proxy (eBPF interception, sockmap short-circuit on)");
-    node.start_proxy(&ProxyOptions::default())?;
+    step("starting two HTTP backends (meshhttp, HTTP/1.1 + h2c) in pods web-a and web-b");
+    let mut backends = Vec::new();
+    let mut endpoints = Vec::new();
+    for name in ["web-a", "web-b"] {
+        let pod = node.add_pod(name)?;
+        let mut cmd = pod.command(out.profile_dir.join("meshhttp"));
+        cmd.args(["serve", "--listen", &format!("[::]:{PORT}"), "--name", name]);
+        let mut bg = Background::spawn(cmd, node.scratch.join(format!("{name}.out")))?;
+        bg.wait_for("ready")?;
+        println!("  pod {name} {}:{PORT}", pod.ipv4);
+        endpoints.push(format!("{{ address = \"{}\", port = {PORT} }}", pod.ipv4));
+        backends.push(bg);
+    }
+    let config = node.scratch.join("proxy.toml");
+    let config_text = format!(
+        "[[service]]\nname = \"web\"\naddresses = [\"{VIP}\"]\nports = [80]\nendpoints = [{}]\n",
+        endpoints.join(", ")
+    );
+    std::fs::write(&config, &config_text)?;
+    println!(
+        "  config {}:\n    {}",
+        config.display(),
+        config_text.trim().replace('\n', "\n    ")
+    );
+
+    step("starting the proxy (eBPF interception, sockmap short-circuit on, the config above)");
+    node.start_proxy(&ProxyOptions {
+        extra_args: vec!["--config".into(), config.display().to_string()],
+        ..ProxyOptions::default()
+    })?;
+
+    step(&format!(
+        "client pod calls the service's virtual address http://{VIP}/ 10 times with curl (HTTP/1.1 and HTTP/2)"
+    ));
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..10 {
+        let mut cmd = client.command("curl");
+        cmd.args(["-s", "-i", "--max-time", "10"]);
+        if i % 2 == 1 {
+            cmd.arg("--http2-prior-knowledge");
+        }
+        cmd.arg(format!("http://{VIP}/"));
+        let o = run_bounded(cmd, Duration::from_secs(30))?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        let status = text.lines().next().unwrap_or("").trim().to_string();
+        let backend = text
+            .lines()
+            .find_map(|l| l.strip_prefix("x-backend: "))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        println!("  {status:<16} from {backend}");
+        *seen.entry(backend).or_insert(0) += 1;
+    }
+    println!("  balanced per request: {seen:?}");
+    let mut cmd = node.node_command(&bins.proxy);
+    cmd.arg("status");
+    let o = run_bounded(cmd, Duration::from_secs(30))?;
+    println!("  $ proxy status   (services part)");
+    for l in String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .skip_while(|l| !l.starts_with("services:"))
+        .take_while(|l| !l.starts_with("open connections"))
+    {
+        println!("  {l}");
+    }
 
     for target in [
         format!("{}:{PORT}", server.ipv4),
@@ -162,6 +229,7 @@ pub fn run() -> Result<()> {
 
     step("cleaning up the pods and the node");
     drop(srv);
+    drop(backends);
     node.cleanup();
     println!("\nxtask: demo done. Run the tests with `cargo xtask test`.");
     Ok(())

@@ -1055,7 +1055,7 @@ mod tests {
         .await?;
         assert_eq!(
             body,
-            b"connection: close\nhost: h.example\nx-a: 1\nx-b: 2\n"
+            b":version: HTTP/1.1\nconnection: close\nhost: h.example\nx-a: 1\nx-b: 2\n"
         );
 
         let (head, body) =
