@@ -102,6 +102,9 @@ pub struct OrigDst {
     pub port: u32,
     /// Destination address, network order; IPv4 uses `ip[0]` only.
     pub ip: [u32; 4],
+    /// cgroup v2 id of the connecting task (`bpf_get_current_cgroup_id`, the inode number of
+    /// its cgroup directory): the kernel's word on which workload connected, for identity.
+    pub cgroup_id: u64,
 }
 
 /// Key of `MESH_ORIG_DST`: the redirected connection as the proxy's accepted socket sees it.

@@ -8,7 +8,7 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
-    EbpfContext as _, bindings::bpf_sock_addr, helpers::bpf_get_socket_cookie, maps::lpm_trie::Key,
+    EbpfContext as _, bindings::bpf_sock_addr, helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie}, maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use proxy_common::{AF_INET, OrigDst, counter, normalise_ip6};
@@ -47,6 +47,7 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<(), Bypass> {
             family: AF_INET,
             port: u32::from(port),
             ip: [dst, 0, 0, 0],
+            cgroup_id: 0, // filled in by record()
         },
     )?;
     // SAFETY: as above.
@@ -114,6 +115,7 @@ pub fn try_connect6(ctx: &SockAddrContext) -> Result<(), Bypass> {
             family,
             port: u32::from(port),
             ip,
+            cgroup_id: 0, // filled in by record()
         },
     )?;
     // SAFETY: as above.
@@ -177,9 +179,15 @@ fn is_loopback_or_unspecified_v6(ip: [u32; 4]) -> bool {
 /// Remembers the original destination under the socket's cookie. If that fails the connect
 /// goes direct: redirecting a connection the proxy cannot route would break it.
 #[inline(always)]
-fn record(ctx: &SockAddrContext, orig: OrigDst) -> Result<(), Bypass> {
+fn record(ctx: &SockAddrContext, mut orig: OrigDst) -> Result<(), Bypass> {
     // SAFETY: bpf_get_socket_cookie is allowed in cgroup_sock_addr programs and takes the ctx.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // The connecting task's cgroup, read here because this is the only hook that runs in
+    // the workload's own context (sock_ops runs in softirq for the SYN-ACK). With it the
+    // proxy knows which workload connected from the kernel, not from a spoofable address.
+    // SAFETY: bpf_get_current_cgroup_id takes no arguments and is allowed in cgroup
+    // programs (Linux 4.18+).
+    orig.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     MESH_ORIG_CK
         .insert(cookie, orig, 0)
         .map_err(|_| Bypass(counter::BYPASS_RECORD_FAILED))

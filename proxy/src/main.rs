@@ -401,7 +401,14 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     let conns = Arc::new(outbound::ConnTable::default());
     let (tap, _) = tokio::sync::broadcast::channel(outbound::TAP_CAPACITY);
     let config_json = Arc::new(std::sync::RwLock::new(cfg.to_json()));
-    let discovery = Arc::new(Discovery::new(cfg.catalog.clone()));
+    let mut discovery = Discovery::new(cfg.catalog.clone());
+    if cfg.mode == Mode::Ebpf
+        && let Ok(mount) = cgroup::cgroup2_mount()
+    {
+        // The kernel records the connecting task's cgroup id; workloads are found by it.
+        discovery = discovery.with_cgroup_root(mount);
+    }
+    let discovery = Arc::new(discovery);
     metrics
         .config_generation
         .set(discovery.snapshot().generation as i64);

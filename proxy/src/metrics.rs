@@ -128,6 +128,9 @@ pub struct RouteStat {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub service: String,
+    /// The calling workload (declared in the config, found by the kernel-recorded cgroup),
+    /// or "unknown".
+    pub source_workload: String,
     /// "2xx" .. "5xx".
     pub status_class: &'static str,
     /// The proxy's own error reason ("" when the response came from the upstream).
@@ -327,6 +330,7 @@ impl Metrics {
     pub fn http_request(
         &self,
         service: &str,
+        source_workload: Option<&str>,
         status: u16,
         proxy_error: Option<&'static str>,
         elapsed: Duration,
@@ -341,6 +345,7 @@ impl Metrics {
         self.http_requests
             .get_or_create(&HttpLabels {
                 service: service.to_owned(),
+                source_workload: source_workload.unwrap_or("unknown").to_owned(),
                 status_class,
                 proxy_error: proxy_error.unwrap_or(""),
             })

@@ -88,6 +88,7 @@ pub struct ConnTable {
 
 struct ConnEntry {
     client: SocketAddr,
+    source: Option<Arc<str>>,
     orig_dst: SocketAddr,
     protocol: &'static str,
     service: Option<String>,
@@ -123,6 +124,7 @@ impl ConnTable {
                         e.started,
                         json!({
                             "client": e.client.to_string(),
+                            "source_workload": e.source.as_deref(),
                             "original_dst": e.orig_dst.to_string(),
                             "direction": OUTBOUND,
                             "protocol": e.protocol,
@@ -284,8 +286,8 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
             return;
         }
     };
-    let orig = match ob.orig_dst.lookup(&client, client_addr, local) {
-        Ok(o) => o,
+    let (orig, source_cgroup) = match ob.orig_dst.lookup(&client, client_addr, local) {
+        Ok(o) => (o.dst, o.cgroup_id),
         Err(e) => {
             fail(reason::ORIG_DST_UNKNOWN);
             warn!(error = %e, "closing connection");
@@ -299,7 +301,11 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
         copy::reset(client);
         return;
     }
-    debug!(client = %client_addr, original_dst = %orig, "connection accepted");
+    // Which workload connected, from the cgroup the kernel recorded (never from the
+    // client's address, which a workload could choose).
+    let source = source_cgroup.and_then(|id| ob.discovery.workload_of_cgroup_id(id));
+    let source_name: Option<Arc<str>> = source.as_ref().map(|w| Arc::from(w.name.as_str()));
+    debug!(client = %client_addr, original_dst = %orig, source_workload = source_name.as_deref().unwrap_or("-"), "connection accepted");
     let target = ob.discovery.lookup(orig);
     let handling = match &target {
         None => Handling::Passthrough,
@@ -363,6 +369,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
     };
     let id = ob.conns.insert(ConnEntry {
         client: client_addr,
+        source: source_name.clone(),
         orig_dst: orig,
         protocol,
         service: service.clone(),
@@ -377,7 +384,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
             let _ = client.set_nodelay(true);
             let io = Counted::new(client, Arc::clone(&progress));
             match Arc::clone(&ob.http)
-                .serve(io, downstream, client_addr, orig)
+                .serve(io, downstream, client_addr, orig, source.clone())
                 .await
             {
                 Ok(()) => "ok",
@@ -388,13 +395,13 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
             }
         }
         (Handling::Opaque { .. }, Some(t)) => {
-            opaque_service(&ob, client, client_addr, &t, &progress).await
+            opaque_service(&ob, client, client_addr, orig, &t, &progress).await
         }
         (_, _) => {
             // Passthrough (a target-less Http/Opaque cannot happen: handling derives from it).
             match timeout(ob.connect_timeout, TcpStream::connect(orig)).await {
                 Ok(Ok(upstream)) => {
-                    copy_both(&ob, client, upstream, client_addr, orig, &progress).await
+                    copy_both(&ob, client, upstream, client_addr, orig, orig, &progress).await
                 }
                 Ok(Err(e)) => {
                     fail(reason::CONNECT_FAILED);
@@ -415,6 +422,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
     if ob.tap.receiver_count() > 0 {
         let _ = ob.tap.send(Arc::new(json!({
             "client": client_addr.to_string(),
+            "source_workload": source_name.as_deref(),
             "original_dst": orig.to_string(),
             "kind": "connection",
             "direction": OUTBOUND,
@@ -440,6 +448,7 @@ async fn copy_both(
     mut client: TcpStream,
     mut upstream: TcpStream,
     client_addr: SocketAddr,
+    orig: SocketAddr,
     to: SocketAddr,
     progress: &Progress,
 ) -> &'static str {
@@ -448,7 +457,7 @@ async fn copy_both(
     let _ = upstream.set_nodelay(true);
     match copy::bidirectional(&mut client, &mut upstream, ob.copy_buffer, progress).await {
         Ok(t) => {
-            debug!(client = %client_addr, upstream = %to, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
+            debug!(client = %client_addr, original_dst = %orig, upstream = %to, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
             "ok"
         }
         Err(e) => {
@@ -459,7 +468,7 @@ async fn copy_both(
                     reason: reason::RESET,
                 })
                 .inc();
-            debug!(client = %client_addr, upstream = %to, error = %e, "connection failed; resetting both sides");
+            debug!(client = %client_addr, original_dst = %orig, upstream = %to, error = %e, "connection failed; resetting both sides");
             copy::reset(client);
             copy::reset(upstream);
             "reset"
@@ -475,6 +484,7 @@ async fn opaque_service(
     ob: &Outbound,
     client: TcpStream,
     client_addr: SocketAddr,
+    orig: SocketAddr,
     target: &Target,
     progress: &Progress,
 ) -> &'static str {
@@ -515,7 +525,7 @@ async fn opaque_service(
             Ok(Ok(upstream)) => {
                 attempt.success(Instant::now());
                 let _active = ep.start(Instant::now());
-                return copy_both(ob, client, upstream, client_addr, ep.addr, progress).await;
+                return copy_both(ob, client, upstream, client_addr, orig, ep.addr, progress).await;
             }
             Ok(Err(_)) | Err(_) => {
                 if attempt.failure(Instant::now(), &spec.circuit) {

@@ -6,9 +6,14 @@
 //! [`Node`] is dropped, also when a test fails or panics; [`cleanup_leftovers`] removes
 //! what an interrupted run left (`cargo xtask clean`).
 //!
-//! Addresses: pod `i` (from 1) gets 10.77.i.2/24 and fd00:77:i::2/64, its gateway (the
-//! node end of its veth) .1 / ::1; the proxy is reached at 10.77.255.1 and fd00:77:ffff::1
-//! on the node's loopback. Nodes are separate namespaces, so these never collide.
+//! Addresses: every node has a number `k` (0 to 15; [`Node::new`] makes node 0). Pod `i`
+//! (from 1) of node `k` gets 10.(77+k).i.2/24 and fd00:(0x77+k):i::2/64, its gateway (the
+//! node end of its veth) .1 / ::1, so pods of differently numbered nodes never collide and
+//! node `k`'s pods are 10.(77+k).0.0/16 and fd00:(0x77+k)::/32 ([`Node::pod_prefix4`]).
+//! The proxy is reached at 10.77.255.1 and fd00:77:ffff::1 on every node's loopback (one
+//! namespace each, so these never collide; a local address wins over the route to node 0's
+//! pods). Two nodes joined by [`link`] reach each other at 10.99.0.(k+1) and fd00:99::(k+1)
+//! ([`Node::link_addr4`]), and each routes to the other's pod prefixes through it.
 
 use std::{
     collections::HashMap,
@@ -22,6 +27,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use nix::{
+    sys::signal::{self, Signal},
+    unistd::Pid,
+};
 
 /// Prefix of everything the harness creates.
 pub const PREFIX: &str = "mtest-";
@@ -31,7 +40,21 @@ pub const PROXY_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 255, 1);
 pub const PROXY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0xffff, 0, 0, 0, 0, 1);
 pub const PROXY_PORT: u16 = 15001;
 
+/// Length of the global header at the start of every pcap file ([`Capture::stop_and_read`]).
+pub const PCAP_HEADER_LEN: usize = 24;
+
+/// Node numbers run from 0 to this; each shifts the pod prefixes by one (see the module doc).
+pub const MAX_NODE_NUMBER: u8 = 15;
+
+/// First octet / hextet after 10. / fd00: of node 0's pod prefixes.
+const POD_NET4: u8 = 77;
+const POD_NET6: u16 = 0x77;
+/// The network between linked nodes: 10.99.0.0/24 and fd00:99::/64.
+const LINK_NET4: [u8; 3] = [10, 99, 0];
+const LINK_NET6: [u16; 2] = [0xfd00, 0x99];
+
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+static NEXT_CAPTURE: AtomicU32 = AtomicU32::new(0);
 
 // === preconditions ===
 
@@ -133,6 +156,14 @@ impl Binaries {
                 proxy.display()
             );
         }
+        // MESH_ANY_PROXY_AGE=1 skips the freshness check, for a developer who tests a
+        // binary while editing sources that do not change it (never set in CI).
+        if std::env::var_os("MESH_ANY_PROXY_AGE").is_some() {
+            return Ok(Binaries {
+                proxy,
+                meshtest: meshtest.to_owned(),
+            });
+        }
         let built = fs::metadata(&proxy)?.modified()?;
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         for dir in ["proxy/src", "proxy-common/src", "proxy-ebpf/src"] {
@@ -210,6 +241,8 @@ impl Default for ProxyOptions {
 
 pub struct Node {
     pub id: String,
+    /// Selects this node's pod prefixes and link address (see the module doc).
+    pub number: u8,
     pub netns: String,
     pub bins: Binaries,
     /// cgroup v2 directory holding this node's cgroups.
@@ -225,6 +258,10 @@ pub struct Node {
     pub proxy_log: PathBuf,
     pub scratch: PathBuf,
     if_prefix: String,
+    /// This node's end of the veth made by [`link`]; does not match [`Node::pod_interfaces`].
+    link_if: String,
+    /// Number of the node [`link`] joined this one to.
+    link_peer: Option<u8>,
     cleaned: bool,
 }
 
@@ -241,14 +278,28 @@ pub struct Pod {
 }
 
 impl Node {
-    /// Creates the node namespace with the proxy's addresses on its loopback.
+    /// Creates node 0: the node namespace with the proxy's addresses on its loopback.
     pub fn new(bins: &Binaries) -> Result<Node> {
+        Node::with_number(bins, 0)
+    }
+
+    /// Creates node `number` (0 to [`MAX_NODE_NUMBER`]), whose pods get addresses no other
+    /// number's pods get, so it can be [`link`]ed to a node with another number.
+    pub fn with_number(bins: &Binaries, number: u8) -> Result<Node> {
+        if number > MAX_NODE_NUMBER {
+            bail!("node number {number} is out of range: use 0 to {MAX_NODE_NUMBER}");
+        }
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let id = format!("{PREFIX}{}-{n}", std::process::id());
         let mount = cgroup2_mount()?;
         let cgroup_root = mount.join(&id);
         let scratch = std::env::temp_dir().join(&id);
+        // Interface names are at most 15 characters: "mt" + id (up to 3 digits) + "x" + 4 pid
+        // digits + "p" + pod index (up to 3 digits), or + "l" for the link. They only need to
+        // be unique inside the node's namespace; the id and pid make them recognisable.
+        let if_base = format!("mt{}x{}", n % 1000, std::process::id() % 10_000);
         let node = Node {
+            number,
             netns: format!("{id}-node"),
             bins: bins.clone(),
             workload_cgroup: cgroup_root.join("workloads"),
@@ -260,7 +311,9 @@ impl Node {
             proxy: None,
             proxy_log: scratch.join("proxy.log"),
             scratch,
-            if_prefix: format!("mt{}x{}p", n % 1000, std::process::id() % 10_000),
+            if_prefix: format!("{if_base}p"),
+            link_if: format!("{if_base}l"),
+            link_peer: None,
             id,
             cleaned: false,
         };
@@ -294,15 +347,16 @@ impl Node {
         }
         let i8 = u8::try_from(i)?;
         let netns = format!("{}-{name}", self.id);
-        // At most 15 characters: "mt" + node number + "x" + 4 pid digits + "p" + pod index.
+        // See with_number for the length limit.
         let host_if = format!("{}{i}", self.if_prefix);
+        let (net4, net6) = (self.pod_net4(), self.pod_net6());
         let pod = Pod {
             name: name.to_string(),
             cgroup: self.workload_cgroup.join(name),
-            ipv4: Ipv4Addr::new(10, 77, i8, 2),
-            ipv6: Ipv6Addr::new(0xfd00, 0x77, u16::from(i8), 0, 0, 0, 0, 2),
-            gateway4: Ipv4Addr::new(10, 77, i8, 1),
-            gateway6: Ipv6Addr::new(0xfd00, 0x77, u16::from(i8), 0, 0, 0, 0, 1),
+            ipv4: Ipv4Addr::new(10, net4, i8, 2),
+            ipv6: Ipv6Addr::new(0xfd00, net6, u16::from(i8), 0, 0, 0, 0, 2),
+            gateway4: Ipv4Addr::new(10, net4, i8, 1),
+            gateway6: Ipv6Addr::new(0xfd00, net6, u16::from(i8), 0, 0, 0, 0, 1),
             netns,
         };
         let (node, ns) = (self.netns.as_str(), pod.netns.as_str());
@@ -346,6 +400,83 @@ impl Node {
             sh(&["ip", "netns", "exec", ns, "sh", "-c", &script])?;
         }
         Ok(())
+    }
+
+    fn pod_net4(&self) -> u8 {
+        POD_NET4 + self.number
+    }
+
+    fn pod_net6(&self) -> u16 {
+        POD_NET6 + u16::from(self.number)
+    }
+
+    /// The IPv4 prefix all pods of this node are in: 10.(77+k).0.0/16.
+    pub fn pod_prefix4(&self) -> (Ipv4Addr, u8) {
+        (Ipv4Addr::new(10, self.pod_net4(), 0, 0), 16)
+    }
+
+    /// The IPv6 prefix all pods of this node are in: fd00:(0x77+k)::/32 (the node number is
+    /// in the second hextet, the pod index in the third).
+    pub fn pod_prefix6(&self) -> (Ipv6Addr, u8) {
+        (Ipv6Addr::new(0xfd00, self.pod_net6(), 0, 0, 0, 0, 0, 0), 32)
+    }
+
+    /// This node's address between nodes, on its end of the [`link`]: 10.99.0.(k+1). Use it,
+    /// not [`PROXY_V4`] (the same on every node), to reach this node from another one, e.g. as
+    /// a tunnel endpoint.
+    pub fn link_addr4(&self) -> Ipv4Addr {
+        let [a, b, c] = LINK_NET4;
+        Ipv4Addr::new(a, b, c, self.number + 1)
+    }
+
+    /// This node's IPv6 address between nodes: fd00:99::(k+1).
+    pub fn link_addr6(&self) -> Ipv6Addr {
+        let [a, b] = LINK_NET6;
+        Ipv6Addr::new(a, b, 0, 0, 0, 0, 0, u16::from(self.number) + 1)
+    }
+
+    /// Name of this node's end of the [`link`], inside the node namespace.
+    pub fn link_ifname(&self) -> &str {
+        &self.link_if
+    }
+
+    /// Starts `tcpdump` on this node's end of the [`link`], writing every packet to a pcap
+    /// file in the node's scratch directory, and waits until it captures. Tests search the
+    /// bytes from [`Capture::stop_and_read`] for a marker that must not cross in cleartext.
+    pub fn capture_link(&self) -> Result<Capture> {
+        let Some(tcpdump) = which("tcpdump") else {
+            bail!(
+                "tcpdump not found: install the Debian package tcpdump (apt-get install -y tcpdump)"
+            );
+        };
+        if self.link_peer.is_none() {
+            bail!(
+                "node {} has no link to capture on; call tests::link first",
+                self.id
+            );
+        }
+        let n = NEXT_CAPTURE.fetch_add(1, Ordering::Relaxed);
+        let pcap = self.scratch.join(format!("link-{n}.pcap"));
+        // A cgroup of its own under the node's, so that Node::cleanup and cleanup_leftovers
+        // kill tcpdump together with everything else of the node, even after a crash.
+        let cgroup = self.cgroup_root.join(format!("capture-{n}"));
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        let mut cmd = in_cgroup_and_netns(&cgroup, &self.netns, tcpdump);
+        cmd.arg("-i")
+            .arg(&self.link_if)
+            .arg("-w")
+            .arg(&pcap)
+            // -U: write each packet as it arrives; --immediate-mode: libpcap hands packets
+            // over at once instead of when a ring block fills or times out, so nothing sent
+            // before stop_and_read is lost. -Z root: keep root rather than switching to the
+            // tcpdump user, which may not be allowed to write in the scratch directory.
+            .args(["-U", "--immediate-mode", "-Z", "root", "-n"]);
+        let mut process =
+            Background::spawn(cmd, self.scratch.join(format!("link-{n}.tcpdump.log")))
+                .context("starting tcpdump")?;
+        // tcpdump prints this once the capture is active.
+        process.wait_for("listening on")?;
+        Ok(Capture { process, pcap })
     }
 
     /// Interface name pattern of this node's pod veths (for iptables mode).
@@ -549,6 +680,106 @@ impl Drop for Node {
     }
 }
 
+// === link between nodes ===
+
+/// Joins two nodes with a veth pair between their namespaces, as a network joins two hosts:
+/// node `k` gets [`Node::link_addr4`] / [`Node::link_addr6`] on its end, and each node routes
+/// the other's pod prefixes via the other's link address. Nodes forward between their pods
+/// and the link (forwarding is on in every node namespace), so a pod reaches a pod of the
+/// other node without any proxy.
+///
+/// The nodes need different numbers ([`Node::with_number`]) and each can have one link.
+/// Deleting a node's namespace removes both ends, so Drop of either node cleans up; if a
+/// step fails, the pair is removed at once so the nodes are left as they were.
+pub fn link(a: &mut Node, b: &mut Node) -> Result<()> {
+    if a.number == b.number {
+        bail!(
+            "cannot link {} and {}: both are node number {}; make one with Node::with_number",
+            a.id,
+            b.id,
+            a.number
+        );
+    }
+    for node in [&*a, &*b] {
+        if let Some(peer) = node.link_peer {
+            bail!("{} is already linked to node number {peer}", node.id);
+        }
+    }
+    let (na, nb) = (a.netns.as_str(), b.netns.as_str());
+    let (ia, ib) = (a.link_if.as_str(), b.link_if.as_str());
+    shw(&format!(
+        "ip -n {na} link add {ia} type veth peer name {ib} netns {nb}"
+    ))?;
+    let mut cmds = Vec::new();
+    for (ns, ifname, me, other) in [(na, ia, &*a, &*b), (nb, ib, &*b, &*a)] {
+        let (p4, l4) = other.pod_prefix4();
+        let (p6, l6) = other.pod_prefix6();
+        let (via4, via6) = (other.link_addr4(), other.link_addr6());
+        cmds.extend([
+            format!("ip -n {ns} addr add {}/24 dev {ifname}", me.link_addr4()),
+            format!(
+                "ip -n {ns} addr add {}/64 dev {ifname} nodad",
+                me.link_addr6()
+            ),
+            format!("ip -n {ns} link set {ifname} up"),
+            format!("ip -n {ns} route add {p4}/{l4} via {via4} dev {ifname}"),
+            format!("ip -n {ns} -6 route add {p6}/{l6} via {via6} dev {ifname}"),
+        ]);
+    }
+    if let Err(e) = cmds.iter().try_for_each(|c| shw(c)) {
+        // Deleting one end deletes the pair, with its addresses and routes.
+        let _ = sh(&["ip", "-n", na, "link", "del", ia]);
+        return Err(e.context(format!("linking {} and {}", a.id, b.id)));
+    }
+    a.link_peer = Some(b.number);
+    b.link_peer = Some(a.number);
+    Ok(())
+}
+
+/// A running `tcpdump` from [`Node::capture_link`]; killed on drop.
+pub struct Capture {
+    process: Background,
+    /// The pcap file tcpdump writes.
+    pub pcap: PathBuf,
+}
+
+impl Capture {
+    /// Stops tcpdump with SIGINT, which makes it flush and close the file, waits (bounded)
+    /// for it to exit and returns the pcap bytes (the 24-byte file header, then packets).
+    pub fn stop_and_read(mut self) -> Result<Vec<u8>> {
+        let pid = Pid::from_raw(i32::try_from(self.process.child.id())?);
+        signal::kill(pid, Signal::SIGINT).context("sending SIGINT to tcpdump")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = self.process.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                // Drop of the Background kills it.
+                bail!(
+                    "tcpdump did not exit within 10 s of SIGINT: {}",
+                    self.process.output()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        if !status.success() {
+            bail!("tcpdump exited with {status}: {}", self.process.output());
+        }
+        let bytes =
+            fs::read(&self.pcap).with_context(|| format!("reading {}", self.pcap.display()))?;
+        if bytes.len() < PCAP_HEADER_LEN {
+            bail!(
+                "{} is shorter than a pcap header ({} bytes): {}",
+                self.pcap.display(),
+                bytes.len(),
+                self.process.output()
+            );
+        }
+        Ok(bytes)
+    }
+}
+
 pub fn parse_counters(json: &str) -> Result<HashMap<String, u64>> {
     // Flat object of name -> integer, as printed by `proxy counters --json`.
     let body = json.trim().trim_start_matches('{').trim_end_matches('}');
@@ -567,14 +798,24 @@ impl Pod {
     /// The cgroup is joined first because `ip netns exec` remounts /sys and would hide the
     /// cgroup mount; nsenter --net does not remount anything.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && ns=$1 && shift && exec nsenter --net="/run/netns/$ns" -- "$@""#)
-            .arg(&self.cgroup)
-            .arg(&self.netns)
-            .arg(program);
-        c
+        in_cgroup_and_netns(&self.cgroup, &self.netns, program)
     }
+}
+
+/// A command that joins `cgroup`, then enters the network namespace `netns` (see
+/// [`Pod::command`] for the order).
+fn in_cgroup_and_netns(
+    cgroup: &Path,
+    netns: &str,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(r#"echo $$ > "$0/cgroup.procs" && ns=$1 && shift && exec nsenter --net="/run/netns/$ns" -- "$@""#)
+        .arg(cgroup)
+        .arg(netns)
+        .arg(program);
+    c
 }
 
 /// A background process (server) that is killed on drop.

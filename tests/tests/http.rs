@@ -247,7 +247,12 @@ fn curl_http1_and_http2_reach_a_service_vip_and_other_destinations_pass_through(
     let mut m = Mesh::new(2)?;
     m.serve_http(1, &[])?;
     m.serve_http(2, &[])?;
-    m.write_config(&web_service(&m, &[1, 2], ""))?;
+    // The client pod is a declared workload: the kernel's record of its cgroup names it.
+    m.write_config(&format!(
+        "{}\n[[workload]]\nname = \"frontend\"\nnamespace = \"shop\"\ncgroups = [\"{}/client\"]\n",
+        web_service(&m, &[1, 2], ""),
+        m.node.workload_cgroup_rel
+    ))?;
     m.start_proxy(false)?;
 
     // HTTP/1.1, IPv4 and IPv6 VIPs, keep-alive: several requests on one connection.
@@ -374,12 +379,71 @@ fn curl_http1_and_http2_reach_a_service_vip_and_other_destinations_pass_through(
     )?;
     ensure!(stdout(&o).contains("x-backend: b2"), "{}", all_output(&o));
 
+    // The operator's view: status lists the service and its healthy endpoints, top has a
+    // row for it, tap streams request metadata with the caller's identity.
+    let mut cmd = m.node.node_command(&m.node.bins.proxy);
+    cmd.arg("status");
+    let o = run_bounded(cmd, Duration::from_secs(20))?;
+    let text = stdout(&o);
+    ensure!(
+        text.contains("web") && text.contains("endpoints 2/2 healthy"),
+        "{}",
+        all_output(&o)
+    );
+    let mut cmd = m.node.node_command(&m.node.bins.proxy);
+    cmd.args(["tap", "--json", "--count", "1"]);
+    let tap = Background::spawn(cmd, m.node.scratch.join("tap.out"))?;
+    let mut tapped = String::new();
+    for _ in 0..50 {
+        let o = m.client(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "20",
+                &format!("http://{WEB_VIP}/tapped?x=1"),
+            ],
+        )?;
+        ensure!(o.status.success(), "{}", all_output(&o));
+        tapped = tap.output();
+        if tapped.contains("\"kind\":\"request\"") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(tap);
+    ensure!(
+        tapped.contains("\"method\":\"GET\"")
+            && tapped.contains("\"path\":\"/tapped\"")
+            && tapped.contains("\"status\":200")
+            && tapped.contains("\"service\":\"web\"")
+            && tapped
+                .contains("\"source_identity\":\"spiffe://cluster.local/ns/shop/sa/frontend\""),
+        "tap: {tapped}"
+    );
+    let mut cmd = m.node.node_command(&m.node.bins.proxy);
+    cmd.args(["top", "--count", "1"]);
+    let o = run_bounded(cmd, Duration::from_secs(20))?;
+    let text = stdout(&o);
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with("web ") && l.contains('%')),
+        "{}",
+        all_output(&o)
+    );
+
     let metrics = m.metrics()?;
     ensure!(
         metric_sum(
             &metrics,
             "mesh_http_requests_total",
-            &["service=\"web\"", "status_class=\"2xx\""]
+            &[
+                "service=\"web\"",
+                "source_workload=\"frontend\"",
+                "status_class=\"2xx\""
+            ]
         ) >= 9.0,
         "request metrics: {metrics}"
     );

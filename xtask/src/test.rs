@@ -23,6 +23,8 @@ const TEST_PACKAGES: &[&str] = &[
     "wrk",
     "python3-grpcio",
     "python3-websockets",
+    // Two-node tests capture the link between the nodes.
+    "tcpdump",
 ];
 
 /// The steps in order, for a summary that also lists those a failure kept from running.

@@ -97,6 +97,50 @@ fn canonical(ip: IpAddr) -> IpAddr {
 pub struct Discovery {
     current: RwLock<Arc<Snapshot>>,
     next_generation: AtomicU64,
+    /// Where the workloads' cgroup paths are (the cgroup v2 mount); None: identities from
+    /// cgroups are off (iptables mode, unit tests).
+    cgroup_root: Option<PathBuf>,
+    cgroups: std::sync::Mutex<CgroupIndex>,
+}
+
+/// cgroup id (inode number of the cgroup directory, which is what
+/// `bpf_get_current_cgroup_id` returns on cgroup v2) -> workload, for the generation it was
+/// built from. Pods come and go after the config was loaded, so a miss rescans the
+/// configured cgroup directories (and their descendants: a pod's processes may sit in child
+/// cgroups), at most once per [`RESCAN_INTERVAL`] so that connections from unknown cgroups
+/// cannot turn every accept into a directory walk.
+#[derive(Default)]
+struct CgroupIndex {
+    generation: u64,
+    by_id: HashMap<u64, usize>,
+    scanned: Option<std::time::Instant>,
+}
+
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How deep below a workload's cgroup directory its descendants are indexed.
+const CGROUP_DEPTH: usize = 4;
+
+fn index_cgroup(
+    dir: &std::path::Path,
+    workload: usize,
+    depth: usize,
+    out: &mut HashMap<u64, usize>,
+) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    out.insert(meta.ino(), workload);
+    if depth == 0 {
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                index_cgroup(&e.path(), workload, depth - 1, out);
+            }
+        }
+    }
 }
 
 impl Discovery {
@@ -110,9 +154,50 @@ impl Discovery {
                 workloads_by_cgroup: HashMap::new(),
             })),
             next_generation: AtomicU64::new(1),
+            cgroup_root: None,
+            cgroups: std::sync::Mutex::new(CgroupIndex::default()),
         };
         d.apply(catalog);
         d
+    }
+
+    /// Turns on workload identification by cgroup, below the cgroup v2 mount `root`.
+    pub fn with_cgroup_root(mut self, root: PathBuf) -> Discovery {
+        self.cgroup_root = Some(root);
+        self
+    }
+
+    /// The workload whose cgroup (or a descendant of it) has id `cgroup_id`.
+    pub fn workload_of_cgroup_id(&self, cgroup_id: u64) -> Option<WorkloadSpec> {
+        let root = self.cgroup_root.as_ref()?;
+        let snap = self.snapshot();
+        let mut idx = self.cgroups.lock().unwrap_or_else(|e| e.into_inner());
+        if idx.generation != snap.generation {
+            *idx = CgroupIndex {
+                generation: snap.generation,
+                ..CgroupIndex::default()
+            };
+        }
+        if let Some(i) = idx.by_id.get(&cgroup_id) {
+            return snap.catalog.workloads.get(*i).cloned();
+        }
+        let now = std::time::Instant::now();
+        if idx
+            .scanned
+            .is_some_and(|t| now.duration_since(t) < RESCAN_INTERVAL)
+        {
+            return None;
+        }
+        idx.scanned = Some(now);
+        let mut by_id = HashMap::new();
+        for (i, w) in snap.catalog.workloads.iter().enumerate() {
+            for c in &w.cgroups {
+                index_cgroup(&root.join(c), i, CGROUP_DEPTH, &mut by_id);
+            }
+        }
+        idx.by_id = by_id;
+        let i = idx.by_id.get(&cgroup_id)?;
+        snap.catalog.workloads.get(*i).cloned()
     }
 
     /// The current snapshot: a clone of an `Arc` under a read lock held for nanoseconds.

@@ -323,11 +323,12 @@ impl Datapath {
 // === impl Maps ===
 
 impl Maps {
-    /// The original destination of a connection the proxy accepted from `client` on `local`.
-    pub fn orig_dst(&self, client: SocketAddr, local: SocketAddr) -> Option<SocketAddr> {
+    /// The original destination of a connection the proxy accepted from `client` on `local`,
+    /// and the cgroup id of the task that connected.
+    pub fn orig_dst(&self, client: SocketAddr, local: SocketAddr) -> Option<(SocketAddr, u64)> {
         let key = orig_key(client, local)?;
         let v = self.orig_dst.get(&key, 0).ok()?;
-        orig_to_socket_addr(&v)
+        Some((orig_to_socket_addr(&v)?, v.cgroup_id))
     }
 
     /// The kernel counters summed over CPUs, by `proxy_common::counter` index.
@@ -672,11 +673,13 @@ mod tests {
                     family: AF_INET,
                     port: u32::from(a.port()),
                     ip: ip4_words(ip.octets()),
+                    cgroup_id: 0,
                 },
                 IpAddr::V6(ip) => OrigDst {
                     family: AF_INET6,
                     port: u32::from(a.port()),
                     ip: ip6_words(ip.octets()),
+                    cgroup_id: 0,
                 },
             };
             assert_eq!(orig_to_socket_addr(&v), Some(a));
@@ -685,12 +688,14 @@ mod tests {
             family: 99,
             port: 1,
             ip: [0; 4],
+            cgroup_id: 0,
         };
         assert_eq!(orig_to_socket_addr(&bad), None);
         let bad_port = OrigDst {
             family: AF_INET,
             port: 70000,
             ip: [0; 4],
+            cgroup_id: 0,
         };
         assert_eq!(orig_to_socket_addr(&bad_port), None);
     }

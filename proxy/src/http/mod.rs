@@ -409,6 +409,8 @@ struct ConnCtx {
     client: SocketAddr,
     orig_dst: SocketAddr,
     downstream: Downstream,
+    /// The workload that connected (from its cgroup), if it is a declared workload.
+    source: Option<crate::discovery::WorkloadSpec>,
 }
 
 impl HttpProxy {
@@ -419,11 +421,13 @@ impl HttpProxy {
         downstream: Downstream,
         client: SocketAddr,
         orig_dst: SocketAddr,
+        source: Option<crate::discovery::WorkloadSpec>,
     ) -> Result<(), hyper::Error> {
         let ctx = Arc::new(ConnCtx {
             client,
             orig_dst,
             downstream,
+            source,
         });
         let limits = self.limits;
         let this = Arc::clone(&self);
@@ -535,8 +539,9 @@ impl HttpProxy {
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u32>().ok());
+        let source = ctx.source.as_ref().map(|w| w.name.as_str());
         self.metrics
-            .http_request(&svc_label, status, proxy_error, elapsed);
+            .http_request(&svc_label, source, status, proxy_error, elapsed);
         if grpc && head_grpc.is_some() {
             // Trailers-only response: the status is in the head.
             self.metrics.grpc_status(&svc_label, head_grpc);
@@ -545,6 +550,8 @@ impl HttpProxy {
             let _ = self.tap.send(Arc::new(json!({
                 "kind": "request",
                 "client": ctx.client.to_string(),
+                "source_workload": source,
+                "source_identity": ctx.source.as_ref().map(|w| w.identity.as_str()),
                 "original_dst": ctx.orig_dst.to_string(),
                 "service": &*svc_label,
                 "endpoint": endpoint.map(|e| e.to_string()),

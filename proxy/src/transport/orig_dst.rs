@@ -39,24 +39,39 @@ pub enum OrigDstError {
     },
 }
 
+/// Where an intercepted connection was going, and who made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub dst: SocketAddr,
+    /// cgroup v2 id of the connecting task (eBPF mode; iptables mode cannot know it).
+    pub cgroup_id: Option<u64>,
+}
+
 impl OrigDstSource {
     pub fn lookup(
         &self,
         stream: &TcpStream,
         client: SocketAddr,
         local: SocketAddr,
-    ) -> Result<SocketAddr, OrigDstError> {
+    ) -> Result<Origin, OrigDstError> {
         match self {
             OrigDstSource::Ebpf(maps) => maps
                 .orig_dst(client, local)
+                .map(|(dst, cg)| Origin {
+                    dst,
+                    cgroup_id: (cg != 0).then_some(cg),
+                })
                 .ok_or(OrigDstError::NotRecorded { client, local }),
-            OrigDstSource::Conntrack => {
-                conntrack(stream, local).map_err(|source| OrigDstError::Conntrack {
+            OrigDstSource::Conntrack => conntrack(stream, local)
+                .map(|dst| Origin {
+                    dst,
+                    cgroup_id: None,
+                })
+                .map_err(|source| OrigDstError::Conntrack {
                     client,
                     local,
                     source,
-                })
-            }
+                }),
         }
     }
 }
