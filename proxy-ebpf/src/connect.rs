@@ -8,7 +8,10 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
-    EbpfContext as _, bindings::bpf_sock_addr, helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie}, maps::lpm_trie::Key,
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use proxy_common::{AF_INET, OrigDst, counter, normalise_ip6};

@@ -11,7 +11,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::discovery::spec::{Catalog, ServiceSection, WorkloadSection};
+use crate::{
+    authz::{AuthorizationSection, Policies, PolicySection},
+    discovery::spec::{Catalog, ServiceSection, WorkloadSection},
+};
 
 /// Where the default config file lives on a node.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ebpf-mesh/proxy.toml";
@@ -43,6 +46,12 @@ pub struct File {
     /// `[[workload]]` tables: see `discovery::spec`.
     #[serde(default)]
     pub workload: Vec<WorkloadSection>,
+    /// The node's default authorization: see `authz`.
+    #[serde(default)]
+    pub authorization: AuthorizationSection,
+    /// `[[policy]]` tables: see `authz`.
+    #[serde(default)]
+    pub policy: Vec<PolicySection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -288,6 +297,8 @@ impl Config {
             http,
             service,
             workload,
+            authorization,
+            policy,
         } = file;
 
         let port = o.port.or(proxy.port).unwrap_or(15001);
@@ -603,7 +614,8 @@ impl Config {
                 "use 256",
             ));
         }
-        let catalog = Catalog::resolve(service, workload)?;
+        let catalog =
+            Catalog::resolve(service, workload, Policies::resolve(authorization, policy)?)?;
         let reload_ms = proxy.reload_interval_ms.unwrap_or(1000);
         if !(100..=3_600_000).contains(&reload_ms) {
             return Err(invalid(
@@ -717,6 +729,16 @@ impl Config {
             })).collect::<Vec<_>>(),
             "workloads": self.catalog.workloads.iter().map(|w| serde_json::json!({
                 "name": w.name, "namespace": w.namespace, "identity": w.identity, "cgroups": w.cgroups,
+                "addresses": w.addresses,
+            })).collect::<Vec<_>>(),
+            "authorization": {"default": self.catalog.policies.default.as_str()},
+            "policies": self.catalog.policies.policies.iter().map(|p| serde_json::json!({
+                "name": p.name, "workload": p.workload, "namespace": p.namespace, "ports": p.ports,
+                "allow": p.allow.iter().map(|a| match a {
+                    crate::authz::Pattern::Exact(e) => e.clone(),
+                    crate::authz::Pattern::Prefix(x) => format!("{x}*"),
+                }).collect::<Vec<_>>(),
+                "rules": p.rules.iter().map(|r| serde_json::json!({"methods": r.methods, "path_prefix": r.path_prefix})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })
     }

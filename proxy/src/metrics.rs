@@ -63,8 +63,11 @@ pub mod reason {
     pub const CONNECT_TIMEOUT: &str = "connect_timeout";
     /// A service connection found no endpoint (none configured, or all ejected).
     pub const NO_ENDPOINTS: &str = "no_endpoints";
+    /// Authorization denied the connection.
+    pub const DENIED: &str = "denied";
     /// Every reason, so totals can sum the family without scanning its series.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
+        DENIED,
         ORIG_DST_UNKNOWN,
         LOOP,
         RESET,
@@ -102,6 +105,7 @@ pub struct Metrics {
     pub ejections: Family<ServiceLabels, Counter>,
     pub detect: Family<DetectLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
+    pub authz: Family<AuthzLabels, Counter>,
     pub config_generation: Gauge,
     /// Per-service request counts and latency buckets for `proxy top` and the dashboard,
     /// which diff two polls (Prometheus histograms cannot be read back here).
@@ -163,6 +167,22 @@ pub struct DetectLabels {
     pub result: &'static str,
 }
 
+/// Labels of authorization decisions. Identities come from the config (same node) or from
+/// certificates the mesh's CA issued (other nodes), so the sets are bounded by the mesh.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// Source SPIFFE ID, or "unauthenticated".
+    pub source: String,
+    /// Destination workload's SPIFFE ID.
+    pub destination: String,
+    /// "allow" or "deny".
+    pub decision: &'static str,
+    /// The deciding policy's name, or the node default's (allow-all, mesh-only, deny-all).
+    pub policy: String,
+    /// "tcp" (the connection) or "http" (one request).
+    pub level: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// "applied" or "rejected".
@@ -205,6 +225,7 @@ impl Metrics {
             ejections: Family::default(),
             detect: Family::default(),
             reloads: Family::default(),
+            authz: Family::default(),
             config_generation: Gauge::default(),
             routes: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
@@ -281,6 +302,11 @@ impl Metrics {
             "config_reloads",
             "Config file changes applied or rejected (a rejected change leaves the running config in place)",
             m.reloads.clone(),
+        );
+        r.register(
+            "authz_decisions",
+            "Authorization decisions by source and destination identity, decision and policy",
+            m.authz.clone(),
         );
         r.register(
             "config_generation",
@@ -428,6 +454,24 @@ impl Metrics {
 
     pub fn detected(&self, result: &'static str) {
         self.detect.get_or_create(&DetectLabels { result }).inc();
+    }
+
+    pub fn authz_decision(
+        &self,
+        source: Option<&str>,
+        destination: &str,
+        decision: &crate::authz::Decision,
+        level: &'static str,
+    ) {
+        self.authz
+            .get_or_create(&AuthzLabels {
+                source: source.unwrap_or("unauthenticated").to_owned(),
+                destination: destination.to_owned(),
+                decision: if decision.allowed { "allow" } else { "deny" },
+                policy: decision.policy.clone(),
+                level,
+            })
+            .inc();
     }
 
     pub fn config_reload(&self, result: &'static str) {

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::{
     balance::PickError,
     detect::{self, Outcome, Protocol},
-    discovery::{Discovery, ProtocolHint, Target},
+    discovery::{Discovery, ProtocolHint, Target, WorkloadSpec},
     http::{Downstream, HttpProxy},
     metrics::{ConnLabels, FailLabels, Metrics, OUTBOUND, TCP, reason},
     transport::{
@@ -395,7 +395,21 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
             }
         }
         (Handling::Opaque { .. }, Some(t)) => {
-            opaque_service(&ob, client, client_addr, orig, &t, &progress).await
+            opaque_service(
+                &ob,
+                client,
+                client_addr,
+                orig,
+                source.as_ref(),
+                &t,
+                &progress,
+            )
+            .await
+        }
+        (_, _) if !authorized(&ob, source.as_ref(), orig) => {
+            debug!(client = %client_addr, original_dst = %orig, "connection denied by authorization; resetting the client");
+            copy::reset(client);
+            "denied"
         }
         (_, _) => {
             // Passthrough (a target-less Http/Opaque cannot happen: handling derives from it).
@@ -485,6 +499,7 @@ async fn opaque_service(
     client: TcpStream,
     client_addr: SocketAddr,
     orig: SocketAddr,
+    source: Option<&WorkloadSpec>,
     target: &Target,
     progress: &Progress,
 ) -> &'static str {
@@ -520,6 +535,11 @@ async fn opaque_service(
             }
         };
         tried.push(ep.addr);
+        if !authorized(ob, source, ep.addr) {
+            debug!(client = %client_addr, service = %spec.name, endpoint = %ep.addr, "connection denied by authorization; resetting the client");
+            copy::reset(client);
+            return "denied";
+        }
         let attempt = ep.start(Instant::now());
         match timeout(spec.connect_timeout, TcpStream::connect(ep.addr)).await {
             Ok(Ok(upstream)) => {
@@ -546,6 +566,29 @@ async fn opaque_service(
             }
         }
     }
+}
+
+/// Same-node authorization of a TCP connection from `source` to `dst`: counted, and true
+/// when allowed or when `dst` is not a workload this node's policies govern.
+fn authorized(ob: &Outbound, source: Option<&WorkloadSpec>, dst: SocketAddr) -> bool {
+    let snap = ob.discovery.snapshot();
+    let source_id = source.map(|w| w.identity.as_str());
+    let Some((decision, dest)) = snap.authorize(source_id, dst, None) else {
+        return true;
+    };
+    ob.metrics
+        .authz_decision(source_id, &dest.identity, &decision, "tcp");
+    if !decision.allowed {
+        ob.metrics
+            .failed
+            .get_or_create(&FailLabels {
+                direction: OUTBOUND,
+                reason: reason::DENIED,
+            })
+            .inc();
+        debug!(source = source_id.unwrap_or("-"), destination = %dest.identity, policy = %decision.policy, "denied");
+    }
+    decision.allowed
 }
 
 /// True if `orig` is the listener `own` (a wildcard listener matches the local address the

@@ -1099,3 +1099,124 @@ fn http2_rapid_reset_and_floods_are_bounded() -> Result<()> {
     ensure!(m.node.proxy_running(), "the proxy died");
     Ok(())
 }
+
+// === authorization on the same node ===
+
+/// Same-node authorization without TLS: the source identity is the workload the kernel
+/// recorded (its cgroup), the destination the declared workload at the endpoint's address.
+#[test]
+fn same_node_authorization_allows_by_identity_and_denies_with_403_or_reset() -> Result<()> {
+    require!();
+    let mut m = Mesh::new(2)?;
+    m.serve_http(1, &[])?;
+    m.serve_http(2, &[])?;
+    let intruder = m.node.add_pod("intruder")?;
+    let rel = m.node.workload_cgroup_rel.clone();
+    m.write_config(&format!(
+        r#"{web}
+[[service]]
+name = "api"
+addresses = ["10.96.0.40"]
+ports = [80]
+endpoints = {api_eps}
+
+[authorization]
+default = "deny-all"
+
+[[workload]]
+name = "frontend"
+namespace = "shop"
+cgroups = ["{rel}/client"]
+
+[[workload]]
+name = "intruder"
+namespace = "shop"
+cgroups = ["{rel}/intruder"]
+
+[[workload]]
+name = "web"
+namespace = "shop"
+addresses = ["{web_ip}"]
+
+[[workload]]
+name = "api"
+namespace = "shop"
+addresses = ["{api_ip}"]
+
+[[policy]]
+name = "web-from-frontend"
+workload = "web"
+namespace = "shop"
+allow = ["spiffe://cluster.local/ns/shop/sa/frontend"]
+
+[[policy]]
+name = "api-read-only"
+workload = "api"
+namespace = "shop"
+allow = ["spiffe://cluster.local/ns/shop/*"]
+rules = [ {{ methods = ["GET"], path_prefix = "/public" }} ]
+"#,
+        web = web_service(&m, &[1], ""),
+        api_eps = m.endpoints(&[2], BACKEND_PORT),
+        web_ip = m.ip(1),
+        api_ip = m.ip(2),
+    ))?;
+    m.start_proxy(false)?;
+    let curl = |pod: &Pod, args: &[&str]| -> Result<String> {
+        let mut cmd = pod.command("curl");
+        cmd.args(["-s", "-i", "--max-time", "20"]).args(args);
+        let o = run_bounded(cmd, LIMIT)?;
+        Ok(format!("exit={:?}\n{}", o.status.code(), stdout(&o)))
+    };
+    // HTTP through a service: allowed identity 200, other identity 403 naming the policy.
+    let text = curl(&m.client, &[&format!("http://{WEB_VIP}/")])?;
+    ensure!(text.contains("HTTP/1.1 200"), "{text}");
+    let text = curl(&intruder, &[&format!("http://{WEB_VIP}/")])?;
+    ensure!(
+        text.contains("HTTP/1.1 403")
+            && text.contains("x-mesh-policy: web-from-frontend")
+            && text.contains("x-mesh-proxy-error: forbidden"),
+        "{text}"
+    );
+    // HTTP rules: GET /public allowed, POST and other paths denied.
+    let text = curl(&intruder, &["http://10.96.0.40/public/x"])?;
+    ensure!(text.contains("HTTP/1.1 200"), "{text}");
+    let text = curl(&m.client, &["-X", "POST", "http://10.96.0.40/public/x"])?;
+    ensure!(
+        text.contains("HTTP/1.1 403") && text.contains("x-mesh-policy: api-read-only"),
+        "{text}"
+    );
+    let text = curl(&m.client, &["http://10.96.0.40/private"])?;
+    ensure!(text.contains("HTTP/1.1 403"), "{text}");
+    // Opaque TCP straight to the pod: allowed identity connects, the other is reset.
+    let direct = format!("http://{}:{BACKEND_PORT}/", m.ip(1));
+    let text = curl(&m.client, &[&direct])?;
+    ensure!(text.contains("HTTP/1.1 200"), "{text}");
+    let text = curl(&intruder, &[&direct])?;
+    ensure!(
+        !text.contains("HTTP/1.1") && !text.starts_with("exit=Some(0)"),
+        "the denied connection should be refused: {text}"
+    );
+    let metrics = m.metrics()?;
+    for (decision, level, policy) in [
+        ("allow", "http", "web-from-frontend"),
+        ("deny", "http", "web-from-frontend"),
+        ("deny", "http", "api-read-only"),
+        ("allow", "tcp", "web-from-frontend"),
+        ("deny", "tcp", "web-from-frontend"),
+    ] {
+        ensure!(
+            metric_sum(
+                &metrics,
+                "mesh_authz_decisions_total",
+                &[
+                    &format!("decision=\"{decision}\""),
+                    &format!("level=\"{level}\""),
+                    &format!("policy=\"{policy}\""),
+                ]
+            ) >= 1.0,
+            "no {decision}/{level}/{policy} decision counted: {metrics}"
+        );
+    }
+    Ok(())
+}

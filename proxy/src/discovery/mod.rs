@@ -62,6 +62,7 @@ pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     by_addr: HashMap<SocketAddr, (usize, u16)>,
     workloads_by_cgroup: HashMap<PathBuf, usize>,
+    workloads_by_addr: HashMap<IpAddr, usize>,
 }
 
 impl Snapshot {
@@ -72,6 +73,29 @@ impl Snapshot {
             service: Arc::clone(self.services.get(*i)?),
             port: *port,
         })
+    }
+
+    /// The declared workload with this pod address (its connections are authorized here).
+    pub fn workload_at(&self, ip: IpAddr) -> Option<&WorkloadSpec> {
+        let i = self.workloads_by_addr.get(&canonical(ip))?;
+        self.catalog.workloads.get(*i)
+    }
+
+    /// Authorizes `source` (a workload's SPIFFE ID; None when unknown) reaching `dst`, for
+    /// the HTTP request `http` if any. `None`: `dst` is not a declared workload, so this
+    /// node's policy does not govern it.
+    pub fn authorize(
+        &self,
+        source: Option<&str>,
+        dst: SocketAddr,
+        http: Option<(&str, &str)>,
+    ) -> Option<(crate::authz::Decision, &WorkloadSpec)> {
+        let w = self.workload_at(dst.ip())?;
+        let d = self
+            .catalog
+            .policies
+            .decide(source, (&w.namespace, &w.name), dst.port(), http);
+        Some((d, w))
     }
 
     /// The workload a cgroup (relative to the cgroup v2 mount) belongs to.
@@ -152,6 +176,7 @@ impl Discovery {
                 services: Vec::new(),
                 by_addr: HashMap::new(),
                 workloads_by_cgroup: HashMap::new(),
+                workloads_by_addr: HashMap::new(),
             })),
             next_generation: AtomicU64::new(1),
             cgroup_root: None,
@@ -281,9 +306,13 @@ fn build(generation: u64, catalog: Catalog, old: &Snapshot) -> Snapshot {
         }));
     }
     let mut workloads_by_cgroup = HashMap::new();
+    let mut workloads_by_addr = HashMap::new();
     for (i, w) in catalog.workloads.iter().enumerate() {
         for c in &w.cgroups {
             workloads_by_cgroup.insert(c.clone(), i);
+        }
+        for a in &w.addresses {
+            workloads_by_addr.insert(canonical(*a), i);
         }
     }
     Snapshot {
@@ -292,6 +321,7 @@ fn build(generation: u64, catalog: Catalog, old: &Snapshot) -> Snapshot {
         services,
         by_addr,
         workloads_by_cgroup,
+        workloads_by_addr,
     }
 }
 
@@ -341,6 +371,7 @@ mod tests {
         let d = Discovery::new(Catalog {
             services: vec![service("web", "10.96.0.10", &["10.0.0.1"])],
             workloads: vec![],
+            policies: Default::default(),
         });
         let t = d.lookup(sa("10.96.0.10:80"));
         assert!(
@@ -359,6 +390,7 @@ mod tests {
         let d = Discovery::new(Catalog {
             services: vec![service("web", "10.96.0.10", &["10.0.0.1", "10.0.0.2"])],
             workloads: vec![],
+            policies: Default::default(),
         });
         let g1 = d.snapshot().generation;
         let before = d.lookup(sa("10.96.0.10:80")).and_then(|t| {
@@ -371,6 +403,7 @@ mod tests {
         let g2 = d.apply(Catalog {
             services: vec![service("web", "10.96.0.10", &["10.0.0.1", "10.0.0.3"])],
             workloads: vec![],
+            policies: Default::default(),
         });
         assert!(g2 > g1);
         let after = d

@@ -97,6 +97,8 @@ pub struct WorkloadSection {
     pub identity: Option<String>,
     /// Cgroup directories of the workload's pods, relative to the cgroup v2 mount.
     pub cgroups: Option<Vec<String>>,
+    /// The pods' addresses: connections to them are authorized by this node's policies.
+    pub addresses: Option<Vec<String>>,
 }
 
 // === validated ===
@@ -172,6 +174,7 @@ pub struct WorkloadSpec {
     pub namespace: String,
     pub identity: String,
     pub cgroups: Vec<PathBuf>,
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Services and workloads, validated. What discovery serves; reloadable.
@@ -179,6 +182,7 @@ pub struct WorkloadSpec {
 pub struct Catalog {
     pub services: Vec<ServiceSpec>,
     pub workloads: Vec<WorkloadSpec>,
+    pub policies: crate::authz::Policies,
 }
 
 /// The trust domain of identities derived from workload names (issue 5 makes it
@@ -194,6 +198,7 @@ impl Catalog {
     pub fn resolve(
         services: Vec<ServiceSection>,
         workloads: Vec<WorkloadSection>,
+        policies: crate::authz::Policies,
     ) -> Result<Catalog, ConfigError> {
         if services.len() > MAX_SERVICES {
             return Err(invalid(
@@ -234,6 +239,7 @@ impl Catalog {
         let mut wl = Vec::with_capacity(workloads.len());
         let mut wl_names = HashSet::new();
         let mut cgroups_seen = HashSet::new();
+        let mut addrs_seen = HashSet::new();
         for w in workloads {
             let spec = resolve_workload(w)?;
             if !wl_names.insert((spec.namespace.clone(), spec.name.clone())) {
@@ -243,6 +249,16 @@ impl Catalog {
                     "two workloads have this name in the same namespace",
                     "give every [[workload]] a unique name",
                 ));
+            }
+            for a in &spec.addresses {
+                if !addrs_seen.insert(*a) {
+                    return Err(invalid(
+                        "workload.addresses",
+                        a,
+                        "the address belongs to two workloads",
+                        "list each pod address under one workload only",
+                    ));
+                }
             }
             for c in &spec.cgroups {
                 if !cgroups_seen.insert(c.clone()) {
@@ -259,6 +275,7 @@ impl Catalog {
         Ok(Catalog {
             services: out,
             workloads: wl,
+            policies,
         })
     }
 }
@@ -599,11 +616,24 @@ fn resolve_workload(w: WorkloadSection) -> Result<WorkloadSpec, ConfigError> {
         }
         cgroups.push(p);
     }
+    let mut addresses = Vec::new();
+    for a in w.addresses.unwrap_or_default() {
+        let ip: IpAddr = a.trim().parse().map_err(|_| {
+            invalid(
+                "workload.addresses",
+                format!("{a:?} (workload {name:?})"),
+                "not an IP address",
+                "list the pods' addresses, e.g. addresses = [\"10.0.1.5\"]",
+            )
+        })?;
+        addresses.push(ip);
+    }
     Ok(WorkloadSpec {
         name,
         namespace,
         identity,
         cgroups,
+        addresses,
     })
 }
 
@@ -648,7 +678,7 @@ mod tests {
             path: "t.toml".into(),
             message: e.to_string(),
         })?;
-        Catalog::resolve(f.service, f.workload)
+        Catalog::resolve(f.service, f.workload, crate::authz::Policies::default())
     }
 
     const GOOD: &str = r#"

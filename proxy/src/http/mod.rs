@@ -55,6 +55,8 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The response header that marks an error made by this proxy, naming its reason.
 pub const PROXY_ERROR_HEADER: &str = "x-mesh-proxy-error";
+/// The response header of a 403 that names the policy that denied the request.
+pub const POLICY_HEADER: &str = "x-mesh-policy";
 
 /// What the downstream connection speaks (from detection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +90,8 @@ pub enum ProxyError {
     BodyTooLarge,
     /// The client's request body failed while the proxy was reading it.
     ClientBody,
+    /// Authorization denied the request (the response names the policy).
+    Forbidden,
 }
 
 impl ProxyError {
@@ -103,6 +107,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed => "upstream-failed",
             ProxyError::BodyTooLarge => "body-too-large",
             ProxyError::ClientBody => "client-body-error",
+            ProxyError::Forbidden => "forbidden",
         }
     }
 
@@ -115,6 +120,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout | ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -124,6 +130,7 @@ impl ProxyError {
             ProxyError::Timeout | ProxyError::ConnectTimeout => 4, // DEADLINE_EXCEEDED
             ProxyError::BodyTooLarge => 8,                         // RESOURCE_EXHAUSTED
             ProxyError::ClientBody => 13,                          // INTERNAL
+            ProxyError::Forbidden => 7,                            // PERMISSION_DENIED
             _ => 14,                                               // UNAVAILABLE
         }
     }
@@ -141,6 +148,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed => "the endpoint failed before it sent a response",
             ProxyError::BodyTooLarge => "the request body is larger than the service accepts",
             ProxyError::ClientBody => "the request body could not be read",
+            ProxyError::Forbidden => "authorization policy denies this request",
         }
     }
 }
@@ -494,16 +502,17 @@ impl HttpProxy {
             );
         };
         let service: Arc<str> = Arc::from(target.service.spec.name.as_str());
+        let mut denied_by = None;
         let result = if ctx.downstream == Downstream::Http1 && is_upgrade(req.headers()) {
-            self.upgrade(&target, &mut req).await
+            self.upgrade(ctx, &target, &mut req, &mut denied_by).await
         } else {
-            self.forward(ctx, &target, req, grpc).await
+            self.forward(ctx, &target, req, grpc, &mut denied_by).await
         };
         let (resp, endpoint) = match result {
             Ok((r, e)) => (Ok(r), Some(e)),
             Err(e) => (Err(e), None),
         };
-        self.finish(
+        let mut resp = self.finish(
             ctx,
             Some(service),
             &method,
@@ -512,7 +521,13 @@ impl HttpProxy {
             started,
             resp,
             endpoint,
-        )
+        );
+        if let Some(policy) = denied_by
+            && let Ok(v) = HeaderValue::from_str(&policy)
+        {
+            resp.headers_mut().insert(POLICY_HEADER, v);
+        }
+        resp
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -589,6 +604,7 @@ impl HttpProxy {
         target: &Target,
         req: Request<Incoming>,
         grpc: bool,
+        denied_by: &mut Option<String>,
     ) -> Result<(Response<Body>, SocketAddr), ProxyError> {
         let spec = &target.service.spec;
         let (parts, incoming) = req.into_parts();
@@ -678,14 +694,17 @@ impl HttpProxy {
         .into_iter()
         .flatten()
         .min();
+        let source = ctx.source.as_ref().map(|w| w.identity.as_str());
         let attempts = self.attempts(
             target,
+            source,
             &parts.method,
             &uri,
             &headers,
             &mut body,
             up_h2,
             idempotent,
+            denied_by,
         );
         match deadline {
             Some(d) => tokio::time::timeout(d, attempts)
@@ -699,12 +718,14 @@ impl HttpProxy {
     async fn attempts(
         &self,
         target: &Target,
+        source: Option<&str>,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         body: &mut ReqBody,
         up_h2: bool,
         idempotent: bool,
+        denied_by: &mut Option<String>,
     ) -> Result<(Response<Body>, SocketAddr), ProxyError> {
         let svc = &target.service;
         let spec = &svc.spec;
@@ -732,6 +753,10 @@ impl HttpProxy {
                 PickError::AllEjected => ProxyError::CircuitOpen,
             })?;
             let addr = ep.addr;
+            if let Err(policy) = self.authorize(source, addr, Some((method.as_str(), uri.path()))) {
+                *denied_by = Some(policy);
+                return Err(ProxyError::Forbidden);
+            }
             tried.push(addr);
             attempt += 1;
             let inflight = ep.start(Instant::now());
@@ -842,12 +867,34 @@ impl HttpProxy {
         }
     }
 
+    /// Same-node authorization of one request to `endpoint`; Err names the denying policy.
+    fn authorize(
+        &self,
+        source: Option<&str>,
+        endpoint: SocketAddr,
+        http: Option<(&str, &str)>,
+    ) -> Result<(), String> {
+        let snap = self.discovery.snapshot();
+        let Some((decision, dest)) = snap.authorize(source, endpoint, http) else {
+            return Ok(());
+        };
+        self.metrics
+            .authz_decision(source, &dest.identity, &decision, "http");
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(decision.policy)
+        }
+    }
+
     /// An HTTP/1.1 Upgrade (WebSocket and the like): sent on a fresh connection (it becomes
     /// a tunnel, never pooled); on 101 both upgraded connections are joined by a copy.
     async fn upgrade(
         &self,
+        ctx: &ConnCtx,
         target: &Target,
         req: &mut Request<Incoming>,
+        denied_by: &mut Option<String>,
     ) -> Result<(Response<Body>, SocketAddr), ProxyError> {
         let spec = &target.service.spec;
         let balancer = target
@@ -859,6 +906,15 @@ impl HttpProxy {
             PickError::AllEjected => ProxyError::CircuitOpen,
         })?;
         let addr = ep.addr;
+        let source = ctx.source.as_ref().map(|w| w.identity.as_str());
+        if let Err(policy) = self.authorize(
+            source,
+            addr,
+            Some((req.method().as_str(), req.uri().path())),
+        ) {
+            *denied_by = Some(policy);
+            return Err(ProxyError::Forbidden);
+        }
         let inflight = ep.start(Instant::now());
         let mut sender = match self.pools.new_h1(addr, spec.connect_timeout, true).await {
             Ok(s) => s,
