@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 4);
-        assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16);
+        assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);
         assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);
         assert_eq!(size_of::<SockKey>(), 8 + 4 * 4 + 16 + 16);
         assert_eq!(size_of::<Lpm4>(), 8);
