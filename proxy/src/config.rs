@@ -52,6 +52,49 @@ pub struct File {
     /// `[[policy]]` tables: see `authz`.
     #[serde(default)]
     pub policy: Vec<PolicySection>,
+    /// Certificates from the mesh's issuer (mutual TLS between nodes).
+    pub identity: Option<IdentitySection>,
+    /// This node's place in the mesh: its name, tunnel port and the other nodes.
+    #[serde(default)]
+    pub mesh: MeshSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySection {
+    pub trust_domain: Option<String>,
+    /// The issuer's ADDRESS:PORT (`proxy identity serve`).
+    pub issuer: Option<String>,
+    /// PEM bundle of the mesh's trust anchors (`anchors.pem` of the CA directory).
+    pub anchors: Option<String>,
+    /// File holding this node's bootstrap token for the issuer.
+    pub token_file: Option<String>,
+    /// Renew a certificate when this fraction of its lifetime has passed.
+    pub rotate_fraction: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    /// This node's name (its identity is spiffe://<td>/ns/ebpf-mesh/sa/node-<name>).
+    pub node_name: Option<String>,
+    /// Port of the mutual-TLS tunnel (HTTP/2 CONNECT) other nodes connect to.
+    pub inbound_port: Option<u16>,
+    /// Address the tunnel listener binds.
+    pub inbound_bind: Option<String>,
+    /// The other nodes: traffic to their pods goes through their tunnel port.
+    #[serde(default)]
+    pub peer: Vec<PeerSection>,
+}
+
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub name: Option<String>,
+    /// The peer's tunnel ADDRESS:PORT.
+    pub address: Option<String>,
+    /// The peer's pod networks.
+    pub pod_cidrs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,12 +253,243 @@ pub struct Config {
     pub http: HttpLimits,
     /// Services and workloads: the part of the config a reload may change.
     pub catalog: Catalog,
+    pub identity: Option<IdentitySettings>,
+    pub mesh: MeshSettings,
+    /// The mesh's trust domain (`identity.trust_domain`, else cluster.local).
+    pub trust_domain: String,
     /// How often the config file is checked for changes.
     pub reload_interval: Duration,
     /// The file this config came from (None: flags only), and the flags, so that a reload
     /// resolves the changed file exactly like start-up did.
     pub file_path: Option<PathBuf>,
     pub overrides: Overrides,
+}
+
+/// Where this node gets its certificates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentitySettings {
+    pub trust_domain: String,
+    pub issuer: std::net::SocketAddr,
+    pub anchors: PathBuf,
+    pub token_file: PathBuf,
+    pub rotate_fraction: f64,
+}
+
+/// The node's tunnel and its peers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshSettings {
+    pub node_name: String,
+    pub inbound: std::net::SocketAddr,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peer {
+    pub name: String,
+    pub address: std::net::SocketAddr,
+    pub pod_cidrs: Vec<Cidr>,
+}
+
+impl MeshSettings {
+    /// The peer whose pods include `ip`.
+    pub fn peer_for(&self, ip: IpAddr) -> Option<&Peer> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        self.peers
+            .iter()
+            .find(|p| p.pod_cidrs.iter().any(|c| c.contains(ip)))
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                let bits = u32::from(self.prefix.min(32));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                (u32::from(net) & mask) == (u32::from(a) & mask)
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                let bits = u32::from(self.prefix.min(128));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
+                (u128::from(net) & mask) == (u128::from(a) & mask)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Default port of the mutual-TLS tunnel between nodes (istio's HBONE port).
+pub const DEFAULT_INBOUND_PORT: u16 = 15008;
+
+fn resolve_identity(i: IdentitySection) -> Result<IdentitySettings, ConfigError> {
+    let trust_domain = i
+        .trust_domain
+        .unwrap_or_else(|| crate::discovery::spec::DEFAULT_TRUST_DOMAIN.to_owned());
+    let td_ok = !trust_domain.is_empty()
+        && trust_domain.len() <= 255
+        && trust_domain
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c));
+    if !td_ok {
+        return Err(invalid(
+            "identity.trust_domain",
+            &trust_domain,
+            "a trust domain is lower-case letters, digits, '-', '.' and '_'",
+            "use the trust domain the CA was made with (proxy ca init --trust-domain), e.g. cluster.local",
+        ));
+    }
+    let issuer_text = i.issuer.unwrap_or_default();
+    let issuer: std::net::SocketAddr = issuer_text.trim().parse().map_err(|_| {
+        invalid(
+            "identity.issuer",
+            &issuer_text,
+            "not an ADDRESS:PORT",
+            "set issuer to where `proxy identity serve --listen` listens, e.g. 10.0.0.1:15012",
+        )
+    })?;
+    let path = |field: &'static str, v: Option<String>, fix: &'static str| {
+        let v = v.unwrap_or_default();
+        if v.trim().is_empty() || !Path::new(&v).is_absolute() {
+            return Err(invalid(field, &v, "needs an absolute file path", fix));
+        }
+        Ok(PathBuf::from(v))
+    };
+    let anchors = path(
+        "identity.anchors",
+        i.anchors,
+        "point it at the CA directory's anchors.pem (copied to the node), e.g. /etc/ebpf-mesh/anchors.pem",
+    )?;
+    let token_file = path(
+        "identity.token_file",
+        i.token_file,
+        "point it at a file (mode 0600) holding this node's issuer token",
+    )?;
+    let rotate_fraction = i.rotate_fraction.unwrap_or(0.5);
+    if !(0.1..=0.9).contains(&rotate_fraction) {
+        return Err(invalid(
+            "identity.rotate_fraction",
+            rotate_fraction,
+            "out of range 0.1..=0.9",
+            "use 0.5: certificates are renewed at half their lifetime",
+        ));
+    }
+    Ok(IdentitySettings {
+        trust_domain,
+        issuer,
+        anchors,
+        token_file,
+        rotate_fraction,
+    })
+}
+
+fn resolve_mesh(m: MeshSection, has_identity: bool) -> Result<MeshSettings, ConfigError> {
+    let node_name = m.node_name.unwrap_or_else(|| "node".into());
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    if !name_ok(&node_name) {
+        return Err(invalid(
+            "mesh.node_name",
+            &node_name,
+            "a node name is 1-63 lower-case letters, digits and '-' (it is part of the node's SPIFFE ID)",
+            "use the host's name, e.g. node-1",
+        ));
+    }
+    let port = m.inbound_port.unwrap_or(DEFAULT_INBOUND_PORT);
+    if port == 0 {
+        return Err(invalid(
+            "mesh.inbound_port",
+            0,
+            "port 0 cannot receive tunnels",
+            "use 15008",
+        ));
+    }
+    let bind: IpAddr = match m.inbound_bind {
+        Some(b) => b.trim().parse().map_err(|_| {
+            invalid(
+                "mesh.inbound_bind",
+                &b,
+                "not an IP address",
+                "use 0.0.0.0, or the node's address on the network between nodes",
+            )
+        })?,
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    let mut peers = Vec::new();
+    for p in m.peer {
+        let name = p.name.unwrap_or_default();
+        if !name_ok(&name) {
+            return Err(invalid(
+                "mesh.peer.name",
+                if name.is_empty() { "(unset)" } else { &name },
+                "a peer needs a node name",
+                "set name = \"node-2\"",
+            ));
+        }
+        let text = p.address.unwrap_or_default();
+        let address: std::net::SocketAddr = text.trim().parse().map_err(|_| {
+            invalid(
+                "mesh.peer.address",
+                format!("{text:?} (peer {name})"),
+                "not an ADDRESS:PORT",
+                "set the peer node's tunnel address, e.g. 10.0.0.2:15008",
+            )
+        })?;
+        let mut pod_cidrs = Vec::new();
+        for c in p.pod_cidrs.unwrap_or_default() {
+            pod_cidrs.push(c.parse::<Cidr>().map_err(|reason| {
+                invalid(
+                    "mesh.peer.pod_cidrs",
+                    format!("{c:?} (peer {name})"),
+                    reason,
+                    "list the peer's pod networks as ADDRESS/PREFIX, e.g. 10.78.0.0/16",
+                )
+            })?);
+        }
+        if pod_cidrs.is_empty() {
+            return Err(invalid(
+                "mesh.peer.pod_cidrs",
+                format!("[] (peer {name})"),
+                "without pod networks no traffic would use this peer",
+                "list the peer's pod networks, e.g. pod_cidrs = [\"10.78.0.0/16\"]",
+            ));
+        }
+        peers.push(Peer {
+            name,
+            address,
+            pod_cidrs,
+        });
+    }
+    if !peers.is_empty() && !has_identity {
+        return Err(invalid(
+            "mesh.peer",
+            peers.len(),
+            "traffic to other nodes is carried over mutual TLS, which needs certificates",
+            "add an [identity] section (issuer, anchors, token_file)",
+        ));
+    }
+    Ok(MeshSettings {
+        node_name,
+        inbound: std::net::SocketAddr::new(bind, port),
+        peers,
+    })
 }
 
 /// Limits of the HTTP server side (what a client may make the proxy hold).
@@ -299,6 +573,8 @@ impl Config {
             workload,
             authorization,
             policy,
+            identity,
+            mesh,
         } = file;
 
         let port = o.port.or(proxy.port).unwrap_or(15001);
@@ -614,8 +890,18 @@ impl Config {
                 "use 256",
             ));
         }
-        let catalog =
-            Catalog::resolve(service, workload, Policies::resolve(authorization, policy)?)?;
+        let identity = identity.map(resolve_identity).transpose()?;
+        let trust_domain = identity
+            .as_ref()
+            .map(|i| i.trust_domain.clone())
+            .unwrap_or_else(|| crate::discovery::spec::DEFAULT_TRUST_DOMAIN.to_owned());
+        let mesh = resolve_mesh(mesh, identity.is_some())?;
+        let catalog = Catalog::resolve(
+            service,
+            workload,
+            Policies::resolve(authorization, policy)?,
+            &trust_domain,
+        )?;
         let reload_ms = proxy.reload_interval_ms.unwrap_or(1000);
         if !(100..=3_600_000).contains(&reload_ms) {
             return Err(invalid(
@@ -627,6 +913,9 @@ impl Config {
         }
 
         Ok(Config {
+            identity,
+            mesh,
+            trust_domain,
             detect_timeout: Duration::from_millis(detect_ms),
             opaque_ports,
             http: HttpLimits {
@@ -694,6 +983,23 @@ impl Config {
             "log": {"level": self.log_level, "json": self.log_json},
             "admin": {"address": self.admin_address.to_string()},
             "detect": {"timeout_ms": self.detect_timeout.as_millis() as u64, "opaque_ports": self.opaque_ports},
+            // File paths only: the token and keys themselves are never in the config view.
+            "identity": self.identity.as_ref().map(|i| serde_json::json!({
+                "trust_domain": i.trust_domain,
+                "issuer": i.issuer.to_string(),
+                "anchors": i.anchors,
+                "token_file": i.token_file,
+                "rotate_fraction": i.rotate_fraction,
+            })),
+            "mesh": {
+                "node_name": self.mesh.node_name,
+                "inbound": self.mesh.inbound.to_string(),
+                "peers": self.mesh.peers.iter().map(|p| serde_json::json!({
+                    "name": p.name,
+                    "address": p.address.to_string(),
+                    "pod_cidrs": p.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            },
             "http": {
                 "header_read_timeout_ms": self.http.header_read_timeout.as_millis() as u64,
                 "max_header_bytes": self.http.max_header_bytes,

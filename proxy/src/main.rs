@@ -14,6 +14,8 @@ use std::{
     time::Duration,
 };
 
+mod identity_cli;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{error, info, warn};
@@ -110,6 +112,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The mesh's certificate authority: create, roll over, issue by hand.
+    Ca {
+        #[command(subcommand)]
+        cmd: identity_cli::CaCommand,
+    },
+    /// The certificate issuer nodes get their workloads' certificates from.
+    Identity {
+        #[command(subcommand)]
+        cmd: identity_cli::IdentityCommand,
+    },
     /// Print the kernel programs' counters (summed over CPUs) from the pin directory.
     Counters {
         /// Pin directory of the proxy to read.
@@ -198,6 +210,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => with_config(&args, true, run),
+        Command::Ca { cmd } => identity_cli::ca(cmd),
+        Command::Identity { cmd } => identity_cli::identity_cmd(cmd),
         Command::Check(args) => with_config(&args, true, |cfg| check(&cfg)),
         Command::Clean(args) => with_config(&args, false, |cfg| clean(&cfg)),
         Command::Counters { pin_dir, json } => counters(&pin_dir, json),
@@ -430,6 +444,55 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         return exit::SETUP;
     }
 
+    // Certificates before interception: a node that cannot get its workloads' certificates
+    // must not start taking their traffic.
+    let identity = match &cfg.identity {
+        Some(i) => {
+            let ids: Vec<proxy::identity::SpiffeId> = cfg
+                .catalog
+                .workloads
+                .iter()
+                .filter_map(|w| proxy::identity::SpiffeId::parse(&w.identity).ok())
+                .collect();
+            let mut icfg = proxy::identity::IdentityConfig::new(
+                i.trust_domain.clone(),
+                i.issuer,
+                i.anchors.clone(),
+                i.token_file.clone(),
+                cfg.mesh.node_name.clone(),
+            );
+            icfg.rotate_fraction = i.rotate_fraction;
+            match proxy::identity::IdentityManager::start(icfg, ids).await {
+                Ok(m) => {
+                    info!(node = %m.node_identity(), identities = m.identities().len(), "certificates ready");
+                    Some(m)
+                }
+                Err(e) => {
+                    error!("{e}");
+                    return exit::SETUP;
+                }
+            }
+        }
+        None => None,
+    };
+    let tunnels = identity.as_ref().map(|m| {
+        Arc::new(proxy::tunnel::Tunnels::new(
+            Arc::clone(m),
+            Arc::clone(&metrics),
+            cfg.connect_timeout,
+        ))
+    });
+    let tunnel_listener = match &identity {
+        Some(_) => match tokio::net::TcpListener::bind(cfg.mesh.inbound).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!(address = %cfg.mesh.inbound, error = %e, "cannot listen for tunnels from other nodes; is mesh.inbound_port in use?");
+                return exit::SETUP;
+            }
+        },
+        None => None,
+    };
+
     // Interception last: listeners exist, so no redirected connect finds a closed port.
     let (datapath, rules, orig_dst) = match cfg.mode {
         Mode::Ebpf => {
@@ -477,10 +540,14 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         metrics: Arc::clone(&metrics),
         limits: cfg.http,
         tap: tap.clone(),
+        mesh: cfg.mesh.clone(),
+        tunnels: tunnels.clone(),
     });
     let outbound = Arc::new(Outbound {
         discovery: Arc::clone(&discovery),
         http,
+        mesh: cfg.mesh.clone(),
+        tunnels,
         detect_timeout: cfg.detect_timeout,
         opaque_ports: cfg.opaque_ports.clone(),
         orig_dst,
@@ -519,8 +586,23 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
             }
         }
     });
+    if let (Some(listener), Some(m)) = (tunnel_listener, identity.as_ref()) {
+        let inbound = Arc::new(proxy::tunnel::Inbound {
+            identity: Arc::clone(m),
+            discovery: Arc::clone(&discovery),
+            metrics: Arc::clone(&outbound.metrics),
+            connect_timeout: cfg.connect_timeout,
+            copy_buffer: cfg.copy_buffer_bytes,
+        });
+        tokio::spawn(proxy::tunnel::serve_inbound(
+            listener,
+            inbound,
+            stop_rx.clone(),
+        ));
+    }
     if let Some(path) = cfg.file_path.clone() {
         let reloader = discovery::watch::Reloader {
+            identity: identity.clone(),
             path,
             overrides: cfg.overrides.clone(),
             interval: cfg.reload_interval,

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub detect: Family<DetectLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub authz: Family<AuthzLabels, Counter>,
+    pub tunnel_handshakes: Family<TunnelLabels, Counter>,
+    pub tunnel_bytes: Family<TunnelBytesLabels, Counter>,
     pub config_generation: Gauge,
     /// Per-service request counts and latency buckets for `proxy top` and the dashboard,
     /// which diff two polls (Prometheus histograms cannot be read back here).
@@ -184,6 +186,22 @@ pub struct AuthzLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    /// "outbound" (this node opened it) or "inbound".
+    pub direction: &'static str,
+    /// "ok", or why the TLS handshake failed: not_tls, no_certificate, unknown_ca, expired,
+    /// wrong_trust_domain, bad_identity, peer_refused, timeout, io, other.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelBytesLabels {
+    pub direction: &'static str,
+    /// "to_workload" (arrived through the tunnel) or "from_workload".
+    pub flow: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// "applied" or "rejected".
     pub result: &'static str,
@@ -226,6 +244,8 @@ impl Metrics {
             detect: Family::default(),
             reloads: Family::default(),
             authz: Family::default(),
+            tunnel_handshakes: Family::default(),
+            tunnel_bytes: Family::default(),
             config_generation: Gauge::default(),
             routes: std::sync::Mutex::new(std::collections::HashMap::new()),
         });
@@ -307,6 +327,17 @@ impl Metrics {
             "authz_decisions",
             "Authorization decisions by source and destination identity, decision and policy",
             m.authz.clone(),
+        );
+        r.register(
+            "tunnel_handshakes",
+            "Mutual-TLS handshakes of the tunnel between nodes, by direction and result",
+            m.tunnel_handshakes.clone(),
+        );
+        r.register_with_unit(
+            "tunnel_transferred",
+            "Bytes carried by tunnel streams this node terminated, by flow",
+            Unit::Bytes,
+            m.tunnel_bytes.clone(),
         );
         r.register(
             "config_generation",
@@ -472,6 +503,23 @@ impl Metrics {
                 level,
             })
             .inc();
+    }
+
+    pub fn tunnel_handshake(&self, direction: &'static str, result: &'static str) {
+        self.tunnel_handshakes
+            .get_or_create(&TunnelLabels { direction, result })
+            .inc();
+    }
+
+    pub fn tunnel_bytes(&self, direction: &'static str, to_workload: u64, from_workload: u64) {
+        for (flow, n) in [
+            ("to_workload", to_workload),
+            ("from_workload", from_workload),
+        ] {
+            self.tunnel_bytes
+                .get_or_create(&TunnelBytesLabels { direction, flow })
+                .inc_by(n);
+        }
     }
 
     pub fn config_reload(&self, result: &'static str) {

@@ -64,6 +64,9 @@ pub struct Outbound {
     pub detect_timeout: Duration,
     /// Sorted: ports that skip protocol detection.
     pub opaque_ports: Vec<u16>,
+    /// The other nodes, and the tunnels to them (None without `[identity]`).
+    pub mesh: crate::config::MeshSettings,
+    pub tunnels: Option<Arc<crate::tunnel::Tunnels>>,
 }
 
 /// What a connection to a service is handled as, after detection.
@@ -413,17 +416,23 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
         }
         (_, _) => {
             // Passthrough (a target-less Http/Opaque cannot happen: handling derives from it).
-            match timeout(ob.connect_timeout, TcpStream::connect(orig)).await {
-                Ok(Ok(upstream)) => {
-                    copy_both(&ob, client, upstream, client_addr, orig, orig, &progress).await
+            match dial(&ob, orig, source.as_ref(), None, ob.connect_timeout).await {
+                Ok(upstream) => {
+                    copy_upstream(&ob, client, upstream, client_addr, orig, orig, &progress).await
                 }
-                Ok(Err(e)) => {
+                Err(Dial::Denied) => {
+                    fail(reason::DENIED);
+                    debug!(client = %client_addr, original_dst = %orig, "the destination node's policy denied the connection; resetting the client");
+                    copy::reset(client);
+                    "denied"
+                }
+                Err(Dial::Failed(e)) => {
                     fail(reason::CONNECT_FAILED);
                     debug!(client = %client_addr, original_dst = %orig, error = %e, "upstream connect failed; resetting the client");
                     copy::reset(client);
                     "connect_failed"
                 }
-                Err(_) => {
+                Err(Dial::Timeout) => {
                     fail(reason::CONNECT_TIMEOUT);
                     warn!(client = %client_addr, original_dst = %orig, timeout_ms = ob.connect_timeout.as_millis() as u64, "upstream connect timed out (limits.connect_timeout_ms); resetting the client");
                     copy::reset(client);
@@ -541,13 +550,28 @@ async fn opaque_service(
             return "denied";
         }
         let attempt = ep.start(Instant::now());
-        match timeout(spec.connect_timeout, TcpStream::connect(ep.addr)).await {
-            Ok(Ok(upstream)) => {
+        match dial(
+            ob,
+            ep.addr,
+            source,
+            ep.identity.as_deref(),
+            spec.connect_timeout,
+        )
+        .await
+        {
+            Ok(upstream) => {
                 attempt.success(Instant::now());
                 let _active = ep.start(Instant::now());
-                return copy_both(ob, client, upstream, client_addr, orig, ep.addr, progress).await;
+                return copy_upstream(ob, client, upstream, client_addr, orig, ep.addr, progress)
+                    .await;
             }
-            Ok(Err(_)) | Err(_) => {
+            Err(Dial::Denied) => {
+                fail(reason::DENIED);
+                debug!(client = %client_addr, service = %spec.name, endpoint = %ep.addr, "the destination node's policy denied the connection; resetting the client");
+                copy::reset(client);
+                return "denied";
+            }
+            Err(Dial::Failed(_)) | Err(Dial::Timeout) => {
                 if attempt.failure(Instant::now(), &spec.circuit) {
                     ob.metrics.ejection(&spec.name);
                 }
@@ -563,6 +587,85 @@ async fn opaque_service(
                 debug!(client = %client_addr, service = %spec.name, endpoint = %ep.addr, "endpoint connect failed; resetting the client");
                 copy::reset(client);
                 return "connect_failed";
+            }
+        }
+    }
+}
+
+/// An upstream byte stream: a TCP connection, or a tunnel stream to another node's pod.
+enum Upstream {
+    Tcp(TcpStream),
+    Tunnel(crate::tunnel::TunnelStream),
+}
+
+enum Dial {
+    Failed(String),
+    Timeout,
+    /// The destination node's authorization refused the tunnel.
+    Denied,
+}
+
+/// Connects to `dst`: directly, or through the tunnel when it is a pod of another node
+/// (presenting the source workload's identity, expecting `expected` when known).
+async fn dial(
+    ob: &Outbound,
+    dst: SocketAddr,
+    source: Option<&WorkloadSpec>,
+    expected: Option<&str>,
+    limit: Duration,
+) -> Result<Upstream, Dial> {
+    if let (Some(peer), Some(tunnels)) = (ob.mesh.peer_for(dst.ip()), ob.tunnels.as_ref()) {
+        let src = tunnels.source_identity(source.map(|w| w.identity.as_str()));
+        let expected = expected.and_then(|e| crate::identity::SpiffeId::parse(e).ok());
+        return match timeout(
+            limit,
+            tunnels.connect(peer.address, &src, expected.as_ref(), dst),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Ok(Upstream::Tunnel(s)),
+            Ok(Err(e)) if e.is_denied() => Err(Dial::Denied),
+            Ok(Err(e)) => Err(Dial::Failed(e.to_string())),
+            Err(_) => Err(Dial::Timeout),
+        };
+    }
+    match timeout(limit, TcpStream::connect(dst)).await {
+        Ok(Ok(s)) => Ok(Upstream::Tcp(s)),
+        Ok(Err(e)) => Err(Dial::Failed(e.to_string())),
+        Err(_) => Err(Dial::Timeout),
+    }
+}
+
+async fn copy_upstream(
+    ob: &Outbound,
+    mut client: TcpStream,
+    upstream: Upstream,
+    client_addr: SocketAddr,
+    orig: SocketAddr,
+    to: SocketAddr,
+    progress: &Progress,
+) -> &'static str {
+    match upstream {
+        Upstream::Tcp(s) => copy_both(ob, client, s, client_addr, orig, to, progress).await,
+        Upstream::Tunnel(t) => {
+            let _ = client.set_nodelay(true);
+            match copy::bidirectional_io(&mut client, t, ob.copy_buffer, progress).await {
+                Ok(t) => {
+                    debug!(client = %client_addr, original_dst = %orig, upstream = %to, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed (tunnelled)");
+                    "ok"
+                }
+                Err(e) => {
+                    ob.metrics
+                        .failed
+                        .get_or_create(&FailLabels {
+                            direction: OUTBOUND,
+                            reason: reason::RESET,
+                        })
+                        .inc();
+                    debug!(client = %client_addr, original_dst = %orig, error = %e, "tunnelled connection failed; resetting the client");
+                    copy::reset(client);
+                    "reset"
+                }
             }
         }
     }

@@ -872,23 +872,57 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Result<Output> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    // Drain both pipes while waiting: a child that writes more than a pipe buffer (64 KiB)
+    // would otherwise block on its write and never exit.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    );
     let deadline = Instant::now() + limit;
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
+    let (status, timed_out) = loop {
+        if let Some(status) = child.try_wait()? {
+            break (status, false);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output()?;
-            bail!(
-                "command did not finish within {} s; stdout: {} stderr: {}",
-                limit.as_secs(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            break (child.wait()?, true);
         }
         thread::sleep(Duration::from_millis(10));
+    };
+    let join = |h: thread::JoinHandle<Vec<u8>>| h.join().unwrap_or_default();
+    let out = Output {
+        status,
+        stdout: join(stdout),
+        stderr: join(stderr),
+    };
+    if timed_out {
+        // At most the head of the output: it can be megabytes.
+        let head = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(2000)]).into_owned();
+        bail!(
+            "command did not finish within {} s; stdout: {} stderr: {}",
+            limit.as_secs(),
+            head(&out.stdout),
+            head(&out.stderr)
+        );
     }
+    Ok(out)
 }
 
 // === cleanup ===

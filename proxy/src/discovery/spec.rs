@@ -185,8 +185,8 @@ pub struct Catalog {
     pub policies: crate::authz::Policies,
 }
 
-/// The trust domain of identities derived from workload names (issue 5 makes it
-/// configurable with the certificate authority).
+/// The trust domain of identities derived from workload names when `[identity]` does not
+/// name one.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// Most services and endpoints a catalog may hold: bounds the memory a config file (or a
@@ -199,6 +199,7 @@ impl Catalog {
         services: Vec<ServiceSection>,
         workloads: Vec<WorkloadSection>,
         policies: crate::authz::Policies,
+        trust_domain: &str,
     ) -> Result<Catalog, ConfigError> {
         if services.len() > MAX_SERVICES {
             return Err(invalid(
@@ -241,7 +242,7 @@ impl Catalog {
         let mut cgroups_seen = HashSet::new();
         let mut addrs_seen = HashSet::new();
         for w in workloads {
-            let spec = resolve_workload(w)?;
+            let spec = resolve_workload(w, trust_domain)?;
             if !wl_names.insert((spec.namespace.clone(), spec.name.clone())) {
                 return Err(invalid(
                     "workload.name",
@@ -568,7 +569,7 @@ fn resolve_service(index: usize, s: ServiceSection) -> Result<ServiceSpec, Confi
     })
 }
 
-fn resolve_workload(w: WorkloadSection) -> Result<WorkloadSpec, ConfigError> {
+fn resolve_workload(w: WorkloadSection, trust_domain: &str) -> Result<WorkloadSpec, ConfigError> {
     let name = w.name.unwrap_or_default();
     let label_ok = |s: &str| {
         !s.is_empty()
@@ -598,7 +599,7 @@ fn resolve_workload(w: WorkloadSection) -> Result<WorkloadSpec, ConfigError> {
             check_spiffe("workload.identity", &id)?;
             id
         }
-        None => format!("spiffe://{DEFAULT_TRUST_DOMAIN}/ns/{namespace}/sa/{name}"),
+        None => format!("spiffe://{trust_domain}/ns/{namespace}/sa/{name}"),
     };
     let mut cgroups = Vec::new();
     for c in w.cgroups.unwrap_or_default() {
@@ -678,7 +679,12 @@ mod tests {
             path: "t.toml".into(),
             message: e.to_string(),
         })?;
-        Catalog::resolve(f.service, f.workload, crate::authz::Policies::default())
+        Catalog::resolve(
+            f.service,
+            f.workload,
+            crate::authz::Policies::default(),
+            DEFAULT_TRUST_DOMAIN,
+        )
     }
 
     const GOOD: &str = r#"

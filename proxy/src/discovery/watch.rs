@@ -37,6 +37,8 @@ pub struct Reloader {
     pub config_json: Arc<RwLock<Value>>,
     /// The effective config the proxy started with.
     pub started_with: Value,
+    /// Certificates follow the declared workloads.
+    pub identity: Option<Arc<crate::identity::IdentityManager>>,
 }
 
 /// The parts of the JSON view that a reload cannot change.
@@ -96,6 +98,18 @@ impl Reloader {
                         );
                     }
                     let services = cfg.catalog.services.len();
+                    if let Some(m) = &self.identity {
+                        let ids = cfg
+                            .catalog
+                            .workloads
+                            .iter()
+                            .filter_map(|w| crate::identity::SpiffeId::parse(&w.identity).ok())
+                            .collect();
+                        // A failure keeps the old certificates; the manager retries renewals.
+                        if let Err(e) = m.set_identities(ids).await {
+                            warn!(error = %e, "cannot get certificates for the reloaded workloads");
+                        }
+                    }
                     let generation = self.discovery.apply(cfg.catalog);
                     self.metrics.config_generation.set(generation as i64);
                     self.metrics.config_reload("applied");

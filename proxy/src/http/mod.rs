@@ -47,7 +47,7 @@ use crate::{
     discovery::{Discovery, ProtocolHint, Target},
     metrics::Metrics,
 };
-use upstream::{ConnectError, Pools};
+use upstream::{ConnectError, Pools, Via};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type on both sides of the proxy.
@@ -72,6 +72,9 @@ pub struct HttpProxy {
     pub metrics: Arc<Metrics>,
     pub limits: HttpLimits,
     pub tap: tokio::sync::broadcast::Sender<Arc<Value>>,
+    /// The other nodes, and the tunnels to them (None without `[identity]`).
+    pub mesh: crate::config::MeshSettings,
+    pub tunnels: Option<Arc<crate::tunnel::Tunnels>>,
 }
 
 /// An error the proxy answers itself.
@@ -759,6 +762,7 @@ impl HttpProxy {
             }
             tried.push(addr);
             attempt += 1;
+            let via = self.via_for(addr, source, ep.identity.as_deref());
             let inflight = ep.start(Instant::now());
             let fail = |inflight: crate::balance::InFlight| {
                 if inflight.failure(Instant::now(), &spec.circuit) {
@@ -775,17 +779,23 @@ impl HttpProxy {
             }
             let sender = if up_h2 {
                 self.pools
-                    .h2(addr, spec.connect_timeout, spec.idle_timeout)
+                    .h2(addr, spec.connect_timeout, spec.idle_timeout, via.as_ref())
                     .await
                     .map(Sender::H2)
             } else {
                 self.pools
-                    .h1(addr, spec.connect_timeout)
+                    .h1(addr, spec.connect_timeout, via.as_ref())
                     .await
                     .map(Sender::H1)
             };
             let sender = match sender {
                 Ok(s) => s,
+                Err(ConnectError::Tunnel { source, .. }) if source.is_denied() => {
+                    // The destination node's policy: a denial, not an endpoint failure.
+                    drop(inflight);
+                    *denied_by = Some(source.denied_by().unwrap_or("remote").to_owned());
+                    return Err(ProxyError::Forbidden);
+                }
                 Err(e) => {
                     debug!(service = name, endpoint = %addr, error = %e, "upstream connect failed");
                     fail(inflight);
@@ -816,7 +826,8 @@ impl HttpProxy {
                 match sender {
                     Sender::H1(mut s) => {
                         let r = s.send_request(req).await;
-                        self.pools.release_h1(addr, s, spec.idle_timeout);
+                        self.pools
+                            .release_h1(addr, via.as_ref(), s, spec.idle_timeout);
                         r
                     }
                     Sender::H2(mut s) => {
@@ -865,6 +876,23 @@ impl HttpProxy {
                 }
             }
         }
+    }
+
+    /// The tunnel to use for `endpoint` when it is a pod of another node.
+    fn via_for(
+        &self,
+        endpoint: SocketAddr,
+        source: Option<&str>,
+        endpoint_identity: Option<&str>,
+    ) -> Option<Via> {
+        let peer = self.mesh.peer_for(endpoint.ip())?;
+        let tunnels = self.tunnels.as_ref()?;
+        Some(Via {
+            tunnels: Arc::clone(tunnels),
+            peer: peer.address,
+            source: tunnels.source_identity(source),
+            expected: endpoint_identity.and_then(|i| crate::identity::SpiffeId::parse(i).ok()),
+        })
     }
 
     /// Same-node authorization of one request to `endpoint`; Err names the denying policy.
@@ -916,7 +944,12 @@ impl HttpProxy {
             return Err(ProxyError::Forbidden);
         }
         let inflight = ep.start(Instant::now());
-        let mut sender = match self.pools.new_h1(addr, spec.connect_timeout, true).await {
+        let via = self.via_for(addr, source, ep.identity.as_deref());
+        let mut sender = match self
+            .pools
+            .new_h1(addr, spec.connect_timeout, true, via.as_ref())
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 let _ = inflight.failure(Instant::now(), &spec.circuit);

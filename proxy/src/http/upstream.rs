@@ -15,10 +15,36 @@ use std::{
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tracing::debug;
 
 use super::Body;
+use crate::{
+    identity::SpiffeId,
+    tunnel::{TunnelError, Tunnels},
+};
+
+/// An upstream byte stream: a TCP connection to a local endpoint, or a tunnel stream to an
+/// endpoint on another node.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// How to reach an endpoint on another node: through the tunnel to `peer`, as `source`,
+/// expecting the endpoint's identity when the config names it.
+#[derive(Clone)]
+pub struct Via {
+    pub tunnels: Arc<Tunnels>,
+    pub peer: SocketAddr,
+    pub source: SpiffeId,
+    pub expected: Option<SpiffeId>,
+}
+
+/// Pool key: the endpoint, and for tunnelled endpoints the identity presented (connections
+/// made as one workload are never lent to another).
+type Key = (SocketAddr, Option<SpiffeId>);
 
 /// Idle HTTP/1.1 connections kept per endpoint: enough for a busy keep-alive client mix,
 /// few enough that a burst does not leave thousands of idle sockets behind.
@@ -40,6 +66,11 @@ pub enum ConnectError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("tunnel to {addr} failed: {source}")]
+    Tunnel {
+        addr: SocketAddr,
+        source: TunnelError,
+    },
 }
 
 #[derive(Default)]
@@ -57,18 +88,35 @@ struct H2Slot {
 /// Upstream connections of the whole proxy.
 #[derive(Default)]
 pub struct Pools {
-    h1: Mutex<HashMap<SocketAddr, H1Idle>>,
+    h1: Mutex<HashMap<Key, H1Idle>>,
     /// An async mutex per endpoint: requests that arrive while the connection is being made
     /// wait for it instead of each opening their own.
-    h2: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<H2Slot>>>>,
+    h2: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<H2Slot>>>>,
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    via: Option<&Via>,
+) -> Result<Box<dyn Io>, ConnectError> {
+    if let Some(v) = via {
+        return match tokio::time::timeout(
+            timeout,
+            v.tunnels
+                .connect(v.peer, &v.source, v.expected.as_ref(), addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Ok(Box::new(s)),
+            Ok(Err(source)) => Err(ConnectError::Tunnel { addr, source }),
+            Err(_) => Err(ConnectError::Timeout { addr, timeout }),
+        };
+    }
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             // Requests and responses are written whole by hyper; don't let Nagle hold the tail.
             let _ = s.set_nodelay(true);
-            Ok(s)
+            Ok(Box::new(s))
         }
         Ok(Err(source)) => Err(ConnectError::Refused { addr, source }),
         Err(_) => Err(ConnectError::Timeout { addr, timeout }),
@@ -82,20 +130,22 @@ impl Pools {
         &self,
         addr: SocketAddr,
         connect_timeout: Duration,
+        via: Option<&Via>,
     ) -> Result<http1::SendRequest<Body>, ConnectError> {
+        let key: Key = (addr, via.map(|v| v.source.clone()));
         loop {
             let idle = self
                 .h1
                 .lock()
                 .ok()
-                .and_then(|mut m| m.get_mut(&addr).and_then(|i| i.conns.pop()));
+                .and_then(|mut m| m.get_mut(&key).and_then(|i| i.conns.pop()));
             match idle {
                 Some((sender, _)) if sender.is_ready() => return Ok(sender),
                 Some(_) => continue, // closed by the server while idle: try the next one
                 None => break,
             }
         }
-        self.new_h1(addr, connect_timeout, false).await
+        self.new_h1(addr, connect_timeout, false, via).await
     }
 
     /// A fresh HTTP/1.1 connection, never pooled afterwards when `upgrades` (the
@@ -105,8 +155,9 @@ impl Pools {
         addr: SocketAddr,
         connect_timeout: Duration,
         upgrades: bool,
+        via: Option<&Via>,
     ) -> Result<http1::SendRequest<Body>, ConnectError> {
-        let stream = connect(addr, connect_timeout).await?;
+        let stream = connect(addr, connect_timeout, via).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -129,16 +180,18 @@ impl Pools {
     pub fn release_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
+        via: Option<&Via>,
         mut sender: http1::SendRequest<Body>,
         idle_timeout: Duration,
     ) {
+        let key: Key = (addr, via.map(|v| v.source.clone()));
         let pools = Arc::clone(self);
         tokio::spawn(async move {
             if sender.ready().await.is_err() {
                 return;
             }
             if let Ok(mut m) = pools.h1.lock() {
-                let idle = m.entry(addr).or_default();
+                let idle = m.entry(key).or_default();
                 idle.idle_timeout = idle_timeout;
                 if idle.conns.len() < MAX_IDLE_H1 {
                     idle.conns.push((sender, Instant::now()));
@@ -153,9 +206,11 @@ impl Pools {
         addr: SocketAddr,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        via: Option<&Via>,
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let key: Key = (addr, via.map(|v| v.source.clone()));
         let slot = match self.h2.lock() {
-            Ok(mut m) => Arc::clone(m.entry(addr).or_insert_with(|| {
+            Ok(mut m) => Arc::clone(m.entry(key).or_insert_with(|| {
                 Arc::new(tokio::sync::Mutex::new(H2Slot {
                     conn: None,
                     last_used: Instant::now(),
@@ -176,7 +231,7 @@ impl Pools {
         {
             return Ok(c.clone());
         }
-        let stream = connect(addr, connect_timeout).await?;
+        let stream = connect(addr, connect_timeout, via).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Detects an upstream that vanished without a FIN (a node lost) while streams

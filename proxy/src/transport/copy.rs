@@ -60,6 +60,26 @@ pub async fn bidirectional(
     Ok(progress.snapshot())
 }
 
+/// [`bidirectional`] between a client socket and any upstream stream (a tunnel stream to
+/// another node's proxy), with the same buffers, half-close and counting.
+pub async fn bidirectional_io<U>(
+    client: &mut TcpStream,
+    upstream: U,
+    buffer: usize,
+    progress: &Progress,
+) -> io::Result<Transferred>
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    tokio::try_join!(
+        one_way(&mut cr, &mut uw, buffer, &progress.to_upstream),
+        one_way(&mut ur, &mut cw, buffer, &progress.to_client),
+    )?;
+    Ok(progress.snapshot())
+}
+
 /// Copies until end of stream, then half-closes the writer.
 async fn one_way<R, W>(r: &mut R, w: &mut W, buffer: usize, count: &AtomicU64) -> io::Result<()>
 where
@@ -73,6 +93,9 @@ where
             return w.shutdown().await;
         }
         w.write_all(&buf[..n]).await?;
+        // A no-op on a TcpStream; a tunnel stream (HTTP/2 DATA frames) may hold bytes until
+        // flushed, and a request/response peer would wait for them forever.
+        w.flush().await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
