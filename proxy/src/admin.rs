@@ -50,6 +50,8 @@ pub struct AdminState {
     pub taps: std::sync::atomic::AtomicUsize,
     /// Services and endpoints, for /debug/services.
     pub discovery: Arc<crate::discovery::Discovery>,
+    /// Certificates and anchors, for /debug/identity (set once fetched).
+    pub identity: Arc<std::sync::OnceLock<Arc<crate::identity::IdentityManager>>>,
 }
 
 /// The effective config now (replaced by every applied reload).
@@ -173,6 +175,7 @@ fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
         "/debug/ebpf" => json_response(&ebpf_view(state)),
         "/debug/summary" => json_response(&summary(state)),
         "/debug/services" => json_response(&services(state)),
+        "/debug/identity" => json_response(&identity(state)),
         "/debug/tap" => tap(req, state),
         "/dashboard" => with_type(
             StatusCode::OK,
@@ -181,7 +184,7 @@ fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
         ),
         "/" => text(
             StatusCode::OK,
-            "/live /ready /metrics /config /debug/connections /debug/ebpf /debug/services /debug/summary /debug/tap /dashboard\n",
+            "/live /ready /metrics /config /debug/connections /debug/ebpf /debug/identity /debug/services /debug/summary /debug/tap /dashboard\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
     }
@@ -190,6 +193,33 @@ fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
 /// The web dashboard: one self-contained page (no external resources) that polls
 /// /debug/summary.
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The node's certificates (never keys) and trust anchors.
+fn identity(state: &AdminState) -> Value {
+    let Some(m) = state.identity.get() else {
+        return json!({"enabled": false});
+    };
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    json!({
+        "enabled": true,
+        "trust_domain": m.trust_domain(),
+        "node": m.node_identity().to_string(),
+        "certificates": m.certificates().iter().map(|c| json!({
+            "identity": c.identity.to_string(),
+            "serial": c.serial_hex,
+            "not_before": secs(c.not_before),
+            "not_after": secs(c.not_after),
+            "expires_in_seconds": c.not_after.duration_since(std::time::SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0),
+        })).collect::<Vec<_>>(),
+        "anchors": m.anchors().iter().map(|a| json!({"subject": a.subject, "not_after": secs(a.not_after)})).collect::<Vec<_>>(),
+        "rotations": m.rotations_total(),
+        "rotation_failures": m.rotation_failures_total(),
+    })
+}
 
 /// Services with their endpoints' balancer and breaker state.
 fn services(state: &AdminState) -> Value {

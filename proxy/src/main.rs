@@ -427,6 +427,8 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         .config_generation
         .set(discovery.snapshot().generation as i64);
     metrics::register_discovery(&mut registry, Arc::clone(&discovery));
+    let identity_slot = Arc::new(std::sync::OnceLock::new());
+    metrics::register_identity(&mut registry, Arc::clone(&identity_slot));
     let admin_state = Arc::new(admin::AdminState {
         ready: AtomicBool::new(false),
         registry,
@@ -438,6 +440,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         tap: tap.clone(),
         taps: std::sync::atomic::AtomicUsize::new(0),
         discovery: Arc::clone(&discovery),
+        identity: Arc::clone(&identity_slot),
     });
     if let Err(e) = admin::start(cfg.admin_address, Arc::clone(&admin_state)) {
         error!("{e}");
@@ -465,6 +468,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
             match proxy::identity::IdentityManager::start(icfg, ids).await {
                 Ok(m) => {
                     info!(node = %m.node_identity(), identities = m.identities().len(), "certificates ready");
+                    let _ = identity_slot.set(Arc::clone(&m));
                     Some(m)
                 }
                 Err(e) => {
@@ -783,6 +787,10 @@ fn status(admin: &str, json: bool) -> u8 {
         .ok()
         .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
         .unwrap_or_default();
+    let ident = get("/debug/identity")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .unwrap_or_default();
     let services = get("/debug/services")
         .ok()
         .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
@@ -790,7 +798,7 @@ fn status(admin: &str, json: bool) -> u8 {
     if json {
         println!(
             "{}",
-            serde_json::json!({"ready": ready, "config": config, "ebpf": ebpf, "services": services, "connections": conns})
+            serde_json::json!({"ready": ready, "config": config, "ebpf": ebpf, "identity": ident, "services": services, "connections": conns})
         );
         return 0;
     }
@@ -826,6 +834,32 @@ fn status(admin: &str, json: bool) -> u8 {
         for (k, v) in c.iter().filter(|(_, v)| v.as_u64().unwrap_or(0) > 0) {
             println!("  {k:<28} {v}");
         }
+    }
+    if ident["enabled"].as_bool().unwrap_or(false) {
+        println!(
+            "identity: {} (trust domain {}), {} renewals, {} failed",
+            ident["node"].as_str().unwrap_or("?"),
+            ident["trust_domain"].as_str().unwrap_or("?"),
+            ident["rotations"],
+            ident["rotation_failures"]
+        );
+        for c in ident["certificates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            println!(
+                "  {:<60} serial {}  expires in {} s",
+                c["identity"].as_str().unwrap_or("?"),
+                c["serial"].as_str().unwrap_or("?"),
+                c["expires_in_seconds"]
+            );
+        }
+        for a in ident["anchors"].as_array().cloned().unwrap_or_default() {
+            println!("  anchor {}", a["subject"].as_str().unwrap_or("?"));
+        }
+    } else {
+        println!("identity: off (no [identity] section: no mTLS to other nodes)");
     }
     let svcs = services["services"].as_array().cloned().unwrap_or_default();
     println!(

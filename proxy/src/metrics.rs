@@ -964,3 +964,86 @@ impl Collector for DiscoveryCollector {
         Ok(())
     }
 }
+
+// === identity ===
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+/// Exports the node's certificates (expiry per identity), anchors and renewals, read from
+/// the identity manager at scrape time. `manager` is filled in once certificates are
+/// fetched (the registry exists before that).
+pub fn register_identity(
+    registry: &mut Registry,
+    manager: Arc<OnceLock<Arc<crate::identity::IdentityManager>>>,
+) {
+    registry.register_collector(Box::new(IdentityCollector { manager }));
+}
+
+struct IdentityCollector {
+    manager: Arc<OnceLock<Arc<crate::identity::IdentityManager>>>,
+}
+
+impl fmt::Debug for IdentityCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityCollector").finish()
+    }
+}
+
+fn unix_secs(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Collector for IdentityCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(m) = self.manager.get() else {
+            return Ok(());
+        };
+        let expiry: Family<IdentityLabels, Gauge> = Family::default();
+        for c in m.certificates() {
+            expiry
+                .get_or_create(&IdentityLabels {
+                    identity: c.identity.to_string(),
+                })
+                .set(unix_secs(c.not_after));
+        }
+        expiry.encode(encoder.encode_descriptor(
+            "identity_certificate_expiry_timestamp_seconds",
+            "When each certificate this node holds expires (it is renewed well before)",
+            None,
+            expiry.metric_type(),
+        )?)?;
+        let anchor = ConstGauge::new(
+            m.anchors()
+                .iter()
+                .map(|a| unix_secs(a.not_after))
+                .min()
+                .unwrap_or(0),
+        );
+        anchor.encode(encoder.encode_descriptor(
+            "identity_anchor_expiry_timestamp_seconds",
+            "When the first of the trusted anchors expires",
+            None,
+            anchor.metric_type(),
+        )?)?;
+        let rotations = ConstCounter::new(m.rotations_total());
+        rotations.encode(encoder.encode_descriptor(
+            "identity_rotations",
+            "Certificates renewed since start",
+            None,
+            rotations.metric_type(),
+        )?)?;
+        let failures = ConstCounter::new(m.rotation_failures_total());
+        failures.encode(encoder.encode_descriptor(
+            "identity_rotation_failures",
+            "Failed renewal attempts since start (the old certificate stays in use meanwhile)",
+            None,
+            failures.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}

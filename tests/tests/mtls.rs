@@ -556,3 +556,125 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_tunnel_refuses_strangers() -> 
     drop(m);
     Ok(())
 }
+
+/// Serial and issuer of the certificate node 1 presents to a new handshake.
+fn presented(m: &Mesh) -> Result<(String, String)> {
+    let s = m.s_client(&[])?;
+    let begin = s.find("-----BEGIN CERTIFICATE-----").context(s.clone())?;
+    let end = s.find("-----END CERTIFICATE-----").context(s.clone())?;
+    let pem = &s[begin..end + "-----END CERTIFICATE-----".len()];
+    let f = m.node0.scratch.join("presented.pem");
+    fs::write(&f, pem)?;
+    let o = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-issuer", "-in"])
+        .arg(&f)
+        .output()?;
+    let text = stdout(&o);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    Ok((field("serial="), field("issuer=")))
+}
+
+#[test]
+fn certificates_rotate_under_a_long_lived_connection_and_the_ca_rolls_over_without_a_failed_request()
+-> Result<()> {
+    require!();
+    // Leaves live 4 s and are renewed at half their lifetime.
+    let m = Mesh::new(4, None)?;
+    let (serial0, issuer0) = presented(&m)?;
+    ensure!(
+        !serial0.is_empty() && !issuer0.is_empty(),
+        "no certificate from node 1"
+    );
+
+    // One keep-alive HTTP connection through the tunnel for 10 s, a request every 250 ms.
+    let script = format!(
+        "import http.client,time\nc=http.client.HTTPConnection('{}',{BACKEND_PORT},timeout=10)\nports=set()\nok=0\nfor i in range(40):\n    c.request('GET','/')\n    r=c.getresponse()\n    b=r.read()\n    ok+= r.status==200 and b'web-on-node1' in b\n    ports.add(c.sock.getsockname()[1])\n    time.sleep(0.25)\nprint('ok',ok,'connections',len(ports))\n",
+        m.backend.ipv4
+    );
+    let mut cmd = m.client.command("/usr/bin/python3");
+    cmd.args(["-c", &script]);
+    let mut long_lived = Background::spawn(cmd, m.node0.scratch.join("long.out"))?;
+
+    // Meanwhile: the CA rolls over, and new requests keep flowing through the service.
+    thread::sleep(Duration::from_secs(2));
+    let b = bins()?;
+    proxy(&b, &["ca", "rotate", "--dir", &m.ca.display().to_string()])?;
+    let mut codes = Vec::new();
+    for _ in 0..40 {
+        let o = m.curl(
+            &m.client,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{VIP}/"),
+            ],
+        )?;
+        codes.push(stdout(&o));
+        thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(
+        codes.iter().all(|c| c == "200"),
+        "a request failed during the rollover: {codes:?}"
+    );
+    long_lived.wait_for("ok ")?;
+    let text = long_lived.output();
+    ensure!(
+        text.contains("ok 40 connections 1"),
+        "the long-lived connection broke: {text}"
+    );
+
+    // New handshakes show new certificates, now from the new CA.
+    let (serial1, issuer1) = presented(&m)?;
+    ensure!(serial1 != serial0, "node 1 still presents serial {serial0}");
+    ensure!(
+        issuer1 != issuer0,
+        "node 1's certificate is still issued by {issuer0}"
+    );
+    let metrics1 = metrics(&m.node1)?;
+    ensure!(
+        metric_sum(&metrics1, "mesh_identity_rotations_total", &[]) >= 3.0,
+        "{}",
+        metrics1
+            .lines()
+            .filter(|l| l.contains("identity"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // End of the rollover: the old anchor goes; every leaf is from the new CA by now.
+    proxy(
+        &b,
+        &[
+            "ca",
+            "retire-previous",
+            "--dir",
+            &m.ca.display().to_string(),
+        ],
+    )?;
+    thread::sleep(Duration::from_secs(3));
+    for _ in 0..10 {
+        let o = m.curl(
+            &m.client,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{VIP}/"),
+            ],
+        )?;
+        ensure!(
+            stdout(&o) == "200",
+            "after retiring the old anchor: {}",
+            out(&o)
+        );
+    }
+    Ok(())
+}
