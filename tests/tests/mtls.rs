@@ -16,6 +16,7 @@ use tests::{Background, Binaries, Node, Pod, ProxyOptions, link, require_privile
 
 const BACKEND_PORT: u16 = 8080;
 const VIP: &str = "10.96.0.50";
+const API_VIP: &str = "10.96.0.51";
 const TD: &str = "cluster.local";
 const LIMIT: Duration = Duration::from_secs(60);
 const ISSUER_PORT: u16 = 15012;
@@ -86,6 +87,7 @@ struct Mesh {
     _issuer: Background,
     _server: Background,
     _opaque: Background,
+    _api: Background,
 }
 
 impl Mesh {
@@ -98,6 +100,7 @@ impl Mesh {
         let client = node0.add_pod("client")?;
         let intruder = node0.add_pod("intruder")?;
         let backend = node1.add_pod("web")?;
+        let api = node1.add_pod("api")?;
         link(&mut node0, &mut node1)?;
 
         let ca = node0.scratch.join("ca");
@@ -169,6 +172,16 @@ impl Mesh {
         ]);
         let mut server = Background::spawn(cmd, node1.scratch.join("web.out"))?;
         server.wait_for("ready")?;
+        let mut cmd = api.command(env!("CARGO_BIN_EXE_meshhttp"));
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("[::]:{BACKEND_PORT}"),
+            "--name",
+            "api-on-node1",
+        ]);
+        let mut api_server = Background::spawn(cmd, node1.scratch.join("api.out"))?;
+        api_server.wait_for("ready")?;
         let mut cmd = backend.command(&bins.meshtest);
         cmd.args(["serve", "--listen", "[::]:9090"]);
         let mut opaque = Background::spawn(cmd, node1.scratch.join("opaque.out"))?;
@@ -209,6 +222,12 @@ addresses = ["{VIP}"]
 ports = [80]
 endpoints = [ {{ address = "{web}", port = {BACKEND_PORT}, identity = "spiffe://{TD}/ns/shop/sa/web" }} ]
 
+[[service]]
+name = "api"
+addresses = ["{API_VIP}"]
+ports = [80]
+endpoints = [ {{ address = "{api_ip}", port = {BACKEND_PORT}, identity = "spiffe://{TD}/ns/shop/sa/api" }} ]
+
 [[workload]]
 name = "frontend"
 namespace = "shop"
@@ -222,6 +241,7 @@ cgroups = ["{rel0}/intruder"]
             identity = identity(&node0, &anchors),
             peer = node1.link_addr4(),
             web = backend.ipv4,
+            api_ip = api.ipv4,
         );
         let rel1 = node1.workload_cgroup_rel.clone();
         let config1 = format!(
@@ -245,10 +265,24 @@ name = "web-from-frontend"
 workload = "web"
 namespace = "shop"
 allow = ["spiffe://{TD}/ns/shop/sa/frontend"]
+
+[[workload]]
+name = "api"
+namespace = "shop"
+cgroups = ["{rel1}/api"]
+addresses = ["{api_ip}"]
+
+[[policy]]
+name = "api-read-only"
+workload = "api"
+namespace = "shop"
+allow = ["spiffe://{TD}/ns/shop/*"]
+rules = [ {{ methods = ["GET"], path_prefix = "/public" }} ]
 "#,
             identity = identity(&node1, &node1_anchors),
             peer = node0.link_addr4(),
             web = backend.ipv4,
+            api_ip = api.ipv4,
         );
         for (node, config) in [(&mut node0, config0), (&mut node1, config1)] {
             let path = node.scratch.join("proxy.toml");
@@ -270,6 +304,7 @@ allow = ["spiffe://{TD}/ns/shop/sa/frontend"]
             _issuer: issuer,
             _server: server,
             _opaque: opaque,
+            _api: api_server,
         })
     }
 
@@ -544,6 +579,59 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_tunnel_refuses_strangers() -> 
                 &[
                     "decision=\"allow\"",
                     "source=\"spiffe://cluster.local/ns/shop/sa/frontend\""
+                ]
+            ) >= 1.0,
+        "{}",
+        m1.lines()
+            .filter(|l| l.contains("authz"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // HTTP rules are decided on node 1 (the destination), per request, with the verified
+    // identity: GET /public passes, POST and other paths get 403 naming the policy.
+    let o = m.curl(
+        &m.client,
+        &["-i", &format!("http://{API_VIP}/public/items")],
+    )?;
+    ensure!(
+        stdout(&o).contains("HTTP/1.1 200") && stdout(&o).contains("api-on-node1"),
+        "{}",
+        out(&o)
+    );
+    for args in [vec!["-i", "-X", "POST"], vec!["-i"]] {
+        let url = if args.len() == 1 {
+            format!("http://{API_VIP}/private")
+        } else {
+            format!("http://{API_VIP}/public/items")
+        };
+        let mut a = args.clone();
+        a.push(&url);
+        let o = m.curl(&m.client, &a)?;
+        let text = stdout(&o);
+        ensure!(
+            text.contains("HTTP/1.1 403") && text.contains("x-mesh-policy: api-read-only"),
+            "{}",
+            out(&o)
+        );
+    }
+    let m1 = metrics(&m.node1)?;
+    ensure!(
+        metric_sum(
+            &m1,
+            "mesh_authz_decisions_total",
+            &[
+                "level=\"http\"",
+                "decision=\"deny\"",
+                "policy=\"api-read-only\""
+            ]
+        ) >= 2.0
+            && metric_sum(
+                &m1,
+                "mesh_authz_decisions_total",
+                &[
+                    "level=\"http\"",
+                    "decision=\"allow\"",
+                    "policy=\"api-read-only\""
                 ]
             ) >= 1.0,
         "{}",

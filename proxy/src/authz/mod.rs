@@ -297,6 +297,36 @@ impl Policies {
         }
     }
 
+    /// Whether `source` passes the identity and port part of some policy of the workload
+    /// (HTTP rules aside): a connection that must then be decided per request. The name is
+    /// the first candidate's when none does.
+    pub fn allows_identity(&self, source: Option<&str>, dest: (&str, &str), port: u16) -> Decision {
+        let candidates: Vec<&Policy> = self
+            .policies
+            .iter()
+            .filter(|p| {
+                p.namespace == dest.0
+                    && p.workload == dest.1
+                    && (p.ports.is_empty() || p.ports.contains(&port))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return self.decide(source, dest, port, None);
+        }
+        for p in &candidates {
+            if source.is_some_and(|id| p.allow.iter().any(|a| a.matches(id))) {
+                return Decision {
+                    allowed: true,
+                    policy: p.name.clone(),
+                };
+            }
+        }
+        Decision {
+            allowed: false,
+            policy: candidates[0].name.clone(),
+        }
+    }
+
     /// Whether any policy of the workload has HTTP rules (then its connections must be
     /// decided per request).
     pub fn has_http_rules(&self, dest: (&str, &str)) -> bool {

@@ -28,8 +28,9 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, combinators::UnsyncBoxBody};
 use hyper::{
-    Method, Request, Response, StatusCode, body::Incoming, client::conn::http2 as client_h2,
-    server::conn::http2 as server_h2, service::service_fn, upgrade::Upgraded,
+    Method, Request, Response, StatusCode, body::Incoming, client::conn::http1 as client_h1,
+    client::conn::http2 as client_h2, server::conn::http2 as server_h2, service::service_fn,
+    upgrade::Upgraded,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
@@ -425,9 +426,19 @@ async fn handle_connect(
     };
     let snap = inbound.discovery.snapshot();
     // Only this node's declared workloads: the tunnel is no relay to arbitrary addresses.
-    let Some((decision, dest)) = snap.authorize(Some(source.as_str()), target, None) else {
+    let Some(dest) = snap.workload_at(target.ip()).cloned() else {
         info!(source = %source, target = %target, "tunnel to an address that is no workload of this node refused");
         return reply(StatusCode::FORBIDDEN, Some("not-a-local-workload"));
+    };
+    let policies = &snap.catalog.policies;
+    let dest_key = (dest.namespace.as_str(), dest.name.as_str());
+    // With HTTP rules, the identity and port are checked now and each request later, here on
+    // the destination node (the source node cannot be trusted with the rules).
+    let per_request = policies.has_http_rules(dest_key);
+    let decision = if per_request {
+        policies.allows_identity(Some(source.as_str()), dest_key, target.port())
+    } else {
+        policies.decide(Some(source.as_str()), dest_key, target.port(), None)
     };
     inbound
         .metrics
@@ -447,6 +458,24 @@ async fn handle_connect(
         };
     let _ = upstream.set_nodelay(true);
     let on_upgrade = hyper::upgrade::on(&mut req);
+    if per_request {
+        let ctx = Arc::new(HttpGate {
+            source: source.clone(),
+            dest,
+            port: target.port(),
+            discovery: Arc::clone(&inbound.discovery),
+            metrics: Arc::clone(&inbound.metrics),
+            upstream: tokio::sync::Mutex::new(Some(upstream)),
+            senders: tokio::sync::Mutex::new(None),
+        });
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(up) => ctx.serve(up).await,
+                Err(e) => debug!(error = %e, "tunnel upgrade failed"),
+            }
+        });
+        return reply(StatusCode::OK, None);
+    }
     let buffer = inbound.copy_buffer;
     let metrics = Arc::clone(&inbound.metrics);
     tokio::spawn(async move {
@@ -472,4 +501,130 @@ async fn handle_connect(
         }
     });
     reply(StatusCode::OK, None)
+}
+
+// === per-request authorization at the destination ===
+
+type GateBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+#[derive(Debug, thiserror::Error)]
+enum GateError {
+    #[error("HTTP to the pod failed: {0}")]
+    Hyper(#[from] hyper::Error),
+    #[error("the connection to the pod is gone")]
+    PodClosed,
+}
+
+enum PodSender {
+    H1(client_h1::SendRequest<Incoming>),
+    H2(client_h2::SendRequest<Incoming>),
+}
+
+/// A tunnel stream to a workload whose policies have HTTP rules: the proxy serves HTTP on
+/// the stream, decides each request with the peer's verified identity, and forwards the
+/// allowed ones to the pod over the connection it opened for this stream.
+struct HttpGate {
+    source: SpiffeId,
+    dest: crate::discovery::WorkloadSpec,
+    port: u16,
+    discovery: Arc<Discovery>,
+    metrics: Arc<Metrics>,
+    upstream: tokio::sync::Mutex<Option<TcpStream>>,
+    senders: tokio::sync::Mutex<Option<PodSender>>,
+}
+
+impl HttpGate {
+    async fn serve(self: Arc<Self>, up: Upgraded) {
+        let this = Arc::clone(&self);
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let this = Arc::clone(&this);
+            async move { Ok::<_, Infallible>(this.handle(req).await) }
+        });
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        if let Err(e) = builder.serve_connection(up, svc).await {
+            debug!(error = %e, "HTTP over the tunnel ended with an error");
+        }
+    }
+
+    fn status(code: StatusCode, policy: Option<&str>) -> Response<GateBody> {
+        let mut r = Response::new(
+            http_body_util::Full::new(Bytes::from_static(b"denied by authorization policy\n"))
+                .map_err(|e: Infallible| match e {})
+                .boxed_unsync(),
+        );
+        *r.status_mut() = code;
+        if let Some(p) = policy
+            && let Ok(v) = hyper::header::HeaderValue::from_str(p)
+        {
+            r.headers_mut().insert(crate::http::POLICY_HEADER, v);
+            r.headers_mut().insert(
+                crate::http::PROXY_ERROR_HEADER,
+                hyper::header::HeaderValue::from_static("forbidden"),
+            );
+        }
+        r
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<GateBody> {
+        let snap = self.discovery.snapshot();
+        let decision = snap.catalog.policies.decide(
+            Some(self.source.as_str()),
+            (&self.dest.namespace, &self.dest.name),
+            self.port,
+            Some((req.method().as_str(), req.uri().path())),
+        );
+        self.metrics.authz_decision(
+            Some(self.source.as_str()),
+            &self.dest.identity,
+            &decision,
+            "http",
+        );
+        if !decision.allowed {
+            return Self::status(StatusCode::FORBIDDEN, Some(&decision.policy));
+        }
+        match self.forward(req).await {
+            Ok(r) => r.map(|b| b.boxed_unsync()),
+            Err(e) => {
+                debug!(error = %e, "forwarding over the tunnel to the pod failed");
+                Self::status(StatusCode::BAD_GATEWAY, None)
+            }
+        }
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, GateError> {
+        let h2 = req.version() == hyper::Version::HTTP_2;
+        let mut guard = self.senders.lock().await;
+        if guard.is_none() {
+            // The pod connection opened when the CONNECT was accepted, used once.
+            let Some(tcp) = self.upstream.lock().await.take() else {
+                return Err(GateError::PodClosed);
+            };
+            let io = TokioIo::new(tcp);
+            *guard = Some(if h2 {
+                let (s, conn) = client_h2::Builder::new(TokioExecutor::new())
+                    .handshake(io)
+                    .await?;
+                tokio::spawn(conn);
+                PodSender::H2(s)
+            } else {
+                let (s, conn) = client_h1::Builder::new().handshake(io).await?;
+                tokio::spawn(conn);
+                PodSender::H1(s)
+            });
+        }
+        match guard.as_mut() {
+            Some(PodSender::H2(s)) => {
+                let mut s = s.clone();
+                drop(guard);
+                s.ready().await?;
+                Ok(s.send_request(req).await?)
+            }
+            Some(PodSender::H1(s)) => {
+                // One request at a time on the pod connection, like the source's pool.
+                s.ready().await?;
+                Ok(s.send_request(req).await?)
+            }
+            None => Err(GateError::PodClosed),
+        }
+    }
 }
