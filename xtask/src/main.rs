@@ -76,9 +76,14 @@ enum Command {
     #[command(
         long_about = "Build, then run a small mesh on this machine and show traffic \
         going through the proxy: pods as network namespaces and cgroups, the real proxy binary, \
-        real clients. Needs root."
+        real clients. Needs root. With --two-nodes: two nodes joined by a link, a CA and an \
+        issuer, and a pod on node 0 calling a service on node 1 over mutual TLS."
     )]
-    Demo,
+    Demo {
+        /// Two nodes with mutual TLS between their proxies instead of one node.
+        #[arg(long)]
+        two_nodes: bool,
+    },
 
     /// Remove what the demo and the tests leave behind: namespaces, cgroups, pinned maps.
     #[command(
@@ -115,7 +120,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build { release } => build::ensure_built(release).map(|_| ()),
         Command::Test { args } => test::run(&args),
-        Command::Demo => demo::run(),
+        Command::Demo { two_nodes } => {
+            if two_nodes {
+                demo::run_two_nodes()
+            } else {
+                demo::run()
+            }
+        }
         Command::Clean => clean::run(),
         Command::Bench { quick, reps } => bench::run(bench::Options { quick, reps }).map(|_| ()),
     };
