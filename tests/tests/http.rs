@@ -1218,5 +1218,18 @@ rules = [ {{ methods = ["GET"], path_prefix = "/public" }} ]
             "no {decision}/{level}/{policy} decision counted: {metrics}"
         );
     }
+    // Policies reload like the rest of the config: allowing the intruder takes effect on
+    // the next request, without a restart.
+    let text = std::fs::read_to_string(&m.config)?.replace(
+        "allow = [\"spiffe://cluster.local/ns/shop/sa/frontend\"]",
+        "allow = [\"spiffe://cluster.local/ns/shop/sa/frontend\", \"spiffe://cluster.local/ns/shop/sa/intruder\"]",
+    );
+    m.write_config(&text)?;
+    m.node.wait_for_log("config reloaded", 1)?;
+    let text = curl(&intruder, &[&format!("http://{WEB_VIP}/")])?;
+    ensure!(
+        text.contains("HTTP/1.1 200"),
+        "after the policy reload: {text}"
+    );
     Ok(())
 }
