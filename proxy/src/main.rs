@@ -367,6 +367,9 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
             return exit::RUNTIME;
         }
     };
+    // One future for the whole life of the process: start-up steps that can wait (fetching
+    // certificates) race it, and the final wait reuses it, so no signal is lost in between.
+    let mut stop_signal = Box::pin(signals.wait());
     // The pin directory lock first: a second proxy on it is refused with the clearest
     // message before it binds ports that the first one holds.
     let mut pins = None;
@@ -465,7 +468,14 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
                 cfg.mesh.node_name.clone(),
             );
             icfg.rotate_fraction = i.rotate_fraction;
-            match proxy::identity::IdentityManager::start(icfg, ids).await {
+            let started = tokio::select! {
+                r = proxy::identity::IdentityManager::start(icfg, ids) => r,
+                signal = &mut stop_signal => {
+                    info!(signal, "stopping during start-up, before anything was attached");
+                    return 0;
+                }
+            };
+            match started {
                 Ok(m) => {
                     info!(node = %m.node_identity(), identities = m.identities().len(), "certificates ready");
                     let _ = identity_slot.set(Arc::clone(&m));
@@ -623,7 +633,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         stop_rx,
         DRAIN,
     ));
-    let signal = signals.wait().await;
+    let signal = stop_signal.await;
     admin_state.ready.store(false, Ordering::Relaxed);
     let kernel_counters = match &outbound.orig_dst {
         OrigDstSource::Ebpf(maps) => maps.counters().ok(),

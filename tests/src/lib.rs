@@ -484,8 +484,8 @@ impl Node {
         format!("{}+", self.if_prefix)
     }
 
-    /// Starts `proxy run` inside the node namespace and waits until it says it is ready.
-    pub fn start_proxy(&mut self, opts: &ProxyOptions) -> Result<()> {
+    /// Starts `proxy run` inside the node namespace without waiting for it.
+    pub fn spawn_proxy(&mut self, opts: &ProxyOptions) -> Result<()> {
         if self.proxy.is_some() {
             bail!("proxy already running on {}", self.id);
         }
@@ -548,7 +548,13 @@ impl Node {
             .spawn()
             .context("starting the proxy")?;
         self.proxy = Some(child);
+        Ok(())
+    }
+
+    /// Starts `proxy run` inside the node namespace and waits until it says it is ready.
+    pub fn start_proxy(&mut self, opts: &ProxyOptions) -> Result<()> {
         let marks = self.proxy_log_text().matches("proxy ready").count();
+        self.spawn_proxy(opts)?;
         self.wait_for_log("proxy ready", marks + 1)
     }
 

@@ -766,3 +766,128 @@ fn certificates_rotate_under_a_long_lived_connection_and_the_ca_rolls_over_witho
     }
     Ok(())
 }
+
+fn admin_code(node: &Node, path: &str) -> Result<String> {
+    let mut cmd = node.node_command("curl");
+    cmd.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "5",
+        &format!("http://127.0.0.1:15020{path}"),
+    ]);
+    Ok(stdout(&run_bounded(cmd, Duration::from_secs(20))?))
+}
+
+/// Start-up order, seen from outside: the admin server answers /live at once and /ready 503
+/// while the proxy waits for its certificates (an issuer that accepts and never answers);
+/// nothing is attached yet; SIGTERM then stops it cleanly, and without SIGTERM it gives up
+/// with an error that names the issuer.
+#[test]
+fn not_ready_before_certificates_and_interception_and_stoppable_meanwhile() -> Result<()> {
+    require!();
+    let bins = bins()?;
+    let mut node = Node::new(&bins)?;
+    let _pod = node.add_pod("client")?;
+    let ca = node.scratch.join("ca");
+    proxy(
+        &bins,
+        &[
+            "ca",
+            "init",
+            "--dir",
+            &ca.display().to_string(),
+            "--trust-domain",
+            TD,
+        ],
+    )?;
+    let token = node.scratch.join("token");
+    fs::write(&token, "t")?;
+    fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let mut cmd = node.node_command("/usr/bin/python3");
+    cmd.args([
+        "-c",
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',15012))\ns.listen()\nprint('listening',flush=True)\nheld=[]\nwhile True:\n    c,_=s.accept()\n    held.append(c)\n",
+    ]);
+    let mut silent_issuer = Background::spawn(cmd, node.scratch.join("silent.out"))?;
+    silent_issuer.wait_for("listening")?;
+    let config = node.scratch.join("proxy.toml");
+    fs::write(
+        &config,
+        format!(
+            "[identity]\ntrust_domain = \"{TD}\"\nissuer = \"127.0.0.1:15012\"\nanchors = \"{}\"\ntoken_file = \"{}\"\n",
+            ca.join("anchors.pem").display(),
+            token.display()
+        ),
+    )?;
+    let opts = ProxyOptions {
+        sockmap: false,
+        extra_args: vec!["--config".into(), config.display().to_string()],
+        ..ProxyOptions::default()
+    };
+
+    node.spawn_proxy(&opts)?;
+    let mut live = String::new();
+    for _ in 0..100 {
+        live = admin_code(&node, "/live")?;
+        if live == "200" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        live == "200",
+        "the admin server never came up: {}",
+        node.proxy_log_text()
+    );
+    ensure!(
+        admin_code(&node, "/ready")? == "503",
+        "ready before certificates and interception"
+    );
+    // The pin directory is locked and laid out, but no program or map is pinned (or
+    // attached) yet.
+    let pinned: Vec<String> = ["progs", "maps", "links"]
+        .iter()
+        .flat_map(|sub| {
+            fs::read_dir(node.pin_dir.join(sub))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    ensure!(
+        pinned.is_empty(),
+        "pinned before start-up completed: {pinned:?}"
+    );
+    let status = node.stop_proxy("TERM")?;
+    ensure!(status.success(), "SIGTERM during start-up: {status}");
+    ensure!(
+        node.proxy_log_text().contains("stopping during start-up"),
+        "{}",
+        node.proxy_log_text()
+    );
+
+    // Left alone, the proxy gives up on the silent issuer and says which one.
+    node.spawn_proxy(&opts)?;
+    let mut exited = None;
+    for _ in 0..600 {
+        if !node.proxy_running() {
+            exited = Some(());
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(exited.is_some(), "the proxy kept waiting for the issuer");
+    let log = node.proxy_log_text();
+    ensure!(
+        log.contains("127.0.0.1:15012"),
+        "the error should name the issuer: {log}"
+    );
+    Ok(())
+}
