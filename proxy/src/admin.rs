@@ -330,6 +330,7 @@ fn summary(state: &AdminState) -> Value {
         // Closed connections' bytes (from the metrics) plus open ones' (live counters).
         "bytes_moved": (t.bytes_to_upstream + t.bytes_to_client + open_bytes) as f64,
         "routes": routes(state),
+        "identity": identity(state),
         "connections_opened": t.opened as f64,
         "connections_active": t.active as f64,
         "connections_failed": t.failed as f64,
