@@ -70,6 +70,9 @@ pub const AF_INET6: u32 = 10;
 
 /// `Config::flags`: the sock_ops programs register sockets in the SOCKHASH.
 pub const FLAG_SOCKMAP: u32 = 1;
+/// `Config::flags`: the connect programs write debug records through aya-log (`log.kernel`).
+/// Off by default: a record costs a ring-buffer write per connect.
+pub const FLAG_KERNEL_LOG: u32 = 2;
 
 /// The single entry of `MESH_CONFIG`, written by the proxy before it attaches anything.
 /// A zeroed entry (the state right after load) means "not configured": nothing is redirected.

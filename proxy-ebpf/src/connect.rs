@@ -196,7 +196,18 @@ fn record(ctx: &SockAddrContext, mut orig: OrigDst) -> Result<(), Bypass> {
         .map_err(|_| Bypass(counter::BYPASS_RECORD_FAILED))
 }
 
+/// Whether the proxy asked for kernel debug records (`FLAG_KERNEL_LOG`).
+#[inline(always)]
+pub fn kernel_log() -> bool {
+    config().is_some_and(|c| c.flags & proxy_common::FLAG_KERNEL_LOG != 0)
+}
+
 impl Bypass {
+    /// The counter index naming the reason.
+    pub fn reason(&self) -> u32 {
+        self.0
+    }
+
     /// Counts the reason. The connect itself is always allowed: bypass means "go direct".
     pub fn count(self) {
         count(self.0, 1);

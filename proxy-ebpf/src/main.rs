@@ -22,7 +22,9 @@ use sockops::{SOCKOPS_OK, Side};
 /// ARCHITECTURE.md).
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    if let Err(bypass) = connect::try_connect4(&ctx) {
+    let result = connect::try_connect4(&ctx);
+    log_connect(&ctx, 4, &result);
+    if let Err(bypass) = result {
         bypass.count();
     }
     ALLOW
@@ -31,10 +33,31 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
 /// IPv6 (and v4-mapped) counterpart of `mesh_connect4`.
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    if let Err(bypass) = connect::try_connect6(&ctx) {
+    let result = connect::try_connect6(&ctx);
+    log_connect(&ctx, 6, &result);
+    if let Err(bypass) = result {
         bypass.count();
     }
     ALLOW
+}
+
+/// One debug record per connect when `log.kernel` is on (`FLAG_KERNEL_LOG`): the decision
+/// and, for a bypass, its counter index (`proxy_common::counter`). The flag is checked first
+/// so that with logging off nothing is formatted or written.
+#[inline(always)]
+fn log_connect(ctx: &SockAddrContext, family: u32, result: &Result<(), connect::Bypass>) {
+    if !connect::kernel_log() {
+        return;
+    }
+    match result {
+        Ok(()) => aya_log_ebpf::debug!(ctx, "connect{}: redirected to the proxy", family),
+        Err(b) => aya_log_ebpf::debug!(
+            ctx,
+            "connect{}: bypassed, reason counter {}",
+            family,
+            b.reason()
+        ),
+    }
 }
 
 /// sock_ops on the workload cgroup parent.

@@ -173,6 +173,8 @@ pub struct LimitsSection {
 pub struct LogSection {
     pub level: Option<String>,
     pub json: Option<bool>,
+    /// Debug records from the kernel programs (aya-log), one per intercepted connect.
+    pub kernel: Option<bool>,
 }
 
 // === overrides from the command line ===
@@ -196,6 +198,7 @@ pub struct Overrides {
     pub admin_address: Option<String>,
     pub log_level: Option<String>,
     pub log_json: bool,
+    pub log_kernel: bool,
 }
 
 // === validated config ===
@@ -246,6 +249,8 @@ pub struct Config {
     pub copy_buffer_bytes: usize,
     pub log_level: String,
     pub log_json: bool,
+    /// Kernel programs write debug records (aya-log) the proxy logs as `proxy::kernel`.
+    pub log_kernel: bool,
     pub admin_address: std::net::SocketAddr,
     pub detect_timeout: Duration,
     /// Sorted, deduplicated.
@@ -819,6 +824,7 @@ impl Config {
             ));
         }
         let log_json = o.log_json || log.json.unwrap_or(false);
+        let log_kernel = o.log_kernel || log.kernel.unwrap_or(false);
 
         let admin_text = o
             .admin_address
@@ -946,6 +952,7 @@ impl Config {
             copy_buffer_bytes,
             log_level,
             log_json,
+            log_kernel,
             admin_address,
         })
     }
@@ -980,7 +987,7 @@ impl Config {
                 "connect_timeout_ms": self.connect_timeout.as_millis() as u64,
                 "copy_buffer_bytes": self.copy_buffer_bytes,
             },
-            "log": {"level": self.log_level, "json": self.log_json},
+            "log": {"level": self.log_level, "json": self.log_json, "kernel": self.log_kernel},
             "admin": {"address": self.admin_address.to_string()},
             "detect": {"timeout_ms": self.detect_timeout.as_millis() as u64, "opaque_ports": self.opaque_ports},
             // File paths only: the token and keys themselves are never in the config view.

@@ -186,6 +186,9 @@ struct ConfigArgs {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Kernel programs log each connect decision (aya-log) as proxy::kernel [default: off].
+    #[arg(long)]
+    kernel_log: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -282,6 +285,7 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
         admin_address: args.admin_address.clone(),
         log_level: args.log_level.clone(),
         log_json: args.log_json,
+        log_kernel: args.kernel_log,
     };
     let mut cfg = Config::resolve(file, o)?;
     cfg.file_path = match &args.config {
@@ -508,7 +512,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     };
 
     // Interception last: listeners exist, so no redirected connect finds a closed port.
-    let (datapath, rules, orig_dst) = match cfg.mode {
+    let (mut datapath, rules, orig_dst) = match cfg.mode {
         Mode::Ebpf => {
             let plan = ebpf::Plan {
                 config: cfg,
@@ -543,6 +547,41 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
             }
         },
     };
+    if cfg.log_kernel
+        && let Some(dp) = datapath.as_mut()
+    {
+        match dp.kernel_logger() {
+            Ok(mut logger) => {
+                // A small thread of its own: the records are rare debug output, and a
+                // blocking poll needs no unsafe fd registration with the runtime.
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("kernel-log".into())
+                        .spawn(move || {
+                            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+                            use std::os::fd::AsFd;
+                            loop {
+                                let ready = {
+                                    let mut fds = [PollFd::new(logger.as_fd(), PollFlags::POLLIN)];
+                                    poll(&mut fds, PollTimeout::from(1000u16))
+                                };
+                                match ready {
+                                    Ok(n) if n > 0 => logger.flush(),
+                                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                                    Err(_) => return,
+                                }
+                            }
+                        });
+                if let Err(e) = spawned {
+                    warn!(error = %e, "cannot start the kernel log reader; log.kernel has no effect");
+                }
+                info!("kernel debug records on (log.kernel): logged as proxy::kernel");
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the kernel programs' log records; log.kernel has no effect")
+            }
+        }
+    }
     let own_addrs = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())

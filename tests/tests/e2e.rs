@@ -73,8 +73,23 @@ impl Setup {
         check_client(run_bounded(cmd, CLIENT_LIMIT)?)
     }
 
-    /// What the servers printed, one line per connection.
+    /// What the servers printed, one line per connection. A server prints a connection's
+    /// line after closing it, so a client can return first: the lines are read once their
+    /// count has been stable for 200 ms (at most 5 s).
     fn server_lines(&self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut last = self.read_server_lines();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = self.read_server_lines();
+            if now.len() == last.len() || std::time::Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    fn read_server_lines(&self) -> Vec<String> {
         self.servers
             .iter()
             .flat_map(|s| {
@@ -85,6 +100,18 @@ impl Setup {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    /// The servers' lines once there are at least `n` (waiting up to 10 s), or what there is.
+    fn server_lines_at_least(&self, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = self.read_server_lines();
+            if lines.len() >= n || std::time::Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn v4(&self) -> String {
@@ -250,7 +277,9 @@ fn integrity(opts: ProxyOptions) -> Result<()> {
         ],
     )
     .context("100 concurrent connections")?;
-    let lines = s.server_lines();
+    // The server prints a connection's line after it closed it, so the client can finish
+    // first: wait (bounded) for the lines, then require the exact count.
+    let lines = s.server_lines_at_least(sizes.len() + 1 + 100);
     ensure!(
         lines.len() == sizes.len() + 1 + 100,
         "server saw {} connections",
@@ -921,5 +950,40 @@ fn admin_api_reports_readiness_exact_metrics_and_connections() -> Result<()> {
         "proxy status:\n{text}"
     );
     drop(held);
+    Ok(())
+}
+
+/// Kernel debug records (aya-log) are off by default and, with `--kernel-log`, name each
+/// connect decision in the proxy's log.
+#[test]
+fn kernel_log_is_off_by_default_and_on_with_the_flag() -> Result<()> {
+    require!();
+    let s = Setup::new(&ProxyOptions::default(), 0)?;
+    s.client(&s.v4(), &["--send", "10", "--reply", "10"])?;
+    ensure!(
+        !s.node.proxy_log_text().contains("proxy::kernel"),
+        "kernel records without --kernel-log"
+    );
+    drop(s);
+    let s = Setup::new(
+        &ProxyOptions {
+            extra_args: vec!["--kernel-log".into()],
+            ..ProxyOptions::default()
+        },
+        0,
+    )?;
+    s.client(&s.v4(), &["--send", "10", "--reply", "10"])?;
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = s.node.proxy_log_text();
+        if log.contains("connect4: redirected to the proxy") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(
+        log.contains("proxy::kernel") && log.contains("connect4: redirected to the proxy"),
+        "{log}"
+    );
     Ok(())
 }

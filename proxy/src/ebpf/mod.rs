@@ -27,7 +27,8 @@ use aya::{
     },
 };
 use proxy_common::{
-    AF_INET, AF_INET6, FLAG_SOCKMAP, OrigDst, OrigKey, SockKey, counter, map, program,
+    AF_INET, AF_INET6, FLAG_KERNEL_LOG, FLAG_SOCKMAP, OrigDst, OrigKey, SockKey, counter, map,
+    program,
 };
 use tracing::{info, warn};
 
@@ -127,7 +128,29 @@ pub struct Maps {
     socks: SockHash<MapData, SockKey>,
 }
 
+/// Forwards the kernel programs' aya-log records to the proxy's log (target
+/// `proxy::kernel`), when `log.kernel` is on.
+pub struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        tracing::info!(target: "proxy::kernel", "{}", record.args());
+    }
+
+    fn flush(&self) {}
+}
+
 impl Datapath {
+    /// The reader of the kernel programs' log records (they write them only with
+    /// `log.kernel` on). The caller polls its fd and calls `flush()` when it is readable.
+    pub fn kernel_logger(&mut self) -> Result<aya_log::EbpfLogger<KernelLog>, aya_log::Error> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, KernelLog)
+    }
+
     /// Loads, configures, pins and attaches everything. Stale pins left by a crashed proxy
     /// are removed first; a pin directory held by a running proxy is refused.
     /// `pins` is the pin directory, locked by the caller first thing at start-up so a
@@ -480,7 +503,8 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
             .redirect_ipv6
             .map(|ip| ip6_words(ip.octets()))
             .unwrap_or([0; 4]),
-        flags: if cfg.sockmap { FLAG_SOCKMAP } else { 0 },
+        flags: if cfg.sockmap { FLAG_SOCKMAP } else { 0 }
+            | if cfg.log_kernel { FLAG_KERNEL_LOG } else { 0 },
         _pad: 0,
     };
     {
