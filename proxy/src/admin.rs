@@ -271,8 +271,9 @@ fn routes(state: &AdminState) -> Value {
         .metrics
         .routes()
         .into_iter()
-        .map(|(name, r)| {
+        .map(|((source, name), r)| {
             json!({
+                "source": source,
                 "service": name,
                 "requests": r.requests,
                 "failures": r.failures,

@@ -419,6 +419,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     // the transition.
     let kernel = Arc::new(std::sync::OnceLock::new());
     let (metrics, mut registry) = metrics::Metrics::new(Arc::clone(&kernel));
+    metrics::set_data_runtime(tokio::runtime::Handle::current());
     let conns = Arc::new(outbound::ConnTable::default());
     let (tap, _) = tokio::sync::broadcast::channel(outbound::TAP_CAPACITY);
     let config_json = Arc::new(std::sync::RwLock::new(cfg.to_json()));
@@ -910,6 +911,21 @@ fn status(admin: &str, json: bool) -> u8 {
     } else {
         println!("identity: off (no [identity] section: no mTLS to other nodes)");
     }
+    let workloads = config["workloads"].as_array().cloned().unwrap_or_default();
+    println!("workloads: {}", workloads.len());
+    for w in &workloads {
+        println!(
+            "  {:<24} {}  cgroups {}  addresses {}",
+            format!(
+                "{}/{}",
+                w["namespace"].as_str().unwrap_or("?"),
+                w["name"].as_str().unwrap_or("?")
+            ),
+            w["identity"].as_str().unwrap_or("?"),
+            w["cgroups"],
+            w["addresses"]
+        );
+    }
     let svcs = services["services"].as_array().cloned().unwrap_or_default();
     println!(
         "services: {} (config generation {})",
@@ -1050,12 +1066,16 @@ fn top(admin: &str, interval: f64, count: Option<u64>) -> u8 {
             .map(|b| b.iter().filter_map(|x| x.as_f64()).collect())
             .unwrap_or_default();
         println!(
-            "{:<24} {:>10} {:>9} {:>10} {:>10}",
-            "SERVICE", "REQ/S", "SUCCESS", "P50", "P99"
+            "{:<36} {:>10} {:>9} {:>10} {:>10}",
+            "ROUTE (workload -> service)", "REQ/S", "SUCCESS", "P50", "P99"
         );
         let mut next_routes = HashMap::new();
         for r in &routes {
-            let name = r["service"].as_str().unwrap_or("?").to_string();
+            let name = format!(
+                "{} -> {}",
+                r["source"].as_str().unwrap_or("?"),
+                r["service"].as_str().unwrap_or("?")
+            );
             let cur = RoutePoll::from_json(r);
             let rate = match (&prev_routes.get(&name), prev) {
                 (Some(p), Some(_)) => cur.delta(p),
@@ -1070,7 +1090,7 @@ fn top(admin: &str, interval: f64, count: Option<u64>) -> u8 {
                     .unwrap_or_else(|| "-".into())
             };
             println!(
-                "{:<24} {:>10.1} {:>9} {:>10} {:>10}",
+                "{:<36} {:>10.1} {:>9} {:>10} {:>10}",
                 name,
                 rate.requests as f64 / dt,
                 if rate.requests > 0 {

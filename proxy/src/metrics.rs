@@ -111,7 +111,8 @@ pub struct Metrics {
     pub config_generation: Gauge,
     /// Per-service request counts and latency buckets for `proxy top` and the dashboard,
     /// which diff two polls (Prometheus histograms cannot be read back here).
-    pub routes: std::sync::Mutex<std::collections::HashMap<String, RouteStat>>,
+    /// Keyed by (source workload or "unknown", service): the edges of the request topology.
+    pub routes: std::sync::Mutex<std::collections::HashMap<(String, String), RouteStat>>,
 }
 
 /// Upper bounds (seconds) of [`RouteStat::buckets`]: the request latency histogram's.
@@ -414,11 +415,12 @@ impl Metrics {
             })
             .observe(secs);
         if let Ok(mut routes) = self.routes.lock() {
-            // Bounded like the labels: services come from the config.
-            let r = match routes.get_mut(service) {
-                Some(r) => r,
-                None => routes.entry(service.to_owned()).or_default(),
-            };
+            // Bounded like the labels: workloads and services come from the config.
+            let key = (
+                source_workload.unwrap_or("unknown").to_owned(),
+                service.to_owned(),
+            );
+            let r = routes.entry(key).or_default();
             r.requests += 1;
             if status >= 500 {
                 r.failures += 1;
@@ -433,8 +435,8 @@ impl Metrics {
         }
     }
 
-    /// A copy of the per-service stats.
-    pub fn routes(&self) -> Vec<(String, RouteStat)> {
+    /// A copy of the per-edge (source workload, service) stats, sorted.
+    pub fn routes(&self) -> Vec<((String, String), RouteStat)> {
         let mut v: Vec<_> = match self.routes.lock() {
             Ok(r) => r.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             Err(_) => Vec::new(),
@@ -766,6 +768,14 @@ impl Collector for KernelCollector {
 #[derive(Debug)]
 struct ProcessCollector;
 
+/// The data-plane runtime, for its task count (the collector runs on the admin runtime).
+static DATA_RUNTIME: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+
+/// Called once from the data-plane runtime at start-up.
+pub fn set_data_runtime(handle: tokio::runtime::Handle) {
+    let _ = DATA_RUNTIME.set(handle);
+}
+
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -798,6 +808,15 @@ impl Collector for ProcessCollector {
             None,
             fds.metric_type(),
         )?)?;
+        if let Some(h) = DATA_RUNTIME.get() {
+            let tasks = ConstGauge::new(i64::try_from(h.metrics().num_alive_tasks()).unwrap_or(0));
+            tasks.encode(encoder.encode_descriptor(
+                "tokio_data_tasks",
+                "Tasks alive on the data-plane runtime (about one per open connection and stream)",
+                None,
+                tasks.metric_type(),
+            )?)?;
+        }
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             let tasks = ConstGauge::new(i64::try_from(h.metrics().num_alive_tasks()).unwrap_or(0));
             tasks.encode(encoder.encode_descriptor(

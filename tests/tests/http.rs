@@ -429,7 +429,7 @@ fn curl_http1_and_http2_reach_a_service_vip_and_other_destinations_pass_through(
     let text = stdout(&o);
     ensure!(
         text.lines()
-            .any(|l| l.starts_with("web ") && l.contains('%')),
+            .any(|l| l.starts_with("frontend -> web ") && l.contains('%')),
         "{}",
         all_output(&o)
     );
@@ -551,6 +551,26 @@ fn h2load_and_wrk_complete_every_request_with_the_short_circuit_on() -> Result<(
         text.contains("3000 total") && text.contains("3000 succeeded, 0 failed, 0 errored"),
         "{}",
         all_output(&o)
+    );
+    // The proxy knows the exact count: every request, once, all 2xx.
+    let metrics = m.metrics()?;
+    let counted = metric_sum(&metrics, "mesh_http_requests_total", &["service=\"web\""]);
+    let ok = metric_sum(
+        &metrics,
+        "mesh_http_requests_total",
+        &["service=\"web\"", "status_class=\"2xx\""],
+    );
+    ensure!(
+        counted == 3000.0 && ok == 3000.0,
+        "metrics counted {counted} requests ({ok} 2xx) for h2load's 3000"
+    );
+    ensure!(
+        metric_sum(
+            &metrics,
+            "mesh_http_request_duration_seconds_count",
+            &["service=\"web\""]
+        ) == 3000.0,
+        "latency histogram count differs from 3000"
     );
     // HTTP/1.1 pipelining-free load, bounded by time (wrk has no request count).
     let o = m.client("wrk", &["-t", "1", "-c", "8", "-d", "2s", &url])?;

@@ -640,6 +640,19 @@ fn pods_on_two_nodes_talk_over_mutual_tls_and_the_tunnel_refuses_strangers() -> 
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // Every family (identity, tunnel, authorization, HTTP, kernel) passes promtool.
+    if tests::which("promtool").is_none() {
+        bail!("promtool is not installed; apt-get install prometheus");
+    }
+    for node in [&m.node0, &m.node1] {
+        let mut cmd = node.node_command("sh");
+        cmd.args([
+            "-c",
+            "curl -s http://127.0.0.1:15020/metrics | promtool check metrics",
+        ]);
+        let o = run_bounded(cmd, LIMIT)?;
+        ensure!(o.status.success(), "promtool: {}", out(&o));
+    }
     let _ = fs::remove_dir_all(&foreign_root);
     drop(m);
     Ok(())
