@@ -23,8 +23,9 @@ const TEST_PACKAGES: &[&str] = &[
     "wrk",
     "python3-grpcio",
     "python3-websockets",
-    // Two-node tests capture the link between the nodes.
+    // Two-node tests capture the link between the nodes and inspect the tunnel with openssl.
     "tcpdump",
+    "openssl",
 ];
 
 /// The steps in order, for a summary that also lists those a failure kept from running.
