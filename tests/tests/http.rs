@@ -1253,3 +1253,86 @@ rules = [ {{ methods = ["GET"], path_prefix = "/public" }} ]
     );
     Ok(())
 }
+
+/// TLS from the application is detected (SNI read from the ClientHello), balanced per
+/// connection and forwarded untouched: the client's handshake completes with the backend.
+#[test]
+fn tls_from_the_application_is_forwarded_as_opaque_with_its_sni_recorded() -> Result<()> {
+    require!();
+    require_tool("openssl")?;
+    let mut m = Mesh::new(1)?;
+    let dir = m.node.scratch.join("tls");
+    fs::create_dir_all(&dir)?;
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let o = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=shop.example",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    ensure!(o.status.success(), "openssl req: {}", all_output(&o));
+    let mut cmd = m.backends[0].command("openssl");
+    cmd.args(["s_server", "-accept", "8443", "-www", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key);
+    let mut server = Background::spawn(cmd, m.node.scratch.join("s_server.out"))?;
+    server.wait_for("ACCEPT")?;
+    m.write_config(&format!(
+        "[[service]]\nname = \"shop\"\naddresses = [\"10.96.0.60\"]\nports = [443]\nendpoints = {}\n",
+        m.endpoints(&[1], 8443)
+    ))?;
+    m.start_proxy(false)?;
+    let mut cmd = m.node.node_command(&m.node.bins.proxy);
+    cmd.args(["tap", "--json", "--count", "1"]);
+    let tap = Background::spawn(cmd, m.node.scratch.join("tap.out"))?;
+    thread::sleep(Duration::from_millis(300));
+    let mut cmd = m.client.command("sh");
+    cmd.args([
+        "-c",
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 20 openssl s_client -connect 10.96.0.60:443 -servername shop.example -quiet 2>/dev/null | head -5",
+    ]);
+    let o = run_bounded(cmd, LIMIT)?;
+    ensure!(stdout(&o).contains("HTTP/1.0 200"), "{}", all_output(&o));
+    let metrics = m.metrics()?;
+    ensure!(
+        metric_sum(
+            &metrics,
+            "mesh_protocol_detections_total",
+            &["result=\"tls\""]
+        ) >= 1.0
+            && metric_sum(
+                &metrics,
+                "mesh_tcp_connections_opened_total",
+                &["protocol=\"tls\""]
+            ) >= 1.0,
+        "{metrics}"
+    );
+    // The SNI of the ClientHello is recorded with the connection.
+    let mut tapped = String::new();
+    for _ in 0..50 {
+        tapped = tap.output();
+        if tapped.contains("\"sni\"") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(tapped.contains("\"sni\":\"shop.example\""), "tap: {tapped}");
+    drop(tap);
+    drop(server);
+    Ok(())
+}
