@@ -385,6 +385,16 @@ impl Metrics {
         t
     }
 
+    /// Counts an outbound connection the proxy closed or reset, by reason.
+    pub fn outbound_failed(&self, reason: &'static str) {
+        self.failed
+            .get_or_create(&FailLabels {
+                direction: OUTBOUND,
+                reason,
+            })
+            .inc();
+    }
+
     pub fn http_request(
         &self,
         service: &str,

@@ -33,7 +33,7 @@ use crate::{
     detect::{self, Outcome, Protocol},
     discovery::{Discovery, ProtocolHint, Target, WorkloadSpec},
     http::{Downstream, HttpProxy},
-    metrics::{ConnLabels, FailLabels, Metrics, OUTBOUND, TCP, reason},
+    metrics::{ConnLabels, Metrics, OUTBOUND, TCP, reason},
     transport::{
         copy::{self, Progress},
         counted::Counted,
@@ -273,15 +273,7 @@ async fn accept_loop(
 pub const TAP_CAPACITY: usize = 1024;
 
 async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
-    let fail = |reason: &'static str| {
-        ob.metrics
-            .failed
-            .get_or_create(&FailLabels {
-                direction: OUTBOUND,
-                reason,
-            })
-            .inc();
-    };
+    let fail = |reason: &'static str| ob.metrics.outbound_failed(reason);
     let local = match client.local_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -484,13 +476,7 @@ async fn copy_both(
             "ok"
         }
         Err(e) => {
-            ob.metrics
-                .failed
-                .get_or_create(&FailLabels {
-                    direction: OUTBOUND,
-                    reason: reason::RESET,
-                })
-                .inc();
+            ob.metrics.outbound_failed(reason::RESET);
             debug!(client = %client_addr, original_dst = %orig, upstream = %to, error = %e, "connection failed; resetting both sides");
             copy::reset(client);
             copy::reset(upstream);
@@ -514,15 +500,7 @@ async fn opaque_service(
 ) -> &'static str {
     let svc = &target.service;
     let spec = &svc.spec;
-    let fail = |reason: &'static str| {
-        ob.metrics
-            .failed
-            .get_or_create(&FailLabels {
-                direction: OUTBOUND,
-                reason,
-            })
-            .inc();
-    };
+    let fail = |reason: &'static str| ob.metrics.outbound_failed(reason);
     let Some(balancer) = svc.balancer(target.port) else {
         fail(reason::NO_ENDPOINTS);
         copy::reset(client);
@@ -655,13 +633,7 @@ async fn copy_upstream(
                     "ok"
                 }
                 Err(e) => {
-                    ob.metrics
-                        .failed
-                        .get_or_create(&FailLabels {
-                            direction: OUTBOUND,
-                            reason: reason::RESET,
-                        })
-                        .inc();
+                    ob.metrics.outbound_failed(reason::RESET);
                     debug!(client = %client_addr, original_dst = %orig, error = %e, "tunnelled connection failed; resetting the client");
                     copy::reset(client);
                     "reset"
@@ -682,13 +654,7 @@ fn authorized(ob: &Outbound, source: Option<&WorkloadSpec>, dst: SocketAddr) -> 
     ob.metrics
         .authz_decision(source_id, &dest.identity, &decision, "tcp");
     if !decision.allowed {
-        ob.metrics
-            .failed
-            .get_or_create(&FailLabels {
-                direction: OUTBOUND,
-                reason: reason::DENIED,
-            })
-            .inc();
+        ob.metrics.outbound_failed(reason::DENIED);
         debug!(source = source_id.unwrap_or("-"), destination = %dest.identity, policy = %decision.policy, "denied");
     }
     decision.allowed

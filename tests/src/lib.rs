@@ -15,6 +15,7 @@
 //! pods). Two nodes joined by [`link`] reach each other at 10.99.0.(k+1) and fd00:99::(k+1)
 //! ([`Node::link_addr4`]), and each routes to the other's pod prefixes through it.
 
+
 use std::{
     collections::HashMap,
     fs,
@@ -1041,6 +1042,21 @@ fn cleanup_where(matches: impl Fn(&str) -> bool) -> Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+/// Sum of the samples of metric `name` (Prometheus text) whose labels contain every one of
+/// `labels` (e.g. `service="web"`).
+pub fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name)
+                && l[name.len()..].starts_with(['{', ' '])
+                && labels.iter().all(|x| l.contains(x))
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
 }
 
 #[cfg(test)]

@@ -16,7 +16,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use tests::{Background, Binaries, Node, Pod, ProxyOptions, require_privileges, run_bounded};
+use tests::{
+    Background, Binaries, Node, Pod, ProxyOptions, metric_sum, require_privileges, run_bounded,
+};
 
 const BACKEND_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 50051;
@@ -184,20 +186,6 @@ impl Mesh {
         let out = run_bounded(cmd, Duration::from_secs(20))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
-}
-
-/// Sum of the samples of `name` whose labels contain every one of `labels`.
-fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.starts_with(name)
-                && l[name.len()..].starts_with(['{', ' '])
-                && labels.iter().all(|x| l.contains(x))
-        })
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
 }
 
 fn web_service(m: &Mesh, which: &[usize], extra: &str) -> String {

@@ -12,7 +12,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use tests::{Background, Binaries, Node, Pod, ProxyOptions, link, require_privileges, run_bounded};
+use tests::{
+    Background, Binaries, Node, Pod, ProxyOptions, link, metric_sum, require_privileges,
+    run_bounded,
+};
 
 const BACKEND_PORT: u16 = 8080;
 const VIP: &str = "10.96.0.50";
@@ -54,19 +57,6 @@ fn proxy(bins: &Binaries, args: &[&str]) -> Result<String> {
     let o = run_bounded(cmd, LIMIT)?;
     ensure!(o.status.success(), "proxy {args:?}: {}", out(&o));
     Ok(stdout(&o))
-}
-
-fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.starts_with(name)
-                && l[name.len()..].starts_with(['{', ' '])
-                && labels.iter().all(|x| l.contains(x))
-        })
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
 }
 
 fn metrics(node: &Node) -> Result<String> {
