@@ -15,6 +15,7 @@
 //! pods). Two nodes joined by [`link`] reach each other at 10.99.0.(k+1) and fd00:99::(k+1)
 //! ([`Node::link_addr4`]), and each routes to the other's pod prefixes through it.
 
+pub mod kube;
 
 use std::{
     collections::HashMap,

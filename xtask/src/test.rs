@@ -69,6 +69,16 @@ fn run_steps(summary: &mut Summary, extra: &[String]) -> Result<()> {
 
     let built = summary.step("build", || {
         build::ensure_packages(TEST_PACKAGES)?;
+        // Kubernetes tests: kubernetes-validate and helm (seconds), and a real
+        // kube-apiserver built from Debian's sources (about 8 minutes once, then cached
+        // under ~/.cache/ebpf-mesh). Both scripts are idempotent.
+        for script in [
+            "deploy/install-k8s-tools.sh",
+            "deploy/install-kube-apiserver.sh",
+        ] {
+            sh::run(std::process::Command::new("bash").arg(root.join(script)))
+                .with_context(|| format!("{script} failed; run it by hand to see why"))?;
+        }
         build::ensure_built(false)
     })?;
 
