@@ -29,6 +29,11 @@ pub struct ConnLabels {
     pub direction: &'static str,
     /// One of [`PROTOCOLS`].
     pub protocol: &'static str,
+    /// The connecting workload (declared in the config, found by its cgroup), or "unknown".
+    pub source_workload: String,
+    /// The service connected to, else the declared workload at the original destination,
+    /// else "external". Bounded by the config like every other label.
+    pub destination: String,
 }
 
 /// Labels of connections the proxy refused or could not complete.
@@ -44,6 +49,8 @@ pub struct FailLabels {
 pub struct ByteLabels {
     pub direction: &'static str,
     pub protocol: &'static str,
+    pub source_workload: String,
+    pub destination: String,
     /// "to_upstream" or "to_client".
     pub flow: &'static str,
 }
@@ -97,6 +104,9 @@ pub struct Metrics {
     pub failed: Family<FailLabels, Counter>,
     pub bytes: Family<ByteLabels, Counter>,
     pub duration: Family<ConnLabels, Histogram>,
+    /// Sums over every label set of the TCP families, for /debug/summary (cheaper than
+    /// walking the families, whose label sets grow with workloads and services).
+    sums: ConnSums,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_latency: Family<ServiceLabels, Histogram>,
     pub grpc_responses: Family<GrpcLabels, Counter>,
@@ -214,6 +224,14 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
+#[derive(Default)]
+struct ConnSums {
+    opened: std::sync::atomic::AtomicU64,
+    active: std::sync::atomic::AtomicI64,
+    to_upstream: std::sync::atomic::AtomicU64,
+    to_client: std::sync::atomic::AtomicU64,
+}
+
 fn duration_histogram() -> Histogram {
     // 100 µs to ~100 s: sub-millisecond resolution for short RPC connections, and long
     // streams still land in a bucket.
@@ -236,6 +254,7 @@ impl Metrics {
             failed: Family::default(),
             bytes: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
+            sums: ConnSums::default(),
             http_requests: Family::default(),
             http_latency: Family::new_with_constructor(latency_histogram),
             grpc_responses: Family::default(),
@@ -353,36 +372,32 @@ impl Metrics {
     /// Reads without creating series (`Family::get`), so a summary request never adds
     /// zero-valued series to the exposition.
     pub fn totals(&self) -> Totals {
-        let mut t = Totals::default();
-        for protocol in PROTOCOLS {
-            let conn = ConnLabels {
-                direction: OUTBOUND,
-                protocol,
-            };
-            let bytes = |flow: &'static str| {
-                let l = ByteLabels {
-                    direction: OUTBOUND,
-                    protocol,
-                    flow,
-                };
-                self.bytes.get(&l).map(|c| c.get()).unwrap_or(0)
-            };
-            t.opened += self.opened.get(&conn).map(|c| c.get()).unwrap_or(0);
-            t.active += self.active.get(&conn).map(|g| g.get()).unwrap_or(0);
-            t.bytes_to_upstream += bytes("to_upstream");
-            t.bytes_to_client += bytes("to_client");
+        use std::sync::atomic::Ordering::Relaxed;
+        Totals {
+            opened: self.sums.opened.load(Relaxed),
+            active: self.sums.active.load(Relaxed),
+            failed: reason::ALL
+                .iter()
+                .filter_map(|reason| {
+                    let l = FailLabels {
+                        direction: OUTBOUND,
+                        reason,
+                    };
+                    self.failed.get(&l).map(|c| c.get())
+                })
+                .sum(),
+            bytes_to_upstream: self.sums.to_upstream.load(Relaxed),
+            bytes_to_client: self.sums.to_client.load(Relaxed),
         }
-        t.failed = reason::ALL
-            .iter()
-            .filter_map(|reason| {
-                let l = FailLabels {
-                    direction: OUTBOUND,
-                    reason,
-                };
-                self.failed.get(&l).map(|c| c.get())
-            })
-            .sum();
-        t
+    }
+
+    /// A connection was accepted (and classified).
+    pub fn conn_opened(&self, labels: &ConnLabels) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.opened.get_or_create(labels).inc();
+        self.active.get_or_create(labels).inc();
+        self.sums.opened.fetch_add(1, Relaxed);
+        self.sums.active.fetch_add(1, Relaxed);
     }
 
     /// Counts an outbound connection the proxy closed or reset, by reason.
@@ -545,6 +560,10 @@ impl Metrics {
         to_upstream: u64,
         to_client: u64,
     ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.sums.active.fetch_sub(1, Relaxed);
+        self.sums.to_upstream.fetch_add(to_upstream, Relaxed);
+        self.sums.to_client.fetch_add(to_client, Relaxed);
         self.closed.get_or_create(labels).inc();
         self.active.get_or_create(labels).dec();
         self.duration
@@ -555,6 +574,8 @@ impl Metrics {
                 .get_or_create(&ByteLabels {
                     direction: labels.direction,
                     protocol: labels.protocol,
+                    source_workload: labels.source_workload.clone(),
+                    destination: labels.destination.clone(),
                     flow,
                 })
                 .inc_by(n);
@@ -876,9 +897,10 @@ mod tests {
         let l = ConnLabels {
             direction: OUTBOUND,
             protocol: TCP,
+            source_workload: "unknown".into(),
+            destination: "external".into(),
         };
-        m.opened.get_or_create(&l).inc();
-        m.active.get_or_create(&l).inc();
+        m.conn_opened(&l);
         m.observe_close(&l, Duration::from_millis(3), 10, 20);
         m.failed
             .get_or_create(&FailLabels {
@@ -899,11 +921,11 @@ mod tests {
         let text = render(&r)?;
         assert!(
             text.contains(
-                "mesh_tcp_connections_opened_total{direction=\"outbound\",protocol=\"tcp\"} 1"
+                "mesh_tcp_connections_opened_total{direction=\"outbound\",protocol=\"tcp\",source_workload=\"unknown\",destination=\"external\"} 1"
             ),
             "{text}"
         );
-        assert!(text.contains("mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_client\"} 20"), "{text}");
+        assert!(text.contains("mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",source_workload=\"unknown\",destination=\"external\",flow=\"to_client\"} 20"), "{text}");
         assert!(
             text.contains("mesh_process_resident_memory_bytes"),
             "{text}"

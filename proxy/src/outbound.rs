@@ -349,12 +349,22 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
         Handling::Http(Downstream::Http1) => "http1",
         Handling::Http(Downstream::Http2) => "http2",
     };
+    let destination = match &target {
+        Some(t) => t.service.spec.name.clone(),
+        None => ob
+            .discovery
+            .snapshot()
+            .workload_at(orig.ip())
+            .map(|w| w.name.clone())
+            .unwrap_or_else(|| "external".into()),
+    };
     let labels = ConnLabels {
         direction: OUTBOUND,
         protocol,
+        source_workload: source_name.as_deref().unwrap_or("unknown").to_owned(),
+        destination,
     };
-    ob.metrics.opened.get_or_create(&labels).inc();
-    ob.metrics.active.get_or_create(&labels).inc();
+    ob.metrics.conn_opened(&labels);
     let started = Instant::now();
     let progress = Arc::new(Progress::default());
     let service = target.as_ref().map(|t| t.service.spec.name.clone());

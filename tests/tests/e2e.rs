@@ -847,11 +847,11 @@ fn admin_api_reports_readiness_exact_metrics_and_connections() -> Result<()> {
     }
     let up = sample(
         &metrics,
-        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_upstream\"}",
+        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",source_workload=\"unknown\",destination=\"external\",flow=\"to_upstream\"}",
     );
     let down = sample(
         &metrics,
-        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",flow=\"to_client\"}",
+        "mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",source_workload=\"unknown\",destination=\"external\",flow=\"to_client\"}",
     );
     ensure!(
         up == Some(3.0 * (32.0 + 12345.0)),

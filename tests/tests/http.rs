@@ -432,7 +432,21 @@ fn curl_http1_and_http2_reach_a_service_vip_and_other_destinations_pass_through(
                 "source_workload=\"frontend\"",
                 "status_class=\"2xx\""
             ]
-        ) >= 9.0,
+        ) >= 9.0
+            && metric_sum(
+                &metrics,
+                "mesh_tcp_connections_opened_total",
+                &["source_workload=\"frontend\"", "destination=\"web\""]
+            ) >= 5.0
+            && metric_sum(
+                &metrics,
+                "mesh_tcp_transferred_bytes_total",
+                &[
+                    "source_workload=\"frontend\"",
+                    "destination=\"web\"",
+                    "flow=\"to_upstream\""
+                ]
+            ) > 8_000_000.0,
         "request metrics: {metrics}"
     );
     ensure!(
