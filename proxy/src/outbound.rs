@@ -147,14 +147,25 @@ impl ConnTable {
         Value::Array(rows.into_iter().map(|r| r.1).collect())
     }
 
-    /// Open connections grouped by edge (client address -> original destination address,
-    /// ports left out), for the dashboard's topology: counts and live bytes per edge.
+    /// Open connections grouped by edge (source workload, else client address -> service,
+    /// else original destination address; ports left out), for the dashboard's topology:
+    /// counts and live bytes per edge.
     pub fn edges(&self) -> Value {
         let mut edges: HashMap<(String, String), (u64, u64, u64)> = HashMap::new();
         if let Ok(open) = self.open.lock() {
             for e in open.values() {
                 let t = e.progress.snapshot();
-                let k = (e.client.ip().to_string(), e.orig_dst.ip().to_string());
+                // Workloads and services by name where the config names them, addresses
+                // otherwise: the topology of who talks to what.
+                let k = (
+                    e.source
+                        .as_deref()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| e.client.ip().to_string()),
+                    e.service
+                        .clone()
+                        .unwrap_or_else(|| e.orig_dst.ip().to_string()),
+                );
                 let v = edges.entry(k).or_default();
                 v.0 += 1;
                 v.1 += t.to_upstream;
