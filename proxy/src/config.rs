@@ -57,6 +57,39 @@ pub struct File {
     /// This node's place in the mesh: its name, tunnel port and the other nodes.
     #[serde(default)]
     pub mesh: MeshSection,
+    /// Where services and workloads come from: this file or the Kubernetes API.
+    #[serde(default)]
+    pub discovery: DiscoverySection,
+    /// The API server to watch when `discovery.mode = "kubernetes"`.
+    #[serde(default)]
+    pub kubernetes: KubernetesSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySection {
+    /// `file` (default: `[[service]]`/`[[workload]]` tables) or `kubernetes`.
+    pub mode: Option<String>,
+}
+
+/// `[kubernetes]`: read only in `discovery.mode = "kubernetes"`. See `discovery::kubernetes`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSection {
+    /// `https://HOST:PORT`; default from KUBERNETES_SERVICE_HOST/PORT (in a pod).
+    pub api_server: Option<String>,
+    /// Bearer token, re-read by the client (projected tokens rotate).
+    pub token_file: Option<String>,
+    /// PEM bundle the API server's certificate is checked against.
+    pub ca_file: Option<String>,
+    /// This node's name as Kubernetes knows it; default env NODE_NAME, else mesh.node_name.
+    pub node_name: Option<String>,
+    /// Only pods in namespaces with this label (`key=value` or `key`) are workloads.
+    pub namespace_label: Option<String>,
+    /// The kubelet's cgroup driver: `systemd` (default) or `cgroupfs`.
+    pub cgroup_driver: Option<String>,
+    /// Where the kubelet's cgroup tree starts, relative to the cgroup v2 mount (default "").
+    pub cgroup_root: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -226,6 +259,159 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+/// Where services and workloads come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryMode {
+    /// The config file's `[[service]]` and `[[workload]]` tables, reloaded on change.
+    File,
+    /// The Kubernetes API (`discovery::kubernetes`); the file still gives everything else.
+    Kubernetes,
+}
+
+/// How the kubelet names pod cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupDriver {
+    Systemd,
+    Cgroupfs,
+}
+
+/// The API server to watch, validated (`[kubernetes]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesSettings {
+    pub api_server: String,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub node_name: String,
+    pub namespace_label: String,
+    pub cgroup_driver: CgroupDriver,
+    pub cgroup_root: PathBuf,
+}
+
+/// Where a pod finds its service account's credentials.
+pub const DEFAULT_K8S_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+pub const DEFAULT_K8S_CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+pub const DEFAULT_NAMESPACE_LABEL: &str = "ebpf-mesh.io/inject=enabled";
+
+fn resolve_kubernetes(
+    k: KubernetesSection,
+    mesh_node: &str,
+) -> Result<KubernetesSettings, ConfigError> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let api_server = match k.api_server {
+        Some(a) => a.trim().to_owned(),
+        None => match (
+            env("KUBERNETES_SERVICE_HOST"),
+            env("KUBERNETES_SERVICE_PORT"),
+        ) {
+            (Some(h), Some(p)) if h.contains(':') => format!("https://[{h}]:{p}"),
+            (Some(h), Some(p)) => format!("https://{h}:{p}"),
+            _ => {
+                return Err(invalid(
+                    "kubernetes.api_server",
+                    "(unset)",
+                    "not set, and KUBERNETES_SERVICE_HOST/PORT are not in the environment (the proxy is not in a pod)",
+                    "set api_server = \"https://10.0.0.1:6443\"",
+                ));
+            }
+        },
+    };
+    let uri_ok = api_server
+        .parse::<hyper::Uri>()
+        .is_ok_and(|u| matches!(u.scheme_str(), Some("https" | "http")) && u.host().is_some());
+    if !uri_ok {
+        return Err(invalid(
+            "kubernetes.api_server",
+            &api_server,
+            "not an http(s) URL",
+            "write it as https://HOST:PORT, e.g. https://10.0.0.1:6443",
+        ));
+    }
+    let path = |field: &'static str, v: Option<String>, default: &str| {
+        let v = v.unwrap_or_else(|| default.to_owned());
+        if !Path::new(&v).is_absolute() {
+            return Err(invalid(
+                field,
+                &v,
+                "needs an absolute file path",
+                "use the service account's file, e.g. /var/run/secrets/kubernetes.io/serviceaccount/token",
+            ));
+        }
+        Ok(PathBuf::from(v))
+    };
+    let token_file = path(
+        "kubernetes.token_file",
+        k.token_file,
+        DEFAULT_K8S_TOKEN_FILE,
+    )?;
+    let ca_file = path("kubernetes.ca_file", k.ca_file, DEFAULT_K8S_CA_FILE)?;
+    let node_name = k
+        .node_name
+        .or_else(|| env("NODE_NAME"))
+        .unwrap_or_else(|| mesh_node.to_owned());
+    if node_name.is_empty()
+        || node_name.len() > 253
+        || !node_name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c))
+    {
+        return Err(invalid(
+            "kubernetes.node_name",
+            &node_name,
+            "not a Kubernetes node name (lower-case letters, digits, '-' and '.')",
+            "set it from the pod's spec.nodeName (env NODE_NAME via the downward API)",
+        ));
+    }
+    let namespace_label = k
+        .namespace_label
+        .unwrap_or_else(|| DEFAULT_NAMESPACE_LABEL.to_owned());
+    let (key, value) = namespace_label
+        .split_once('=')
+        .unwrap_or((namespace_label.as_str(), ""));
+    let label_char = |c: char| c.is_ascii_alphanumeric() || "-_./".contains(c);
+    if key.is_empty() || !key.chars().all(label_char) || !value.chars().all(label_char) {
+        return Err(invalid(
+            "kubernetes.namespace_label",
+            &namespace_label,
+            "not a label KEY=VALUE (or KEY)",
+            "use ebpf-mesh.io/inject=enabled",
+        ));
+    }
+    let cgroup_driver = match k.cgroup_driver.as_deref().unwrap_or("systemd") {
+        "systemd" => CgroupDriver::Systemd,
+        "cgroupfs" => CgroupDriver::Cgroupfs,
+        other => {
+            return Err(invalid(
+                "kubernetes.cgroup_driver",
+                other,
+                "not a kubelet cgroup driver",
+                "use the kubelet's cgroupDriver: systemd (default) or cgroupfs",
+            ));
+        }
+    };
+    let root = k.cgroup_root.unwrap_or_default();
+    let cgroup_root = PathBuf::from(root.trim().trim_start_matches('/'));
+    if cgroup_root
+        .components()
+        .any(|x| x.as_os_str() == ".." || x.as_os_str() == ".")
+    {
+        return Err(invalid(
+            "kubernetes.cgroup_root",
+            &root,
+            "must be a directory below the cgroup v2 mount, without '.' or '..'",
+            "leave it out (\"\") unless the kubelet runs with a --cgroup-root",
+        ));
+    }
+    Ok(KubernetesSettings {
+        api_server,
+        token_file,
+        ca_file,
+        node_name,
+        namespace_label,
+        cgroup_driver,
+        cgroup_root,
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub port: u16,
@@ -258,6 +444,10 @@ pub struct Config {
     pub http: HttpLimits,
     /// Services and workloads: the part of the config a reload may change.
     pub catalog: Catalog,
+    /// Where services and workloads come from.
+    pub discovery: DiscoveryMode,
+    /// Set in [`DiscoveryMode::Kubernetes`].
+    pub kubernetes: Option<KubernetesSettings>,
     pub identity: Option<IdentitySettings>,
     pub mesh: MeshSettings,
     /// The mesh's trust domain (`identity.trust_domain`, else cluster.local).
@@ -580,6 +770,8 @@ impl Config {
             policy,
             identity,
             mesh,
+            discovery,
+            kubernetes,
         } = file;
 
         let port = o.port.or(proxy.port).unwrap_or(15001);
@@ -902,6 +1094,32 @@ impl Config {
             .map(|i| i.trust_domain.clone())
             .unwrap_or_else(|| crate::discovery::spec::DEFAULT_TRUST_DOMAIN.to_owned());
         let mesh = resolve_mesh(mesh, identity.is_some())?;
+        let discovery = match discovery.mode.as_deref().unwrap_or("file") {
+            "file" => DiscoveryMode::File,
+            "kubernetes" => DiscoveryMode::Kubernetes,
+            other => {
+                return Err(invalid(
+                    "discovery.mode",
+                    other,
+                    "not a discovery mode",
+                    "use file (the [[service]] tables, default) or kubernetes (the API server)",
+                ));
+            }
+        };
+        let kubernetes = match discovery {
+            DiscoveryMode::File => None,
+            DiscoveryMode::Kubernetes => {
+                if !service.is_empty() || !workload.is_empty() {
+                    return Err(invalid(
+                        "discovery.mode",
+                        "kubernetes",
+                        "services and workloads come from the API server, yet the file declares some",
+                        "remove the [[service]] and [[workload]] tables, or set discovery.mode = \"file\"",
+                    ));
+                }
+                Some(resolve_kubernetes(kubernetes, &mesh.node_name)?)
+            }
+        };
         let catalog = Catalog::resolve(
             service,
             workload,
@@ -930,6 +1148,8 @@ impl Config {
                 max_concurrent_streams,
             },
             catalog,
+            discovery,
+            kubernetes,
             reload_interval: Duration::from_millis(reload_ms),
             file_path: None,
             overrides,
@@ -956,6 +1176,46 @@ impl Config {
             admin_address,
         })
     }
+}
+
+/// The services of a catalog as the admin API's /config shows them.
+pub fn services_json(services: &[crate::discovery::ServiceSpec]) -> serde_json::Value {
+    serde_json::Value::Array(services.iter().map(|s| serde_json::json!({
+                "name": s.name,
+                "addresses": s.addresses,
+                "ports": s.ports,
+                "protocol": s.protocol.as_str(),
+                "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
+                    "address": e.address, "port": e.port, "weight": e.weight, "identity": e.identity,
+                })).collect::<Vec<_>>(),
+                "timeouts": {
+                    "connect_ms": s.connect_timeout.as_millis() as u64,
+                    "request_ms": s.request_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+                    "idle_ms": s.idle_timeout.as_millis() as u64,
+                },
+                "retry": {
+                    "attempts": s.retry.attempts,
+                    "statuses": s.retry.statuses,
+                    "per_try_timeout_ms": s.retry.per_try_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+                    "max_body_bytes": s.retry.max_body_bytes,
+                    "budget_ratio": s.retry.budget_ratio,
+                    "budget_min_per_sec": s.retry.budget_min_per_sec,
+                },
+                "circuit": {
+                    "consecutive_failures": s.circuit.consecutive_failures,
+                    "base_ejection_ms": s.circuit.base_ejection.as_millis() as u64,
+                    "max_ejection_ms": s.circuit.max_ejection.as_millis() as u64,
+                },
+                "max_request_body_bytes": s.max_request_body,
+            })).collect::<Vec<_>>())
+}
+
+/// The workloads of a catalog as the admin API's /config shows them.
+pub fn workloads_json(workloads: &[crate::discovery::WorkloadSpec]) -> serde_json::Value {
+    serde_json::Value::Array(workloads.iter().map(|w| serde_json::json!({
+                "name": w.name, "namespace": w.namespace, "identity": w.identity, "cgroups": w.cgroups,
+                "addresses": w.addresses,
+            })).collect::<Vec<_>>())
 }
 
 impl Config {
@@ -1012,38 +1272,25 @@ impl Config {
                 "max_header_bytes": self.http.max_header_bytes,
                 "max_concurrent_streams": self.http.max_concurrent_streams,
             },
-            "services": self.catalog.services.iter().map(|s| serde_json::json!({
-                "name": s.name,
-                "addresses": s.addresses,
-                "ports": s.ports,
-                "protocol": s.protocol.as_str(),
-                "endpoints": s.endpoints.iter().map(|e| serde_json::json!({
-                    "address": e.address, "port": e.port, "weight": e.weight, "identity": e.identity,
-                })).collect::<Vec<_>>(),
-                "timeouts": {
-                    "connect_ms": s.connect_timeout.as_millis() as u64,
-                    "request_ms": s.request_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
-                    "idle_ms": s.idle_timeout.as_millis() as u64,
+            "services": services_json(&self.catalog.services),
+            "workloads": workloads_json(&self.catalog.workloads),
+            "discovery": {"mode": match self.discovery {
+                DiscoveryMode::File => "file",
+                DiscoveryMode::Kubernetes => "kubernetes",
+            }},
+            // File paths only, never the token.
+            "kubernetes": self.kubernetes.as_ref().map(|k| serde_json::json!({
+                "api_server": k.api_server,
+                "token_file": k.token_file,
+                "ca_file": k.ca_file,
+                "node_name": k.node_name,
+                "namespace_label": k.namespace_label,
+                "cgroup_driver": match k.cgroup_driver {
+                    CgroupDriver::Systemd => "systemd",
+                    CgroupDriver::Cgroupfs => "cgroupfs",
                 },
-                "retry": {
-                    "attempts": s.retry.attempts,
-                    "statuses": s.retry.statuses,
-                    "per_try_timeout_ms": s.retry.per_try_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
-                    "max_body_bytes": s.retry.max_body_bytes,
-                    "budget_ratio": s.retry.budget_ratio,
-                    "budget_min_per_sec": s.retry.budget_min_per_sec,
-                },
-                "circuit": {
-                    "consecutive_failures": s.circuit.consecutive_failures,
-                    "base_ejection_ms": s.circuit.base_ejection.as_millis() as u64,
-                    "max_ejection_ms": s.circuit.max_ejection.as_millis() as u64,
-                },
-                "max_request_body_bytes": s.max_request_body,
-            })).collect::<Vec<_>>(),
-            "workloads": self.catalog.workloads.iter().map(|w| serde_json::json!({
-                "name": w.name, "namespace": w.namespace, "identity": w.identity, "cgroups": w.cgroups,
-                "addresses": w.addresses,
-            })).collect::<Vec<_>>(),
+                "cgroup_root": k.cgroup_root,
+            })),
             "authorization": {"default": self.catalog.policies.default.as_str()},
             "policies": self.catalog.policies.policies.iter().map(|p| serde_json::json!({
                 "name": p.name, "workload": p.workload, "namespace": p.namespace, "ports": p.ports,
@@ -1164,6 +1411,42 @@ mod tests {
             Ok(_) => panic!("expected an error for {text:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn kubernetes_discovery_is_validated_and_gets_defaults() -> Result<(), ConfigError> {
+        let base = "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[discovery]\nmode = \"kubernetes\"\n";
+        let c = resolve(&format!(
+            "{base}[kubernetes]\napi_server = \"https://192.0.2.1:6443\"\nnode_name = \"node-1\"\n"
+        ))?;
+        assert_eq!(c.discovery, DiscoveryMode::Kubernetes);
+        let k = c.kubernetes.clone().unwrap_or_else(|| unreachable!());
+        assert_eq!(k.token_file, PathBuf::from(DEFAULT_K8S_TOKEN_FILE));
+        assert_eq!(k.ca_file, PathBuf::from(DEFAULT_K8S_CA_FILE));
+        assert_eq!(k.namespace_label, DEFAULT_NAMESPACE_LABEL);
+        assert_eq!(k.cgroup_driver, CgroupDriver::Systemd);
+        assert_eq!(c.to_json()["discovery"]["mode"], "kubernetes");
+        assert_eq!(
+            resolve("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n")?.discovery,
+            DiscoveryMode::File
+        );
+        let api = "[kubernetes]\napi_server = \"https://192.0.2.1:6443\"\n";
+        let e = err(&format!("{base}{api}cgroup_driver = \"docker\"\n"));
+        assert!(
+            e.contains("kubernetes.cgroup_driver") && e.contains("fix:"),
+            "{e}"
+        );
+        let e = err(&format!("{base}[kubernetes]\napi_server = \"192.0.2.1\"\n"));
+        assert!(e.contains("kubernetes.api_server"), "{e}");
+        let e = err(&format!("{base}{api}token_file = \"token\"\n"));
+        assert!(e.contains("kubernetes.token_file"), "{e}");
+        let e = err(&format!(
+            "{base}{api}[[service]]\nname = \"a\"\naddresses = [\"10.96.0.1\"]\nports = [80]\n"
+        ));
+        assert!(e.contains("discovery.mode"), "{e}");
+        let e = err("[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[discovery]\nmode = \"consul\"\n");
+        assert!(e.contains("discovery.mode"), "{e}");
+        Ok(())
     }
 
     #[test]

@@ -435,6 +435,15 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         .config_generation
         .set(discovery.snapshot().generation as i64);
     metrics::register_discovery(&mut registry, Arc::clone(&discovery));
+    // Staleness of discovery mode `kubernetes`: the unix time of the last watch event.
+    let kube_last_event = prometheus_client::metrics::gauge::Gauge::default();
+    if cfg.kubernetes.is_some() {
+        registry.register(
+            "kubernetes_last_event_timestamp_seconds",
+            "Unix time of the last event from the Kubernetes API watches (0: none yet)",
+            kube_last_event.clone(),
+        );
+    }
     let identity_slot = Arc::new(std::sync::OnceLock::new());
     metrics::register_identity(&mut registry, Arc::clone(&identity_slot));
     let admin_state = Arc::new(admin::AdminState {
@@ -654,7 +663,21 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
             stop_rx.clone(),
         ));
     }
-    if let Some(path) = cfg.file_path.clone() {
+    if let Some(k) = &cfg.kubernetes {
+        // Services and workloads from the API server; the file's other sections (policies
+        // included) are read once at start-up.
+        let watcher = discovery::kubernetes::Watcher {
+            settings: k.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+            policies: cfg.catalog.policies.clone(),
+            discovery: Arc::clone(&discovery),
+            metrics: Arc::clone(&outbound.metrics),
+            config_json: Arc::clone(&config_json),
+            identity: identity.clone(),
+            last_event: kube_last_event,
+        };
+        tokio::spawn(watcher.run(stop_rx.clone()));
+    } else if let Some(path) = cfg.file_path.clone() {
         let reloader = discovery::watch::Reloader {
             identity: identity.clone(),
             path,

@@ -7,6 +7,7 @@
 //! one pointer store. Connections and requests look the snapshot up per request and keep the
 //! `Arc`s they took, so a swap never disturbs anything in flight.
 
+pub mod kubernetes;
 pub mod spec;
 pub mod watch;
 
