@@ -46,8 +46,10 @@ pub mod map {
     pub const EXCLUDED_PORTS: &str = "MESH_EXCL_PORT";
     pub const EXCLUDED_V4: &str = "MESH_EXCL_V4";
     pub const EXCLUDED_V6: &str = "MESH_EXCL_V6";
+    pub const WORKLOADS: &str = "MESH_WORKLOADS";
     /// Every map.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
+        WORKLOADS,
         CONFIG,
         COUNTERS,
         ORIG_BY_COOKIE,
@@ -73,6 +75,9 @@ pub const FLAG_SOCKMAP: u32 = 1;
 /// `Config::flags`: the connect programs write debug records through aya-log (`log.kernel`).
 /// Off by default: a record costs a ring-buffer write per connect.
 pub const FLAG_KERNEL_LOG: u32 = 2;
+/// `Config::flags`: only tasks in a declared workload's cgroup (or below it) are intercepted
+/// (`MESH_WORKLOADS`); the rest of the workload cgroup parent connects directly.
+pub const FLAG_WORKLOADS_ONLY: u32 = 4;
 
 /// The single entry of `MESH_CONFIG`, written by the proxy before it attaches anything.
 /// A zeroed entry (the state right after load) means "not configured": nothing is redirected.
@@ -232,8 +237,11 @@ pub mod counter {
     pub const MSG_PASSED_NO_PEER: u32 = 17;
     /// Messages passed because an earlier message of the same direction took the TCP path.
     pub const MSG_PASSED_TAINTED: u32 = 18;
+    /// Connects left alone: `FLAG_WORKLOADS_ONLY` is on and no cgroup of the task is a
+    /// declared workload's (`MESH_WORKLOADS`).
+    pub const BYPASS_NOT_WORKLOAD: u32 = 19;
     /// Number of counters.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -256,6 +264,7 @@ pub mod counter {
         "msg_passed_bytes",
         "msg_passed_no_peer",
         "msg_passed_tainted",
+        "bypass_not_workload",
     ];
 }
 

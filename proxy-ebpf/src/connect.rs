@@ -10,13 +10,17 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+    },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use proxy_common::{AF_INET, OrigDst, counter, normalise_ip6};
 
-use crate::maps::{MESH_EXCL_PORT, MESH_EXCL_V4, MESH_EXCL_V6, MESH_ORIG_CK, config, count};
+use crate::maps::{
+    MESH_EXCL_PORT, MESH_EXCL_V4, MESH_EXCL_V6, MESH_ORIG_CK, MESH_WORKLOADS, config, count,
+};
 
 /// Verdicts of cgroup/connect programs.
 pub const ALLOW: i32 = 1;
@@ -35,6 +39,7 @@ pub fn try_connect4(ctx: &SockAddrContext) -> Result<(), Bypass> {
     if cfg.redirect_port == 0 || cfg.redirect_ip4 == 0 {
         return Err(Bypass(counter::BYPASS_UNCONFIGURED));
     }
+    check_workload(cfg.flags)?;
     // SAFETY: `sa` is the context pointer the kernel passed in; user_ip4/user_port are
     // readable and writable with 4-byte accesses in connect4.
     let (dst, port) = unsafe {
@@ -72,6 +77,7 @@ pub fn try_connect6(ctx: &SockAddrContext) -> Result<(), Bypass> {
     if cfg.redirect_port == 0 {
         return Err(Bypass(counter::BYPASS_UNCONFIGURED));
     }
+    check_workload(cfg.flags)?;
     // The verifier allows user_ip6 only as 4-byte loads and stores, one word at a time;
     // volatile accesses keep LLVM from merging them into 8-byte ones.
     // SAFETY: `sa` is the context pointer; user_ip6[0..4] and user_port are 4-byte accessible.
@@ -194,6 +200,33 @@ fn record(ctx: &SockAddrContext, mut orig: OrigDst) -> Result<(), Bypass> {
     MESH_ORIG_CK
         .insert(cookie, orig, 0)
         .map_err(|_| Bypass(counter::BYPASS_RECORD_FAILED))
+}
+
+/// cgroup levels searched for a declared workload: pod cgroups sit two or three levels below
+/// the root (`kubepods.slice/kubepods-<qos>.slice/…pod<uid>.slice`), container scopes one
+/// more; 8 leaves room for nested hierarchies. A fixed bound keeps the verifier's walk short.
+const MAX_CGROUP_LEVEL: i32 = 8;
+
+/// With `FLAG_WORKLOADS_ONLY`, a connect is intercepted only when the task's cgroup or one of
+/// its ancestors is a declared workload's. `bpf_get_current_ancestor_cgroup_id` returns 0
+/// past the task's own depth, which ends the walk.
+#[inline(always)]
+fn check_workload(flags: u32) -> Result<(), Bypass> {
+    if flags & proxy_common::FLAG_WORKLOADS_ONLY == 0 {
+        return Ok(());
+    }
+    for level in 1..=MAX_CGROUP_LEVEL {
+        // SAFETY: the helper takes a plain integer; allowed in cgroup programs (Linux 5.7+).
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: a read of a value copied out by the helper; the entry is never aliased.
+        if unsafe { MESH_WORKLOADS.get(id) }.is_some() {
+            return Ok(());
+        }
+    }
+    Err(Bypass(counter::BYPASS_NOT_WORKLOAD))
 }
 
 /// Whether the proxy asked for kernel debug records (`FLAG_KERNEL_LOG`).

@@ -65,6 +65,11 @@ pub static MESH_EXPECT: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(
 pub static MESH_TAINTED: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65536, 0);
 
 /// Destination ports that are never intercepted (host order `u16` widened to `u32`).
+/// cgroup ids of declared workloads (their pods' cgroup directories), written by the proxy
+/// when `FLAG_WORKLOADS_ONLY` is on. 65536: far more pods than a node runs.
+#[map]
+pub static MESH_WORKLOADS: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
+
 #[map]
 pub static MESH_EXCL_PORT: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 

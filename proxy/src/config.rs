@@ -188,6 +188,9 @@ pub struct InterceptSection {
     pub pin_dir: Option<String>,
     pub fail_mode: Option<String>,
     pub sockmap: Option<bool>,
+    /// Intercept only declared workloads' cgroups (and their descendants), not everything
+    /// below the workload cgroup parent.
+    pub workloads_only: Option<bool>,
     pub exclude_ports: Option<Vec<u16>>,
     pub exclude_cidrs: Option<Vec<String>>,
     pub iptables_interfaces: Option<Vec<String>>,
@@ -224,6 +227,7 @@ pub struct Overrides {
     pub pin_dir: Option<String>,
     pub fail_mode: Option<String>,
     pub sockmap: Option<bool>,
+    pub workloads_only: Option<bool>,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<String>,
     pub iptables_interfaces: Vec<String>,
@@ -427,6 +431,8 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub fail_mode: FailMode,
     pub sockmap: bool,
+    /// Only declared workloads' cgroups are intercepted (`MESH_WORKLOADS`).
+    pub workloads_only: bool,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<Cidr>,
     pub iptables_interfaces: Vec<String>,
@@ -852,6 +858,10 @@ impl Config {
         // get a spurious EAGAIN (see ARCHITECTURE.md, "Kernel facts"), and the measured
         // hazards in issue 9 (no backpressure, small-write slowdown) are not solved yet.
         let sockmap = o.sockmap.or(intercept.sockmap).unwrap_or(false);
+        let workloads_only = o
+            .workloads_only
+            .or(intercept.workloads_only)
+            .unwrap_or(false);
 
         if mode == Mode::Iptables && sockmap {
             return Err(invalid(
@@ -859,6 +869,14 @@ impl Config {
                 true,
                 "the short-circuit pairs sockets by their 4-tuples, which NAT rewrites, so it only works with eBPF interception",
                 "set intercept.sockmap = false (or --sockmap off) with mode = \"iptables\"",
+            ));
+        }
+        if mode == Mode::Iptables && workloads_only {
+            return Err(invalid(
+                "intercept.workloads_only",
+                true,
+                "iptables rules match interfaces, not cgroups, so they cannot tell workloads apart",
+                "use mode = \"ebpf\", or leave workloads_only off with iptables",
             ));
         }
         if mode == Mode::Iptables && fail_mode == FailMode::Closed {
@@ -1164,6 +1182,7 @@ impl Config {
             pin_dir,
             fail_mode,
             sockmap,
+            workloads_only,
             exclude_ports,
             exclude_cidrs,
             iptables_interfaces,
@@ -1238,6 +1257,7 @@ impl Config {
                 "pin_dir": self.pin_dir,
                 "fail_mode": self.fail_mode.to_string(),
                 "sockmap": self.sockmap,
+                "workloads_only": self.workloads_only,
                 "exclude_ports": self.exclude_ports,
                 "exclude_cidrs": self.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "iptables_interfaces": self.iptables_interfaces,

@@ -165,6 +165,10 @@ struct ConfigArgs {
     /// Same-node short-circuit with sock_ops + sk_msg [default: off; see ARCHITECTURE.md for the kernel caveats].
     #[arg(long, value_enum)]
     sockmap: Option<OnOff>,
+    /// Intercept only declared workloads' cgroups ([[workload]] or Kubernetes pods), not
+    /// every process below the workload cgroup parent [default: off].
+    #[arg(long, value_enum)]
+    workloads_only: Option<OnOff>,
     /// Destination port never intercepted (repeatable).
     #[arg(long = "exclude-port", value_name = "PORT")]
     exclude_ports: Vec<u16>,
@@ -278,6 +282,7 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
             FailArg::Closed => "closed".to_string(),
         }),
         sockmap: args.sockmap.map(|s| matches!(s, OnOff::On)),
+        workloads_only: args.workloads_only.map(|s| matches!(s, OnOff::On)),
         exclude_ports: args.exclude_ports.clone(),
         exclude_cidrs: args.exclude_cidrs.clone(),
         iptables_interfaces: args.iptables_interfaces.clone(),
@@ -557,6 +562,47 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
             }
         },
     };
+    // Declared workloads' cgroups into MESH_WORKLOADS, kept in step with the catalog (and
+    // with pods whose cgroup appears after the config named it) once a second. Until the
+    // first pass, connects go direct (fail-open), as before the proxy started.
+    if cfg.workloads_only
+        && let OrigDstSource::Ebpf(maps) = &orig_dst
+        && let Ok(mount) = cgroup::cgroup2_mount()
+    {
+        let maps = Arc::clone(maps);
+        let discovery = Arc::clone(&discovery);
+        tokio::spawn(async move {
+            let mut last = std::collections::HashSet::new();
+            loop {
+                let snap = discovery.snapshot();
+                let wanted: std::collections::HashSet<u64> = snap
+                    .catalog
+                    .workloads
+                    .iter()
+                    .flat_map(|w| w.cgroups.iter())
+                    .filter_map(|c| {
+                        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(mount.join(c)).ok()?)
+                            .into()
+                    })
+                    .collect();
+                if wanted != last {
+                    match maps.set_workloads(&wanted) {
+                        Ok((added, removed)) => {
+                            info!(
+                                added,
+                                removed,
+                                workloads = wanted.len(),
+                                "intercepted workload cgroups updated"
+                            );
+                            last = wanted;
+                        }
+                        Err(e) => warn!(error = %e, "cannot update MESH_WORKLOADS; retrying"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
     if cfg.log_kernel
         && let Some(dp) = datapath.as_mut()
     {

@@ -693,6 +693,11 @@ fn kernel_metric(
             Some(("reason", "record_failed")),
             "Workload connects left alone, by reason",
         ),
+        "bypass_not_workload" => (
+            "ebpf_connects_bypassed",
+            Some(("reason", "not_workload")),
+            "Workload connects left alone, by reason",
+        ),
         "orig_dst_recorded" => (
             "ebpf_orig_dst_recorded",
             None,

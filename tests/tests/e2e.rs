@@ -987,3 +987,108 @@ fn kernel_log_is_off_by_default_and_on_with_the_flag() -> Result<()> {
     );
     Ok(())
 }
+
+/// `--workloads-only on`: only declared workloads' cgroups are intercepted; the rest of the
+/// workload cgroup parent connects directly, and the set follows config reloads (a new
+/// workload is intercepted, a removed one released) without a restart.
+#[test]
+fn workloads_only_intercepts_declared_workloads_and_follows_reloads() -> Result<()> {
+    require!();
+    let mut node = Node::new(&bins()?)?;
+    let a = node.add_pod("a")?;
+    let b = node.add_pod("b")?;
+    let server = node.add_pod("server")?;
+    let mut cmd = server.command(&node.bins.meshtest);
+    cmd.args(["serve", "--listen", &format!("[::]:{SERVER_PORT}")]);
+    let mut srv = Background::spawn(cmd, node.scratch.join("server.out"))?;
+    srv.wait_for("listening")?;
+    let config = node.scratch.join("proxy.toml");
+    let rel = node.workload_cgroup_rel.clone();
+    let workloads = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| format!("[[workload]]\nname = \"{n}\"\ncgroups = [\"{rel}/{n}\"]\n"))
+            .collect::<String>()
+    };
+    let write = |text: String| -> Result<()> {
+        let tmp = config.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &config)?;
+        Ok(())
+    };
+    write(workloads(&["a"]))?;
+    node.start_proxy(&ProxyOptions {
+        sockmap: false,
+        extra_args: vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--workloads-only".into(),
+            "on".into(),
+        ],
+        ..ProxyOptions::default()
+    })?;
+    node.wait_for_log("intercepted workload cgroups updated", 1)?;
+    let target = format!("{}:{SERVER_PORT}", server.ipv4);
+    let meshtest = node.bins.meshtest.clone();
+    // Which address the server saw for the last connection: the node's (through the
+    // proxy) or the pod's own (direct).
+    let peer_of = |pod: &Pod, srv: &Background| -> Result<String> {
+        let before = srv
+            .output()
+            .lines()
+            .filter(|l| l.starts_with("conn "))
+            .count();
+        let mut cmd = pod.command(&meshtest);
+        cmd.args([
+            "client",
+            "--connect",
+            &target,
+            "--send",
+            "100",
+            "--reply",
+            "100",
+        ]);
+        check_client(run_bounded(cmd, CLIENT_LIMIT)?)?;
+        for _ in 0..100 {
+            let lines: Vec<String> = srv
+                .output()
+                .lines()
+                .filter(|l| l.starts_with("conn "))
+                .map(String::from)
+                .collect();
+            if lines.len() > before {
+                return Ok(lines[before].clone());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the server printed no line for the connection")
+    };
+    let via_proxy = format!("peer={}:", server.gateway4);
+    let line = peer_of(&a, &srv)?;
+    ensure!(
+        line.contains(&via_proxy),
+        "a (declared) went direct: {line}"
+    );
+    let line = peer_of(&b, &srv)?;
+    ensure!(
+        line.contains(&format!("peer={}:", b.ipv4)),
+        "b (not declared) was intercepted: {line}"
+    );
+    ensure!(counter(&node, "bypass_not_workload")? >= 1);
+
+    // Declare b, release a.
+    write(workloads(&["b"]))?;
+    node.wait_for_log("intercepted workload cgroups updated", 2)?;
+    let line = peer_of(&b, &srv)?;
+    ensure!(
+        line.contains(&via_proxy),
+        "b (now declared) went direct: {line}"
+    );
+    let line = peer_of(&a, &srv)?;
+    ensure!(
+        line.contains(&format!("peer={}:", a.ipv4)),
+        "a (no longer declared) was still intercepted: {line}"
+    );
+    drop(srv);
+    Ok(())
+}

@@ -27,8 +27,8 @@ use aya::{
     },
 };
 use proxy_common::{
-    AF_INET, AF_INET6, FLAG_KERNEL_LOG, FLAG_SOCKMAP, OrigDst, OrigKey, SockKey, counter, map,
-    program,
+    AF_INET, AF_INET6, FLAG_KERNEL_LOG, FLAG_SOCKMAP, FLAG_WORKLOADS_ONLY, OrigDst, OrigKey,
+    SockKey, counter, map, program,
 };
 use tracing::{info, warn};
 
@@ -126,6 +126,9 @@ pub struct Maps {
     orig_dst: HashMap<MapData, OrigKey, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
     socks: SockHash<MapData, SockKey>,
+    /// Declared workloads' cgroup ids (`intercept.workloads_only`); written by the proxy's
+    /// sync task, behind a lock because aya's writes take `&mut`.
+    workloads: std::sync::Mutex<HashMap<MapData, u64, u32>>,
 }
 
 /// Forwards the kernel programs' aya-log records to the proxy's log (target
@@ -279,6 +282,8 @@ impl Datapath {
         let orig_dst = HashMap::try_from(orig_dst).map_err(map_err(map::ORIG_DST, "open"))?;
         let counters = take_map(&mut ebpf, map::COUNTERS)?;
         let counters = PerCpuArray::try_from(counters).map_err(map_err(map::COUNTERS, "open"))?;
+        let workloads = take_map(&mut ebpf, map::WORKLOADS)?;
+        let workloads = HashMap::try_from(workloads).map_err(map_err(map::WORKLOADS, "open"))?;
 
         info!(
             pin_dir = %cfg.pin_dir.display(),
@@ -298,6 +303,7 @@ impl Datapath {
                 orig_dst,
                 counters,
                 socks,
+                workloads: std::sync::Mutex::new(workloads),
             },
         ))
     }
@@ -352,6 +358,31 @@ impl Maps {
         let key = orig_key(client, local)?;
         let v = self.orig_dst.get(&key, 0).ok()?;
         Some((orig_to_socket_addr(&v)?, v.cgroup_id))
+    }
+
+    /// Makes `MESH_WORKLOADS` hold exactly `wanted` (cgroup ids); returns how many entries
+    /// were added and removed.
+    pub fn set_workloads(
+        &self,
+        wanted: &std::collections::HashSet<u64>,
+    ) -> Result<(usize, usize), aya::maps::MapError> {
+        let mut map = self.workloads.lock().unwrap_or_else(|e| e.into_inner());
+        let present: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        let mut removed = 0;
+        for id in &present {
+            if !wanted.contains(id) {
+                map.remove(id)?;
+                removed += 1;
+            }
+        }
+        let mut added = 0;
+        for id in wanted {
+            if !present.contains(id) {
+                map.insert(id, 1, 0)?;
+                added += 1;
+            }
+        }
+        Ok((added, removed))
     }
 
     /// The kernel counters summed over CPUs, by `proxy_common::counter` index.
@@ -504,7 +535,12 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
             .map(|ip| ip6_words(ip.octets()))
             .unwrap_or([0; 4]),
         flags: if cfg.sockmap { FLAG_SOCKMAP } else { 0 }
-            | if cfg.log_kernel { FLAG_KERNEL_LOG } else { 0 },
+            | if cfg.log_kernel { FLAG_KERNEL_LOG } else { 0 }
+            | if cfg.workloads_only {
+                FLAG_WORKLOADS_ONLY
+            } else {
+                0
+            },
         _pad: 0,
     };
     {
