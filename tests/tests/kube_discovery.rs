@@ -436,3 +436,144 @@ fn services_endpoints_and_workloads_come_from_the_api_server() -> Result<()> {
     drop(relay);
     Ok(())
 }
+
+/// With `workloads_only`, a pod is intercepted exactly while a running Pod object on this
+/// node (in an opted-in namespace) names it: the proxy maps the Pod to its kubelet cgroup
+/// (cgroupfs driver: `kubepods/besteffort/pod<uid>` below `cgroup_root`), puts that cgroup in
+/// `MESH_WORKLOADS`, and takes it out when the Pod object is deleted.
+#[test]
+fn a_pod_is_intercepted_while_its_pod_object_runs_and_released_when_deleted() -> Result<()> {
+    if !require_privileges()? || !require_apiserver()? {
+        return Ok(());
+    }
+    let mut api = ApiServer::start()?;
+    let version = api.endpoint_slice_version()?;
+    api.create_namespace(NS)?;
+    api.kubectl(&["label", "namespace", NS, "ebpf-mesh.io/inject=enabled"])?;
+    // The service only (no client Pod object yet).
+    let yaml = service_yaml();
+    let service_only = yaml.split("\n---\n").next().unwrap_or_default().to_string();
+    api.apply(&service_only)?;
+    api.apply(&slice_yaml(&version, true))?;
+
+    let mut c = Cluster::new()?;
+    let api_addr: SocketAddr = api
+        .url
+        .trim_start_matches("https://")
+        .parse()
+        .context("API server URL")?;
+    let relay = Relay::start(&c.node.netns, api_addr)?;
+    let token = c.node.scratch.join("kube-token");
+    fs::write(&token, &api.token)?;
+    let config = c.node.scratch.join("proxy.toml");
+    fs::write(
+        &config,
+        format!(
+            "[intercept]\nworkloads_only = true\n\n[discovery]\nmode = \"kubernetes\"\n\n[kubernetes]\napi_server = \"https://127.0.0.1:{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\nnode_name = \"node-1\"\ncgroup_driver = \"cgroupfs\"\ncgroup_root = \"{}\"\n",
+            relay.port,
+            token.display(),
+            api.ca_cert.display(),
+            c.node.workload_cgroup_rel
+        ),
+    )?;
+    c.node.start_proxy(&ProxyOptions {
+        sockmap: false,
+        extra_args: vec!["--config".into(), config.display().to_string()],
+        ..ProxyOptions::default()
+    })?;
+    c.wait_config("service web.shop", |c| {
+        web_endpoints(c).is_some_and(|e| e.len() == 2)
+    })?;
+
+    // Not a workload yet: its connect to the cluster IP is not intercepted, and nothing
+    // routes the virtual address, so it fails.
+    let tries = |c: &Cluster| -> Result<bool> {
+        let mut cmd = c.client.command("curl");
+        cmd.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+            &format!("http://{VIP}/"),
+        ]);
+        let o = run_bounded(cmd, LIMIT)?;
+        Ok(String::from_utf8_lossy(&o.stdout) == "200")
+    };
+
+    // The Pod object appears, runs on this node: its cgroup is where the client pod's
+    // processes now run.
+    api.apply(&yaml)?;
+    api.set_pod_running(NS, "client", CLIENT_IP)?;
+    let uid = api.kubectl(&[
+        "get",
+        "pod",
+        "client",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ])?;
+    let kube_cgroup = c
+        .node
+        .workload_cgroup
+        .join("kubepods")
+        .join("besteffort")
+        .join(format!("pod{}", uid.trim()));
+    fs::create_dir_all(&kube_cgroup)?;
+    c.client.cgroup = kube_cgroup.clone();
+    // Before the proxy has seen the Pod, the cgroup is nobody's: direct, and failing.
+    let mut intercepted = false;
+    for _ in 0..60 {
+        if tries(&c)? {
+            intercepted = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    ensure!(
+        intercepted,
+        "the pod was never intercepted once its Pod object ran: {}",
+        c.node.proxy_log_text()
+    );
+    let cfg = c.config()?;
+    ensure!(
+        cfg["workloads"]
+            .to_string()
+            .contains(&format!("pod{}", uid.trim())),
+        "the workload's cgroup is not the kubelet's: {}",
+        cfg["workloads"]
+    );
+
+    // Deleted: released again (connects go direct and the virtual address goes nowhere).
+    api.kubectl(&[
+        "delete",
+        "pod",
+        "client",
+        "-n",
+        NS,
+        "--grace-period=0",
+        "--force",
+    ])?;
+    let mut released = false;
+    for _ in 0..60 {
+        if !tries(&c)? {
+            released = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    ensure!(
+        released,
+        "the pod stayed intercepted after its Pod object was deleted"
+    );
+    let counters = c.node.counters()?;
+    ensure!(
+        counters.get("bypass_not_workload").copied().unwrap_or(0) >= 1,
+        "{counters:?}"
+    );
+    drop(relay);
+    Ok(())
+}
