@@ -446,7 +446,7 @@ fn a_pod_is_intercepted_while_its_pod_object_runs_and_released_when_deleted() ->
     if !require_privileges()? || !require_apiserver()? {
         return Ok(());
     }
-    let mut api = ApiServer::start()?;
+    let api = ApiServer::start()?;
     let version = api.endpoint_slice_version()?;
     api.create_namespace(NS)?;
     api.kubectl(&["label", "namespace", NS, "ebpf-mesh.io/inject=enabled"])?;
