@@ -52,6 +52,9 @@ pub struct AdminState {
     pub discovery: Arc<crate::discovery::Discovery>,
     /// Certificates and anchors, for /debug/identity (set once fetched).
     pub identity: Arc<std::sync::OnceLock<Arc<crate::identity::IdentityManager>>>,
+    /// In discovery mode `kubernetes`: unix time of the last watch event, so /ready can
+    /// say how old the state it serves is.
+    pub kube_last_event: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 
 /// The effective config now (replaced by every applied reload).
@@ -147,7 +150,28 @@ fn route(req: &Request<Incoming>, state: &Arc<AdminState>) -> Response<Body> {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => {
             if state.ready.load(Ordering::Relaxed) {
-                text(StatusCode::OK, "ready\n")
+                match &state.kube_last_event {
+                    // Still ready through an API outage: the last known state keeps
+                    // serving traffic; the body (and the metric) say how old it is.
+                    Some(g) => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs() as i64)
+                            .unwrap_or(0);
+                        let last = g.get();
+                        let age = if last > 0 {
+                            format!("{} s ago", (now - last).max(0))
+                        } else {
+                            "none yet".into()
+                        };
+                        with_type(
+                            StatusCode::OK,
+                            "text/plain; charset=utf-8",
+                            format!("ready\nkubernetes: last watch event {age}\n"),
+                        )
+                    }
+                    None => text(StatusCode::OK, "ready\n"),
+                }
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }

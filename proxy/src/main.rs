@@ -463,6 +463,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         taps: std::sync::atomic::AtomicUsize::new(0),
         discovery: Arc::clone(&discovery),
         identity: Arc::clone(&identity_slot),
+        kube_last_event: cfg.kubernetes.is_some().then(|| kube_last_event.clone()),
     });
     if let Err(e) = admin::start(cfg.admin_address, Arc::clone(&admin_state)) {
         error!("{e}");

@@ -417,6 +417,22 @@ fn services_endpoints_and_workloads_come_from_the_api_server() -> Result<()> {
         web_endpoints(&c.config()?).is_some_and(|e| e.len() == 1),
         "the catalog changed during the outage"
     );
+    // Still ready (it serves the last known state), and /ready says how old that is.
+    let mut cmd = c.node.node_command("curl");
+    cmd.args([
+        "-s",
+        "-w",
+        "\n%{http_code}",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:15020/ready",
+    ]);
+    let ready =
+        String::from_utf8_lossy(&run_bounded(cmd, Duration::from_secs(20))?.stdout).into_owned();
+    ensure!(
+        ready.contains("kubernetes: last watch event") && ready.trim_end().ends_with("200"),
+        "/ready during the outage: {ready}"
+    );
     api.restart_apiserver()?;
     // After the restart the watches resume: b2 back to ready shows up again.
     api.apply(&slice_yaml(&version, true))?;
