@@ -406,7 +406,20 @@ fn services_endpoints_and_workloads_come_from_the_api_server() -> Result<()> {
         "after b2 turned not ready: {ok} ok, b1 {b1}, b2 {b2}"
     );
 
-    // (4) API outage: the last known state keeps serving.
+    // (4) API outage: the last known state keeps serving, and a load running through the
+    // stop and the restart of the API server loses no request.
+    let mut load = c.client.command("h2load");
+    load.args([
+        "-n",
+        "6000",
+        "-c",
+        "2",
+        "-m",
+        "2",
+        &format!("http://{VIP}/"),
+    ]);
+    let load = thread::spawn(move || run_bounded(load, LIMIT));
+    thread::sleep(Duration::from_millis(200));
     api.stop_apiserver();
     let (ok, b1, _) = c.requests(20)?;
     ensure!(
@@ -434,6 +447,14 @@ fn services_endpoints_and_workloads_come_from_the_api_server() -> Result<()> {
         "/ready during the outage: {ready}"
     );
     api.restart_apiserver()?;
+    let o = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("h2load thread panicked"))??;
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(
+        text.contains("6000 succeeded, 0 failed, 0 errored"),
+        "load across the API server restart: {text}"
+    );
     // After the restart the watches resume: b2 back to ready shows up again.
     api.apply(&slice_yaml(&version, true))?;
     c.wait_config("two endpoints of web.shop after the restart", |c| {
