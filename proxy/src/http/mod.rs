@@ -156,6 +156,24 @@ impl ProxyError {
     }
 }
 
+impl From<PickError> for ProxyError {
+    fn from(e: PickError) -> ProxyError {
+        match e {
+            PickError::NoEndpoints => ProxyError::NoEndpoints,
+            PickError::AllEjected => ProxyError::CircuitOpen,
+        }
+    }
+}
+
+impl From<&ConnectError> for ProxyError {
+    fn from(e: &ConnectError) -> ProxyError {
+        match e {
+            ConnectError::Timeout { .. } => ProxyError::ConnectTimeout,
+            _ => ProxyError::ConnectFailed,
+        }
+    }
+}
+
 fn empty() -> Body {
     Empty::new()
         .map_err(|e: Infallible| match e {})
@@ -751,10 +769,9 @@ impl HttpProxy {
             }
         };
         loop {
-            let ep = balancer.pick(Instant::now(), &tried).map_err(|e| match e {
-                PickError::NoEndpoints => ProxyError::NoEndpoints,
-                PickError::AllEjected => ProxyError::CircuitOpen,
-            })?;
+            let ep = balancer
+                .pick(Instant::now(), &tried)
+                .map_err(ProxyError::from)?;
             let addr = ep.addr;
             if let Err(policy) = self.authorize(source, addr, Some((method.as_str(), uri.path()))) {
                 *denied_by = Some(policy);
@@ -802,10 +819,7 @@ impl HttpProxy {
                     if can_retry(attempt) {
                         continue;
                     }
-                    return Err(match e {
-                        ConnectError::Timeout { .. } => ProxyError::ConnectTimeout,
-                        _ => ProxyError::ConnectFailed,
-                    });
+                    return Err(ProxyError::from(&e));
                 }
             };
             let Some(b) = body.take() else {
@@ -929,10 +943,9 @@ impl HttpProxy {
             .service
             .balancer(target.port)
             .ok_or(ProxyError::NoEndpoints)?;
-        let ep = balancer.pick(Instant::now(), &[]).map_err(|e| match e {
-            PickError::NoEndpoints => ProxyError::NoEndpoints,
-            PickError::AllEjected => ProxyError::CircuitOpen,
-        })?;
+        let ep = balancer
+            .pick(Instant::now(), &[])
+            .map_err(ProxyError::from)?;
         let addr = ep.addr;
         let source = ctx.source.as_ref().map(|w| w.identity.as_str());
         if let Err(policy) = self.authorize(
@@ -953,10 +966,7 @@ impl HttpProxy {
             Ok(s) => s,
             Err(e) => {
                 let _ = inflight.failure(Instant::now(), &spec.circuit);
-                return Err(match e {
-                    ConnectError::Timeout { .. } => ProxyError::ConnectTimeout,
-                    _ => ProxyError::ConnectFailed,
-                });
+                return Err(ProxyError::from(&e));
             }
         };
         let client_upgrade = hyper::upgrade::on(&mut *req);
