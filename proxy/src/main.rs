@@ -568,24 +568,13 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     // first pass, connects go direct (fail-open), as before the proxy started.
     if cfg.workloads_only
         && let OrigDstSource::Ebpf(maps) = &orig_dst
-        && let Ok(mount) = cgroup::cgroup2_mount()
     {
         let maps = Arc::clone(maps);
         let discovery = Arc::clone(&discovery);
         tokio::spawn(async move {
             let mut last = std::collections::HashSet::new();
             loop {
-                let snap = discovery.snapshot();
-                let wanted: std::collections::HashSet<u64> = snap
-                    .catalog
-                    .workloads
-                    .iter()
-                    .flat_map(|w| w.cgroups.iter())
-                    .filter_map(|c| {
-                        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(mount.join(c)).ok()?)
-                            .into()
-                    })
-                    .collect();
+                let wanted = discovery.workload_cgroup_ids();
                 if wanted != last {
                     match maps.set_workloads(&wanted) {
                         Ok((added, removed)) => {

@@ -145,17 +145,23 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// How deep below a workload's cgroup directory its descendants are indexed.
 const CGROUP_DEPTH: usize = 4;
 
+/// The cgroup v2 id of a cgroup directory: its inode number, which is what
+/// `bpf_get_current_cgroup_id` returns. None when the directory does not exist (yet).
+fn cgroup_id(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| m.ino())
+}
+
 fn index_cgroup(
     dir: &std::path::Path,
     workload: usize,
     depth: usize,
     out: &mut HashMap<u64, usize>,
 ) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(dir) else {
+    let Some(id) = cgroup_id(dir) else {
         return;
     };
-    out.insert(meta.ino(), workload);
+    out.insert(id, workload);
     if depth == 0 {
         return;
     }
@@ -191,6 +197,22 @@ impl Discovery {
     pub fn with_cgroup_root(mut self, root: PathBuf) -> Discovery {
         self.cgroup_root = Some(root);
         self
+    }
+
+    /// The cgroup ids of every declared workload's cgroup directories that exist now (for
+    /// the kernel's `MESH_WORKLOADS`; the kernel walks the descendants' ancestors itself).
+    /// Empty without a cgroup root.
+    pub fn workload_cgroup_ids(&self) -> std::collections::HashSet<u64> {
+        let Some(root) = self.cgroup_root.as_ref() else {
+            return std::collections::HashSet::new();
+        };
+        self.snapshot()
+            .catalog
+            .workloads
+            .iter()
+            .flat_map(|w| w.cgroups.iter())
+            .filter_map(|c| cgroup_id(&root.join(c)))
+            .collect()
     }
 
     /// The workload whose cgroup (or a descendant of it) has id `cgroup_id`.
