@@ -1045,6 +1045,85 @@ fn cleanup_where(matches: impl Fn(&str) -> bool) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+// === mesh issuer ===
+
+/// The mesh's certificate issuer (`proxy identity serve`) running in a node's namespace.
+pub struct Issuer {
+    /// ADDRESS:PORT the nodes' `[identity] issuer` names.
+    pub address: String,
+    _process: Background,
+}
+
+impl Issuer {
+    /// Gives each of `nodes` a bootstrap token (`<scratch>/token`, mode 0600), writes the
+    /// issuer's nodes file allowing node `nodeN` its node identity and `workloads` (a SPIFFE
+    /// pattern), and starts the issuer of the CA in `ca` on `host`'s link address, port
+    /// 15012. `lifetime_secs`: of issued leaves (None: the issuer's default).
+    pub fn start(
+        host: &Node,
+        nodes: &[&Node],
+        ca: &Path,
+        trust_domain: &str,
+        workloads: &str,
+        lifetime_secs: Option<u64>,
+    ) -> Result<Issuer> {
+        let mut nodes_toml = String::new();
+        for node in nodes {
+            let name = format!("node{}", node.number);
+            let token = format!("token-of-{name}-{}", node.id);
+            let token_file = node.scratch.join("token");
+            fs::write(&token_file, &token)?;
+            fs::set_permissions(
+                &token_file,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
+            let hash = hash_token(&host.bins.proxy, &token)?;
+            nodes_toml.push_str(&format!(
+                "[[node]]\nname = \"{name}\"\ntoken_sha256 = \"{hash}\"\nidentities = [\"spiffe://{trust_domain}/ns/ebpf-mesh/sa/node-{name}\", \"{workloads}\"]\n\n"
+            ));
+        }
+        let nodes_file = host.scratch.join("nodes.toml");
+        fs::write(&nodes_file, nodes_toml)?;
+        let address = format!("{}:15012", host.link_addr4());
+        let mut cmd = host.node_command(&host.bins.proxy);
+        cmd.args(["identity", "serve", "--ca-dir"])
+            .arg(ca)
+            .args(["--listen", &address, "--nodes"])
+            .arg(&nodes_file);
+        if let Some(secs) = lifetime_secs {
+            cmd.args(["--lifetime-secs", &secs.to_string()]);
+        }
+        let mut process = Background::spawn(cmd, host.scratch.join("issuer.out"))?;
+        process.wait_for("issuer ready")?;
+        Ok(Issuer {
+            address,
+            _process: process,
+        })
+    }
+}
+
+/// `proxy identity hash-token` of `token` (given on standard input, as an operator would).
+pub fn hash_token(proxy: &Path, token: &str) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new(proxy)
+        .args(["identity", "hash-token"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        writeln!(stdin, "{token}")?;
+    }
+    let o = child.wait_with_output()?;
+    if !o.status.success() {
+        bail!(
+            "proxy identity hash-token failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
 /// Sum of the samples of metric `name` (Prometheus text) whose labels contain every one of
 /// `labels` (e.g. `service="web"`).
 pub fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use tests::{
-    Background, Binaries, Node, Pod, ProxyOptions, link, metric_sum, require_privileges,
+    Background, Binaries, Issuer, Node, Pod, ProxyOptions, link, metric_sum, require_privileges,
     run_bounded,
 };
 
@@ -22,7 +22,6 @@ const VIP: &str = "10.96.0.50";
 const API_VIP: &str = "10.96.0.51";
 const TD: &str = "cluster.local";
 const LIMIT: Duration = Duration::from_secs(60);
-const ISSUER_PORT: u16 = 15012;
 const TUNNEL_PORT: u16 = 15008;
 
 macro_rules! require {
@@ -74,7 +73,7 @@ struct Mesh {
     intruder: Pod,
     backend: Pod,
     ca: PathBuf,
-    _issuer: Background,
+    _issuer: Issuer,
     _server: Background,
     _opaque: Background,
     _api: Background,
@@ -105,52 +104,15 @@ impl Mesh {
                 TD,
             ],
         )?;
-        let mut nodes_toml = String::new();
-        for (name, node) in [("node0", &node0), ("node1", &node1)] {
-            let token = format!("token-of-{name}-{}", node.id);
-            let token_file = node.scratch.join("token");
-            fs::write(&token_file, &token)?;
-            fs::set_permissions(
-                &token_file,
-                std::os::unix::fs::PermissionsExt::from_mode(0o600),
-            )?;
-            let hash = {
-                let mut cmd = std::process::Command::new(&bins.proxy);
-                cmd.args(["identity", "hash-token"])
-                    .stdin(std::process::Stdio::piped())
-                    .stdout(std::process::Stdio::piped());
-                let mut child = cmd.spawn()?;
-                if let Some(mut stdin) = child.stdin.take() {
-                    use std::io::Write;
-                    stdin.write_all(token.as_bytes())?;
-                    stdin.write_all(b"\n")?;
-                }
-                let o = child.wait_with_output()?;
-                ensure!(o.status.success(), "hash-token: {}", out(&o));
-                stdout(&o).trim().to_string()
-            };
-            nodes_toml.push_str(&format!(
-                "[[node]]\nname = \"{name}\"\ntoken_sha256 = \"{hash}\"\nidentities = [\"spiffe://{TD}/ns/ebpf-mesh/sa/node-{name}\", \"spiffe://{TD}/ns/shop/sa/*\"]\n\n"
-            ));
-        }
-        let nodes_file = node0.scratch.join("nodes.toml");
-        fs::write(&nodes_file, nodes_toml)?;
-        let issuer_addr = format!("{}:{ISSUER_PORT}", node0.link_addr4());
-        let mut cmd = node0.node_command(&bins.proxy);
-        cmd.args([
-            "identity",
-            "serve",
-            "--ca-dir",
-            &ca.display().to_string(),
-            "--listen",
-            &issuer_addr,
-            "--nodes",
-            &nodes_file.display().to_string(),
-            "--lifetime-secs",
-            &lifetime.to_string(),
-        ]);
-        let mut issuer = Background::spawn(cmd, node0.scratch.join("issuer.out"))?;
-        issuer.wait_for("issuer ready")?;
+        let issuer = Issuer::start(
+            &node0,
+            &[&node0, &node1],
+            &ca,
+            TD,
+            &format!("spiffe://{TD}/ns/shop/sa/*"),
+            Some(lifetime),
+        )?;
+        let issuer_addr = issuer.address.clone();
 
         let mut cmd = backend.command(env!("CARGO_BIN_EXE_meshhttp"));
         cmd.args([

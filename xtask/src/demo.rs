@@ -339,36 +339,15 @@ pub fn run_two_nodes() -> Result<()> {
         .map(|l| format!("  {l}\n"))
         .collect::<String>()
     );
-    let mut nodes = String::new();
-    for (name, node) in [("node0", &node0), ("node1", &node1)] {
-        let token = format!("demo-token-{name}-{}", node.id);
-        let token_file = node.scratch.join("token");
-        std::fs::write(&token_file, &token)?;
-        std::fs::set_permissions(
-            &token_file,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )?;
-        nodes.push_str(&format!(
-            "[[node]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\nidentities = [\"spiffe://{td}/ns/ebpf-mesh/sa/node-{name}\", \"spiffe://{td}/ns/shop/sa/*\"]\n",
-            proxy_hash(&bins, &token)?
-        ));
-    }
-    let nodes_file = node0.scratch.join("nodes.toml");
-    std::fs::write(&nodes_file, nodes)?;
-    let issuer_addr = format!("{}:15012", node0.link_addr4());
-    let mut cmd = node0.node_command(&bins.proxy);
-    cmd.args([
-        "identity",
-        "serve",
-        "--ca-dir",
-        &ca.display().to_string(),
-        "--listen",
-        &issuer_addr,
-        "--nodes",
-        &nodes_file.display().to_string(),
-    ]);
-    let mut issuer = Background::spawn(cmd, node0.scratch.join("issuer.out"))?;
-    issuer.wait_for("issuer ready")?;
+    let issuer = tests::Issuer::start(
+        &node0,
+        &[&node0, &node1],
+        &ca,
+        td,
+        &format!("spiffe://{td}/ns/shop/sa/*"),
+        None,
+    )?;
+    let issuer_addr = issuer.address.clone();
     println!("  issuer on {issuer_addr}");
 
     step(
@@ -464,21 +443,4 @@ pub fn run_two_nodes() -> Result<()> {
     node1.cleanup();
     println!("\nxtask: two-node demo done.");
     Ok(())
-}
-
-fn proxy_hash(bins: &Binaries, token: &str) -> Result<String> {
-    use std::io::Write;
-    let mut child = Command::new(&bins.proxy)
-        .args(["identity", "hash-token"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        writeln!(stdin, "{token}")?;
-    }
-    let o = child.wait_with_output()?;
-    if !o.status.success() {
-        bail!("proxy identity hash-token failed");
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
