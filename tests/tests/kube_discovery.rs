@@ -226,6 +226,36 @@ impl Cluster {
         })
     }
 
+    /// Starts the proxy in discovery mode `kubernetes` against `api` (through a relay in
+    /// the node's namespace), with `intercept` prepended to its config and `kubernetes`
+    /// appended to its `[kubernetes]` section.
+    fn start_proxy(&mut self, api: &ApiServer, intercept: &str, kubernetes: &str) -> Result<Relay> {
+        let api_addr: SocketAddr = api
+            .url
+            .trim_start_matches("https://")
+            .parse()
+            .context("API server URL")?;
+        let relay = Relay::start(&self.node.netns, api_addr)?;
+        let token = self.node.scratch.join("kube-token");
+        fs::write(&token, &api.token)?;
+        let config = self.node.scratch.join("proxy.toml");
+        fs::write(
+            &config,
+            format!(
+                "{intercept}[discovery]\nmode = \"kubernetes\"\n\n[kubernetes]\napi_server = \"https://127.0.0.1:{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\nnode_name = \"node-1\"\n{kubernetes}",
+                relay.port,
+                token.display(),
+                api.ca_cert.display()
+            ),
+        )?;
+        self.node.start_proxy(&ProxyOptions {
+            sockmap: false,
+            extra_args: vec!["--config".into(), config.display().to_string()],
+            ..ProxyOptions::default()
+        })?;
+        Ok(relay)
+    }
+
     /// The proxy's /config.
     fn config(&self) -> Result<Value> {
         let mut cmd = self.node.node_command("curl");
@@ -312,29 +342,7 @@ fn services_endpoints_and_workloads_come_from_the_api_server() -> Result<()> {
     api.apply(&slice_yaml(&version, true))?;
 
     let mut c = Cluster::new()?;
-    let api_addr: SocketAddr = api
-        .url
-        .trim_start_matches("https://")
-        .parse()
-        .context("API server URL")?;
-    let relay = Relay::start(&c.node.netns, api_addr)?;
-    let token = c.node.scratch.join("kube-token");
-    fs::write(&token, &api.token)?;
-    let config = c.node.scratch.join("proxy.toml");
-    fs::write(
-        &config,
-        format!(
-            "[discovery]\nmode = \"kubernetes\"\n\n[kubernetes]\napi_server = \"https://127.0.0.1:{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\nnode_name = \"node-1\"\n",
-            relay.port,
-            token.display(),
-            api.ca_cert.display()
-        ),
-    )?;
-    c.node.start_proxy(&ProxyOptions {
-        sockmap: false,
-        extra_args: vec!["--config".into(), config.display().to_string()],
-        ..ProxyOptions::default()
-    })?;
+    let relay = c.start_proxy(&api, "", "")?;
 
     // (1) The service, its endpoints and the local workload appear.
     let cfg = c.wait_config("service web.shop with two endpoints", |c| {
@@ -494,36 +502,17 @@ fn a_pod_is_intercepted_while_its_pod_object_runs_and_released_when_deleted() ->
     api.apply(&slice_yaml(&version, true))?;
 
     let mut c = Cluster::new()?;
-    let api_addr: SocketAddr = api
-        .url
-        .trim_start_matches("https://")
-        .parse()
-        .context("API server URL")?;
-    let relay = Relay::start(&c.node.netns, api_addr)?;
-    let token = c.node.scratch.join("kube-token");
-    fs::write(&token, &api.token)?;
-    let config = c.node.scratch.join("proxy.toml");
-    fs::write(
-        &config,
-        format!(
-            "[intercept]\nworkloads_only = true\n\n[discovery]\nmode = \"kubernetes\"\n\n[kubernetes]\napi_server = \"https://127.0.0.1:{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\nnode_name = \"node-1\"\ncgroup_driver = \"cgroupfs\"\ncgroup_root = \"{}\"\n",
-            relay.port,
-            token.display(),
-            api.ca_cert.display(),
-            c.node.workload_cgroup_rel
-        ),
-    )?;
-    c.node.start_proxy(&ProxyOptions {
-        sockmap: false,
-        extra_args: vec!["--config".into(), config.display().to_string()],
-        ..ProxyOptions::default()
-    })?;
+    let cgroups = format!(
+        "cgroup_driver = \"cgroupfs\"\ncgroup_root = \"{}\"\n",
+        c.node.workload_cgroup_rel
+    );
+    let relay = c.start_proxy(&api, "[intercept]\nworkloads_only = true\n\n", &cgroups)?;
     c.wait_config("service web.shop", |c| {
         web_endpoints(c).is_some_and(|e| e.len() == 2)
     })?;
 
-    // Not a workload yet: its connect to the cluster IP is not intercepted, and nothing
-    // routes the virtual address, so it fails.
+    // One GET of the cluster IP from the client: answered only when intercepted, since
+    // nothing routes the virtual address.
     let tries = |c: &Cluster| -> Result<bool> {
         let mut cmd = c.client.command("curl");
         cmd.args([
@@ -561,7 +550,8 @@ fn a_pod_is_intercepted_while_its_pod_object_runs_and_released_when_deleted() ->
         .join(format!("pod{}", uid.trim()));
     fs::create_dir_all(&kube_cgroup)?;
     c.client.cgroup = kube_cgroup.clone();
-    // Before the proxy has seen the Pod, the cgroup is nobody's: direct, and failing.
+    // Until the proxy has seen the Pod, its cgroup is nobody's (connects go direct and
+    // fail); then it is intercepted.
     let mut intercepted = false;
     for _ in 0..60 {
         if tries(&c)? {
