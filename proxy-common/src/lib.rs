@@ -42,7 +42,7 @@ pub mod map {
     pub const SOCKS: &str = "MESH_SOCKS";
     pub const PEERS: &str = "MESH_PEERS";
     pub const EXPECT: &str = "MESH_EXPECT";
-    pub const TAINTED: &str = "MESH_TAINTED";
+    pub const FLOWS: &str = "MESH_FLOWS";
     pub const EXCLUDED_PORTS: &str = "MESH_EXCL_PORT";
     pub const EXCLUDED_V4: &str = "MESH_EXCL_V4";
     pub const EXCLUDED_V6: &str = "MESH_EXCL_V6";
@@ -57,7 +57,7 @@ pub mod map {
         SOCKS,
         PEERS,
         EXPECT,
-        TAINTED,
+        FLOWS,
         EXCLUDED_PORTS,
         EXCLUDED_V4,
         EXCLUDED_V6,
@@ -94,8 +94,23 @@ pub struct Config {
     pub redirect_ip6: [u32; 4],
     /// `FLAG_*` bits.
     pub flags: u32,
-    /// Explicit padding to a multiple of 8 bytes; always 0.
-    pub _pad: u32,
+    /// Bytes that may wait unread in one socket's short-circuit queue (its psock ingress
+    /// list). A message that would go past it takes the TCP path instead, where the
+    /// receiver's window holds the sender back. 0: no bound (the naive policy).
+    pub queue_limit: u32,
+    /// Messages smaller than this many bytes count towards `small_streak`.
+    pub small_msg: u32,
+    /// A direction that sends this many small messages in a row while its receiver still has
+    /// unread short-circuit bytes is a stream of small writes, which TCP carries faster:
+    /// it moves to the TCP path. 0: never.
+    pub small_streak: u32,
+    /// Byte offset of `sk_user_data` in `struct sock` on the running kernel (from its BTF).
+    pub off_sk_user_data: u32,
+    /// Byte offset of `msg_tot_len` in `struct sk_psock` on the running kernel (from its BTF).
+    /// With `off_sk_user_data`, lets sk_msg read how many bytes wait in the peer's queue.
+    /// 0: unknown; the queue reads as empty (only allowed with `queue_limit` and
+    /// `small_streak` 0, which the proxy checks).
+    pub off_psock_msg_len: u32,
 }
 
 // === original destination ===
@@ -181,6 +196,36 @@ impl SockKey {
     }
 }
 
+/// `Flow::state`: this sending direction is redirected while the policy allows.
+pub const FLOW_REDIRECT: u32 = 0;
+/// `Flow::state`: this direction took the TCP path for good; the value says why
+/// (a `counter::MSG_PASSED_*` index). Redirecting later bytes would let them overtake the
+/// ones on the TCP path, so there is no way back.
+pub const FLOW_TCP_NO_PEER: u32 = counter::MSG_PASSED_NO_PEER;
+pub const FLOW_TCP_BACKPRESSURE: u32 = counter::MSG_PASSED_BACKPRESSURE;
+pub const FLOW_TCP_SMALL_WRITES: u32 = counter::MSG_PASSED_SMALL_WRITES;
+
+/// Value of `MESH_FLOWS`: the sending direction of one registered socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// `FLOW_REDIRECT` or a `FLOW_TCP_*` reason.
+    pub state: u32,
+    /// Small messages sent in a row while the receiver had unread short-circuit bytes.
+    pub streak: u32,
+    /// Bytes this socket sent through the short-circuit.
+    pub redirected_bytes: u64,
+    /// Kernel address of the socket (`struct sock *`), taken by sock_ops when it registered
+    /// the socket. sk_msg of the peer reads this socket's queue length through it with probe
+    /// reads (a BPF program may not look a socket up in a SOCKHASH from sk_msg: it could not
+    /// release the reference). The entry is removed when the socket closes, before it is freed.
+    pub sk: u64,
+    /// 1 if the socket is the proxy's, 0 if a workload's.
+    pub proxy: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+}
+
 /// Normalises an IPv6 address that is v4-mapped (`::ffff:a.b.c.d`) to its IPv4 form.
 /// Returns the family and the address in the `[u32; 4]` layout used by the keys.
 /// A server listening on `::` accepts IPv4 clients on AF_INET6 sockets: without this the two
@@ -240,8 +285,18 @@ pub mod counter {
     /// Connects left alone: `FLAG_WORKLOADS_ONLY` is on and no cgroup of the task is a
     /// declared workload's (`MESH_WORKLOADS`).
     pub const BYPASS_NOT_WORKLOAD: u32 = 19;
+    /// Messages passed (and their direction moved to TCP for good) because the receiver's
+    /// short-circuit queue would have gone past `Config::queue_limit`: backpressure.
+    pub const MSG_PASSED_BACKPRESSURE: u32 = 20;
+    /// Messages passed (direction moved to TCP) because the direction is a stream of small
+    /// writes, which TCP carries faster (`Config::small_streak`).
+    pub const MSG_PASSED_SMALL_WRITES: u32 = 21;
+    /// Messages of a socket with no `MESH_FLOWS` entry (map full): passed, never redirected.
+    pub const MSG_PASSED_NO_FLOW: u32 = 22;
+    /// Sockets not registered because `MESH_FLOWS` was full.
+    pub const FLOW_INSERT_FAILED: u32 = 23;
     /// Number of counters.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 24;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -265,6 +320,10 @@ pub mod counter {
         "msg_passed_no_peer",
         "msg_passed_tainted",
         "bypass_not_workload",
+        "msg_passed_backpressure",
+        "msg_passed_small_writes",
+        "msg_passed_no_flow",
+        "flow_insert_failed",
     ];
 }
 
@@ -295,6 +354,7 @@ mod pod {
         unsafe impl aya::Pod for OrigDst {}
         unsafe impl aya::Pod for OrigKey {}
         unsafe impl aya::Pod for SockKey {}
+        unsafe impl aya::Pod for Flow {}
     }
 }
 
@@ -305,7 +365,8 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 4);
+        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 5 * 4);
+        assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);
         assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);
         assert_eq!(size_of::<SockKey>(), 8 + 4 * 4 + 16 + 16);

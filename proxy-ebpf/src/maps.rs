@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
-use proxy_common::{Config, OrigDst, OrigKey, SockKey, counter};
+use proxy_common::{Config, Flow, OrigDst, OrigKey, SockKey, counter};
 
 /// LPM tries must be created without preallocation (the kernel refuses otherwise).
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -57,19 +57,21 @@ pub static MESH_PEERS: LruHashMap<SockKey, SockKey> = LruHashMap::with_max_entri
 #[map]
 pub static MESH_EXPECT: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
-/// Sockets whose sending direction has put a message on the TCP path. Such a direction is
-/// never redirected again: a redirected message lands in the peer's ingress queue, which the
-/// receiver reads before its TCP receive queue, so mixing paths would reorder bytes and can
-/// stall a blocking MSG_WAITALL read (measured: ../shared/notes/sockmap-measured.md).
+/// The sending direction of every registered socket: redirected or on the TCP path for good
+/// (and why), and its short-circuit byte count. Written when sock_ops registers the socket,
+/// updated by sk_msg, removed at close. A plain hash, not LRU: an evicted "on TCP for good"
+/// entry would let later bytes overtake earlier ones. A socket whose entry cannot be created
+/// (map full) is not registered at all; sk_msg never redirects without an entry.
+/// Same size as the SOCKHASH, of which each entry is one socket.
 #[map]
-pub static MESH_TAINTED: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65536, 0);
+pub static MESH_FLOWS: HashMap<SockKey, Flow> = HashMap::with_max_entries(65536, 0);
 
-/// Destination ports that are never intercepted (host order `u16` widened to `u32`).
 /// cgroup ids of declared workloads (their pods' cgroup directories), written by the proxy
 /// when `FLAG_WORKLOADS_ONLY` is on. 65536: far more pods than a node runs.
 #[map]
 pub static MESH_WORKLOADS: HashMap<u64, u32> = HashMap::with_max_entries(65536, 0);
 
+/// Destination ports that are never intercepted (host order `u16` widened to `u32`).
 #[map]
 pub static MESH_EXCL_PORT: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 

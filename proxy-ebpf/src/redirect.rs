@@ -1,67 +1,160 @@
-//! sk_msg: move bytes from a registered socket straight into its peer's receive queue.
+//! sk_msg: move bytes from a registered socket straight into its peer's receive queue, while
+//! that is safe and faster than TCP.
 //!
-//! Attached to MESH_SOCKS, so it runs for every sendmsg on a registered socket. The
-//! redirected bytes skip TCP/IP entirely: they are queued on the peer's psock ingress list,
-//! which the peer's recvmsg (tcp_bpf_recvmsg) reads before its ordinary TCP receive queue.
-//! That ordering is why a direction that ever used the TCP path must keep using it.
+//! Attached to MESH_SOCKS, so it runs for every sendmsg on a registered socket, under that
+//! socket's lock (`tcp_bpf_sendmsg`): the messages of one socket are judged one at a time, in
+//! order. A redirected message skips TCP/IP: `tcp_bpf_sendmsg_redir` -> `bpf_tcp_ingress`
+//! appends it to the peer's psock ingress list before the sender's sendmsg returns, and the
+//! peer's `tcp_bpf_recvmsg` reads that list before its TCP receive queue.
+//!
+//! That read order decides everything here:
+//! - redirect then TCP is in order (the receiver drains the list first), so a direction may
+//!   leave the short-circuit at any message;
+//! - TCP then redirect is not (the redirected bytes would be read first, and a blocking
+//!   MSG_WAITALL reader in `tcp_recvmsg` would never see them), so it never comes back.
+//!
+//! It leaves, for good, when: the peer is not in the SOCKHASH (yet); the peer's queue would
+//! go past `Config::queue_limit` (the kernel charges ingress bytes only against the
+//! machine-wide `tcp_mem`, never the receiver's buffer: without this a sender that outruns
+//! its reader queues without limit); or the direction turns out to be a stream of small
+//! writes, which TCP carries faster (`Config::small_streak`, measured in the bench).
+//! On TCP the receiver's window holds the sender back as usual.
 
 use crate::key::sock_key;
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_probe_read_kernel},
     programs::SkMsgContext,
 };
-use proxy_common::{SockKey, counter};
+use proxy_common::{
+    Config, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_NO_PEER, FLOW_TCP_SMALL_WRITES, Flow,
+    SockKey, counter,
+};
 
-use crate::maps::{MESH_PEERS, MESH_SOCKS, MESH_TAINTED, count};
+use crate::maps::{MESH_FLOWS, MESH_PEERS, MESH_SOCKS, config, count};
 
 /// The only verdict this program gives: a message is either redirected (the helper set the
 /// target) or takes the TCP path. It never drops.
 pub const PASS: u32 = SK_PASS;
 
-const TAINTED: u32 = 1;
+/// `sk_user_data` keeps flags in its low bits (`SK_USER_DATA_NOCOPY`, `_BPF`, `_PSOCK`,
+/// include/net/sock.h); the pointer is the rest.
+const SK_USER_DATA_PSOCK: u64 = 4;
+const SK_USER_DATA_PTRMASK: u64 = !7;
 
 pub fn handle(ctx: &SkMsgContext) {
-    let size = u64::from(ctx.size());
+    let size = ctx.size();
     let Some(key) = own_key(ctx) else {
         passed(size);
         return;
     };
-    // SAFETY: only tested for presence.
-    if unsafe { MESH_TAINTED.get(key) }.is_some() {
+    let Some(flow) = MESH_FLOWS.get_ptr_mut(key) else {
+        count(counter::MSG_PASSED_NO_FLOW, 1);
+        passed(size);
+        return;
+    };
+    // SAFETY: the pointer comes from the map lookup; only this socket's messages (serialised
+    // by its lock) and its own close callback touch its entry.
+    let flow = unsafe { &mut *flow };
+    if flow.state != FLOW_REDIRECT {
         count(counter::MSG_PASSED_TAINTED, 1);
         passed(size);
         return;
     }
     // SAFETY: the value is copied out at once.
     let Some(mut peer) = (unsafe { MESH_PEERS.get(key) }).copied() else {
-        no_peer(key, size);
+        leave(flow, FLOW_TCP_NO_PEER, size);
         return;
     };
+    let Some(cfg) = config() else {
+        leave(flow, FLOW_TCP_NO_PEER, size);
+        return;
+    };
+    if let Some(reason) = policy(cfg, flow, &peer, size) {
+        leave(flow, reason, size);
+        return;
+    }
     let ret = MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
     if ret == i64::from(SK_PASS) {
+        flow.redirected_bytes += u64::from(size);
         count(counter::MSG_REDIRECTED, 1);
-        count(counter::MSG_REDIRECTED_BYTES, size);
+        count(counter::MSG_REDIRECTED_BYTES, u64::from(size));
     } else {
-        // The peer is not (or no longer) in the SOCKHASH: the message goes by TCP, and so
-        // does every later one in this direction.
-        no_peer(key, size);
+        // The peer left the SOCKHASH since the policy looked (it closed).
+        leave(flow, FLOW_TCP_NO_PEER, size);
     }
 }
 
+/// `None` to redirect this message, or the reason its direction must leave for TCP.
 #[inline(always)]
-fn no_peer(key: SockKey, size: u64) {
-    let _ = MESH_TAINTED.insert(key, TAINTED, 0);
-    count(counter::MSG_PASSED_NO_PEER, 1);
+fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u32> {
+    if cfg.queue_limit == 0 && cfg.small_streak == 0 {
+        return None; // the naive policy: measured by the bench, never the default
+    }
+    let Some(queued) = peer_queued(cfg, peer) else {
+        return Some(FLOW_TCP_NO_PEER);
+    };
+    if cfg.queue_limit != 0 && u64::from(queued) + u64::from(size) > u64::from(cfg.queue_limit) {
+        return Some(FLOW_TCP_BACKPRESSURE);
+    }
+    // Only workloads' writes: the proxy writes what it read, up to a whole buffer at once,
+    // so its small writes mean there is little to send; and the direction into a workload
+    // stays on the short-circuit whenever it can, because a workload's blocking reader that
+    // waits in tcp_bpf_recvmsg can be woken by TCP-path data with nothing in the psock queue
+    // (ARCHITECTURE.md, "Kernel facts").
+    if cfg.small_streak != 0 && flow.proxy == 0 {
+        // A reply in between (request/response) finds the queue empty and resets the count.
+        if size < cfg.small_msg && queued > 0 {
+            flow.streak += 1;
+            if flow.streak >= cfg.small_streak {
+                return Some(FLOW_TCP_SMALL_WRITES);
+            }
+        } else {
+            flow.streak = 0;
+        }
+    }
+    None
+}
+
+/// Bytes waiting unread in `peer`'s psock ingress list, or `None` if `peer` is not
+/// registered. Reads `sk->sk_user_data->msg_tot_len` at offsets the proxy took from the
+/// kernel's BTF (no CO-RE in Rust BPF), with probe reads: a wrong or stale address reads a
+/// wrong number, never faults, and the redirect itself still goes through the SOCKHASH.
+#[inline(always)]
+fn peer_queued(cfg: &Config, peer: &SockKey) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    let sk = unsafe { MESH_FLOWS.get(peer) }?.sk;
+    if cfg.off_psock_msg_len == 0 || sk == 0 {
+        return Some(0);
+    }
+    // SAFETY: probe reads of kernel memory never fault; a bad address returns an error.
+    let Ok(user_data) = (unsafe {
+        bpf_probe_read_kernel(sk.wrapping_add(u64::from(cfg.off_sk_user_data)) as *const u64)
+    }) else {
+        return Some(0);
+    };
+    if user_data & SK_USER_DATA_PSOCK == 0 {
+        return Some(0);
+    }
+    let at = (user_data & SK_USER_DATA_PTRMASK).wrapping_add(u64::from(cfg.off_psock_msg_len));
+    // SAFETY: as above.
+    Some(unsafe { bpf_probe_read_kernel(at as *const u32) }.unwrap_or(0))
+}
+
+/// Moves this direction to the TCP path for good and passes the message.
+#[inline(always)]
+fn leave(flow: &mut Flow, reason: u32, size: u32) {
+    flow.state = reason;
+    count(reason, 1);
     passed(size);
 }
 
 #[inline(always)]
-fn passed(size: u64) {
+fn passed(size: u32) {
     count(counter::MSG_PASSED, 1);
-    count(counter::MSG_PASSED_BYTES, size);
+    count(counter::MSG_PASSED_BYTES, u64::from(size));
 }
 
 #[inline(always)]

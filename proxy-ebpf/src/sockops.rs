@@ -25,13 +25,13 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_ops,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_probe_read_kernel},
     programs::SockOpsContext,
 };
-use proxy_common::{FLAG_SOCKMAP, OrigKey, SockKey, counter};
+use proxy_common::{FLAG_SOCKMAP, Flow, OrigKey, SockKey, counter};
 
 use crate::maps::{
-    MESH_EXPECT, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS, MESH_TAINTED, config, count,
+    MESH_EXPECT, MESH_FLOWS, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS, config, count,
 };
 
 /// Which cgroup the program is attached to.
@@ -62,7 +62,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
         // (the kernel unlinks them); the side tables are ours to clean.
         if ctx.arg(1) == BPF_TCP_CLOSE {
             let _ = MESH_PEERS.remove(key);
-            let _ = MESH_TAINTED.remove(key);
+            let _ = MESH_FLOWS.remove(key);
             if side == Side::Workload {
                 let _ = MESH_ORIG_DST.remove(orig_key(&key));
             }
@@ -88,7 +88,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             }
             if sockmap && !carried_early_data(ctx, op) {
                 let peer = key.reversed_in(cfg.proxy_netns);
-                if register(ctx, key) {
+                if register(ctx, key, side) {
                     let _ = MESH_PEERS.insert(key, peer, 0);
                     let _ = MESH_PEERS.insert(peer, key, 0);
                 }
@@ -106,7 +106,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
                 return;
             }
             let peer = key.reversed_in(cfg.proxy_netns);
-            if register(ctx, key) {
+            if register(ctx, key, side) {
                 let _ = MESH_PEERS.insert(key, peer, 0);
                 let _ = MESH_PEERS.insert(peer, key, 0);
             }
@@ -117,7 +117,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             if !sockmap || carried_early_data(ctx, op) {
                 return;
             }
-            if register(ctx, key) {
+            if register(ctx, key, side) {
                 let _ = MESH_EXPECT.insert(key.reversed_in(0), EXPECTED, 0);
             }
         }
@@ -127,15 +127,27 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             if !sockmap || key.local_port != cfg.redirect_port || carried_early_data(ctx, op) {
                 return;
             }
-            register(ctx, key);
+            register(ctx, key, side);
         }
     }
 }
 
-/// Inserts the socket into MESH_SOCKS. A failure (map full) is counted and leaves the
-/// connection on the TCP path: the peer's sk_msg finds no entry and passes.
+/// Inserts the socket into MESH_SOCKS with a fresh MESH_FLOWS entry (redirecting, nothing
+/// sent). A failure (either map full) is counted and leaves the connection on the TCP path:
+/// the peer's sk_msg finds no entry and passes, and so does this socket's without a flow.
 #[inline(always)]
-fn register(ctx: &SockOpsContext, mut key: SockKey) -> bool {
+fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side) -> bool {
+    // Overwrites what a closed socket with the same 4-tuple may have left (its close
+    // callback normally removes it).
+    let flow = Flow {
+        sk: socket_address(ctx),
+        proxy: u32::from(side == Side::Proxy),
+        ..Flow::default()
+    };
+    if MESH_FLOWS.insert(key, flow, 0).is_err() {
+        count(counter::FLOW_INSERT_FAILED, 1);
+        return false;
+    }
     // SAFETY: ctx.ops is the context pointer the kernel passed to this sock_ops program.
     let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
     match MESH_SOCKS.update(&mut key, ops, 0) {
@@ -144,10 +156,25 @@ fn register(ctx: &SockOpsContext, mut key: SockKey) -> bool {
             true
         }
         Err(_) => {
+            let _ = MESH_FLOWS.remove(key);
             count(counter::SOCKHASH_INSERT_FAILED, 1);
             false
         }
     }
+}
+
+/// The kernel address of the socket (`ctx->sk`) as a plain number, 0 if unavailable.
+/// The verifier forbids arithmetic on (and storing into maps of) a socket pointer; reading the
+/// pointer's own stack slot back through bpf_probe_read_kernel yields its value as a number.
+#[inline(always)]
+fn socket_address(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: ctx.ops is the context pointer; `sk` is a readable 8-byte field in sock_ops.
+    let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: the source is a live local; the helper copies its 8 bytes.
+    unsafe { bpf_probe_read_kernel(core::ptr::from_ref(&sk).cast::<u64>()) }.unwrap_or(0)
 }
 
 /// True if payload already moved before the socket was established (TCP Fast Open).

@@ -188,6 +188,14 @@ pub struct InterceptSection {
     pub pin_dir: Option<String>,
     pub fail_mode: Option<String>,
     pub sockmap: Option<bool>,
+    /// "adaptive" (default) or "naive" (every message redirected, no bound: for the bench).
+    pub sockmap_policy: Option<String>,
+    /// Bytes that may wait unread in one socket's short-circuit queue.
+    pub sockmap_queue_limit: Option<u32>,
+    /// Writes smaller than this count as small for the small-write stream rule.
+    pub sockmap_small_write: Option<u32>,
+    /// Small writes in a row (receiver still has unread bytes) that move a direction to TCP.
+    pub sockmap_small_streak: Option<u32>,
     /// Intercept only declared workloads' cgroups (and their descendants), not everything
     /// below the workload cgroup parent.
     pub workloads_only: Option<bool>,
@@ -227,6 +235,7 @@ pub struct Overrides {
     pub pin_dir: Option<String>,
     pub fail_mode: Option<String>,
     pub sockmap: Option<bool>,
+    pub sockmap_policy: Option<String>,
     pub workloads_only: Option<bool>,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<String>,
@@ -246,6 +255,99 @@ pub enum Mode {
     Ebpf,
     /// iptables/ip6tables REDIRECT rules, installed and removed by the proxy.
     Iptables,
+}
+
+/// The short-circuit policy sk_msg applies (`proxy-ebpf/src/redirect.rs`). All zero is the
+/// naive policy: every message redirected, nothing bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShortCircuit {
+    /// Bytes that may wait unread in one socket's short-circuit queue before its sender's
+    /// direction moves to TCP, where the receive window holds the sender back.
+    pub queue_limit: u32,
+    /// Writes below this size are "small".
+    pub small_write: u32,
+    /// Small writes in a row, each finding the receiver with unread bytes, that move a
+    /// direction to TCP (which coalesces them; see `cargo xtask bench`).
+    pub small_streak: u32,
+}
+
+impl ShortCircuit {
+    /// 1 MiB: a few times the default socket receive buffer (`tcp_rmem` 128 KiB), so a reader
+    /// that keeps up never hits it, and far below `tcp_mem`.
+    pub const DEFAULT_QUEUE_LIMIT: u32 = 1 << 20;
+    pub const DEFAULT_SMALL_WRITE: u32 = 16 * 1024;
+    pub const DEFAULT_SMALL_STREAK: u32 = 16;
+    pub const NAIVE: ShortCircuit = ShortCircuit {
+        queue_limit: 0,
+        small_write: 0,
+        small_streak: 0,
+    };
+
+    pub fn is_naive(&self) -> bool {
+        *self == ShortCircuit::NAIVE
+    }
+
+    fn new(
+        policy: Option<&str>,
+        queue_limit: Option<u32>,
+        small_write: Option<u32>,
+        small_streak: Option<u32>,
+    ) -> Result<ShortCircuit, ConfigError> {
+        match policy.unwrap_or("adaptive") {
+            "adaptive" => {}
+            "naive" => {
+                if queue_limit.is_some() || small_write.is_some() || small_streak.is_some() {
+                    return Err(invalid(
+                        "intercept.sockmap_policy",
+                        "naive",
+                        "the naive policy has no queue limit or small-write rule",
+                        "remove sockmap_queue_limit / sockmap_small_write / sockmap_small_streak, or use sockmap_policy = \"adaptive\"",
+                    ));
+                }
+                return Ok(ShortCircuit::NAIVE);
+            }
+            other => {
+                return Err(invalid(
+                    "intercept.sockmap_policy",
+                    other,
+                    "unknown policy",
+                    "use \"adaptive\" (bounded queues, small-write streams on TCP) or \"naive\" (unbounded; for measuring only)",
+                ));
+            }
+        }
+        let queue_limit = queue_limit.unwrap_or(Self::DEFAULT_QUEUE_LIMIT);
+        if !(16 * 1024..=64 << 20).contains(&queue_limit) {
+            return Err(invalid(
+                "intercept.sockmap_queue_limit",
+                queue_limit,
+                "out of range 16384..=67108864 bytes",
+                "the default 1048576 suits most nodes; it bounds the memory one slow reader can hold",
+            ));
+        }
+        let small_write = small_write.unwrap_or(Self::DEFAULT_SMALL_WRITE);
+        if small_write > 1 << 20 {
+            return Err(invalid(
+                "intercept.sockmap_small_write",
+                small_write,
+                "out of range 0..=1048576 bytes",
+                "the default 16384 is where the short-circuit and TCP break even for streams here",
+            ));
+        }
+        let small_streak = small_streak.unwrap_or(Self::DEFAULT_SMALL_STREAK);
+        if small_streak > 1 << 16 {
+            return Err(invalid(
+                "intercept.sockmap_small_streak",
+                small_streak,
+                "out of range 0..=65536",
+                "use 0 to keep small-write streams on the short-circuit, or the default 16",
+            ));
+        }
+        Ok(ShortCircuit {
+            queue_limit,
+            small_write,
+            small_streak,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -431,6 +533,8 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub fail_mode: FailMode,
     pub sockmap: bool,
+    /// How sk_msg decides between the short-circuit and TCP (`proxy_common::Config`).
+    pub short_circuit: ShortCircuit,
     /// Only declared workloads' cgroups are intercepted (`MESH_WORKLOADS`).
     pub workloads_only: bool,
     pub exclude_ports: Vec<u16>,
@@ -871,6 +975,14 @@ impl Config {
                 "set intercept.sockmap = false (or --sockmap off) with mode = \"iptables\"",
             ));
         }
+        let short_circuit = ShortCircuit::new(
+            o.sockmap_policy
+                .as_deref()
+                .or(intercept.sockmap_policy.as_deref()),
+            intercept.sockmap_queue_limit,
+            intercept.sockmap_small_write,
+            intercept.sockmap_small_streak,
+        )?;
         if mode == Mode::Iptables && workloads_only {
             return Err(invalid(
                 "intercept.workloads_only",
@@ -1182,6 +1294,7 @@ impl Config {
             pin_dir,
             fail_mode,
             sockmap,
+            short_circuit,
             workloads_only,
             exclude_ports,
             exclude_cidrs,
@@ -1257,6 +1370,10 @@ impl Config {
                 "pin_dir": self.pin_dir,
                 "fail_mode": self.fail_mode.to_string(),
                 "sockmap": self.sockmap,
+                "sockmap_policy": if self.short_circuit.is_naive() { "naive" } else { "adaptive" },
+                "sockmap_queue_limit": self.short_circuit.queue_limit,
+                "sockmap_small_write": self.short_circuit.small_write,
+                "sockmap_small_streak": self.short_circuit.small_streak,
                 "workloads_only": self.workloads_only,
                 "exclude_ports": self.exclude_ports,
                 "exclude_cidrs": self.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),

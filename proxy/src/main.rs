@@ -165,6 +165,10 @@ struct ConfigArgs {
     /// Same-node short-circuit with sock_ops + sk_msg [default: off; see ARCHITECTURE.md for the kernel caveats].
     #[arg(long, value_enum)]
     sockmap: Option<OnOff>,
+    /// Short-circuit policy: adaptive (bounded queues, small-write streams on TCP) or naive
+    /// (every message redirected, unbounded: only for measuring) [default: adaptive].
+    #[arg(long, value_enum)]
+    sockmap_policy: Option<PolicyArg>,
     /// Intercept only declared workloads' cgroups ([[workload]] or Kubernetes pods), not
     /// every process below the workload cgroup parent [default: off].
     #[arg(long, value_enum)]
@@ -211,6 +215,12 @@ enum FailArg {
 enum OnOff {
     On,
     Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyArg {
+    Adaptive,
+    Naive,
 }
 
 fn main() -> ExitCode {
@@ -282,6 +292,13 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
             FailArg::Closed => "closed".to_string(),
         }),
         sockmap: args.sockmap.map(|s| matches!(s, OnOff::On)),
+        sockmap_policy: args.sockmap_policy.map(|p| {
+            match p {
+                PolicyArg::Adaptive => "adaptive",
+                PolicyArg::Naive => "naive",
+            }
+            .to_string()
+        }),
         workloads_only: args.workloads_only.map(|s| matches!(s, OnOff::On)),
         exclude_ports: args.exclude_ports.clone(),
         exclude_cidrs: args.exclude_cidrs.clone(),
@@ -530,11 +547,25 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
     // Interception last: listeners exist, so no redirected connect finds a closed port.
     let (mut datapath, rules, orig_dst) = match cfg.mode {
         Mode::Ebpf => {
+            // The adaptive short-circuit reads each peer's queue length at offsets only the
+            // running kernel's BTF knows.
+            let kernel_offsets = if cfg.sockmap && !cfg.short_circuit.is_naive() {
+                match ebpf::btf::kernel_offsets(Path::new(ebpf::btf::VMLINUX)) {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        error!("{e}");
+                        return exit::PREFLIGHT;
+                    }
+                }
+            } else {
+                None
+            };
             let plan = ebpf::Plan {
                 config: cfg,
                 proxy_netns: netns,
                 workload_cgroup: workload_cg,
                 proxy_cgroup: proxy_cg,
+                kernel_offsets,
             };
             let Some(pins) = pins else {
                 return exit::SETUP;

@@ -748,6 +748,26 @@ fn kernel_metric(
             Some(("reason", "direction_on_tcp")),
             "sk_msg messages put on the TCP path, by reason",
         ),
+        "msg_passed_backpressure" => (
+            "ebpf_msg_tcp_reasons",
+            Some(("reason", "backpressure")),
+            "sk_msg messages put on the TCP path, by reason",
+        ),
+        "msg_passed_small_writes" => (
+            "ebpf_msg_tcp_reasons",
+            Some(("reason", "small_writes")),
+            "sk_msg messages put on the TCP path, by reason",
+        ),
+        "msg_passed_no_flow" => (
+            "ebpf_msg_tcp_reasons",
+            Some(("reason", "no_flow")),
+            "sk_msg messages put on the TCP path, by reason",
+        ),
+        "flow_insert_failed" => (
+            "ebpf_sockhash_inserts",
+            Some(("result", "flow_table_full")),
+            "SOCKHASH insertions, by result",
+        ),
         _ => (
             "ebpf_unknown",
             None,

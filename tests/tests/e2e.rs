@@ -738,8 +738,9 @@ fn full_sockhash_degrades_to_the_tcp_path() -> Result<()> {
             "100",
         ],
     )?;
+    // The flow table has the SOCKHASH's size and is filled first, so either may say it.
     ensure!(
-        counter(&s.node, "sockhash_insert_failed")? > 0,
+        counter(&s.node, "sockhash_insert_failed")? + counter(&s.node, "flow_insert_failed")? > 0,
         "100 connections should overflow a 64-entry SOCKHASH"
     );
     for l in s.server_lines() {

@@ -26,6 +26,8 @@ const TEST_PACKAGES: &[&str] = &[
     // Two-node tests capture the link between the nodes and inspect the tunnel with openssl.
     "tcpdump",
     "openssl",
+    // Short-circuit tests: iperf3 --bidir at several write sizes.
+    "iperf3",
 ];
 
 /// The steps in order, for a summary that also lists those a failure kept from running.

@@ -9,6 +9,7 @@
 //!   In fail-open mode no link is pinned: when the proxy dies, the kernel detaches the
 //!   programs with the last reference to their links, and workloads connect directly.
 
+pub mod btf;
 mod pins;
 
 use std::{
@@ -27,7 +28,7 @@ use aya::{
     },
 };
 use proxy_common::{
-    AF_INET, AF_INET6, FLAG_KERNEL_LOG, FLAG_SOCKMAP, FLAG_WORKLOADS_ONLY, OrigDst, OrigKey,
+    AF_INET, AF_INET6, FLAG_KERNEL_LOG, FLAG_SOCKMAP, FLAG_WORKLOADS_ONLY, Flow, OrigDst, OrigKey,
     SockKey, counter, map, program,
 };
 use tracing::{info, warn};
@@ -104,6 +105,9 @@ pub struct Plan<'a> {
     pub workload_cgroup: &'a Path,
     /// Absolute path of the proxy's own cgroup.
     pub proxy_cgroup: &'a Path,
+    /// Where the kernel keeps a socket's short-circuit queue length (from its BTF); needed by
+    /// every short-circuit policy but the naive one.
+    pub kernel_offsets: Option<btf::KernelOffsets>,
 }
 
 /// Loaded and attached programs. Dropping it detaches what is not pinned; call
@@ -202,7 +206,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map::SOCKS, n)
             .map_max_entries(map::PEERS, n)
-            .map_max_entries(map::TAINTED, n)
+            .map_max_entries(map::FLOWS, n)
             .map_max_entries(map::ORIG_DST, n.saturating_mul(2))
             .load(OBJECT)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
@@ -437,7 +441,7 @@ pub fn inspect(pin_dir: &Path) -> Result<serde_json::Value, EbpfError> {
     let maps = json!([
         {"name": map::SOCKS, "entries": socks},
         {"name": map::PEERS, "entries": count_lru::<SockKey, SockKey>(pin_dir, map::PEERS)},
-        {"name": map::TAINTED, "entries": count_lru::<SockKey, u32>(pin_dir, map::TAINTED)},
+        {"name": map::FLOWS, "entries": count_hash::<SockKey, Flow>(pin_dir, map::FLOWS)},
         {"name": map::ORIG_DST, "entries": count_lru::<OrigKey, OrigDst>(pin_dir, map::ORIG_DST)},
     ]);
     let values = read_pinned_counters(pin_dir)?;
@@ -459,6 +463,14 @@ pub fn inspect(pin_dir: &Path) -> Result<serde_json::Value, EbpfError> {
 fn count_lru<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &str) -> Option<usize> {
     let data = MapData::from_pin(pins::map_path(pin_dir, name)).ok()?;
     HashMap::<_, K, V>::try_from(aya::maps::Map::LruHashMap(data))
+        .ok()
+        .map(|m| m.keys().count())
+}
+
+/// The same for a plain hash map.
+fn count_hash<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &str) -> Option<usize> {
+    let data = MapData::from_pin(pins::map_path(pin_dir, name)).ok()?;
+    HashMap::<_, K, V>::try_from(aya::maps::Map::HashMap(data))
         .ok()
         .map(|m| m.keys().count())
 }
@@ -541,7 +553,11 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
             } else {
                 0
             },
-        _pad: 0,
+        queue_limit: cfg.short_circuit.queue_limit,
+        small_msg: cfg.short_circuit.small_write,
+        small_streak: cfg.short_circuit.small_streak,
+        off_sk_user_data: plan.kernel_offsets.map_or(0, |k| k.sock_user_data),
+        off_psock_msg_len: plan.kernel_offsets.map_or(0, |k| k.psock_msg_tot_len),
     };
     {
         let m = ebpf

@@ -35,6 +35,9 @@ use peers::{HTTP1, HTTP2, Managed, TCP_PINNED, TCP_UNPINNED};
 /// tails repeatable on this 2-vCPU VM).
 const PIN_CPU: &str = "0";
 const HAPROXY_BASE: u16 = 10000;
+/// Ping-pong sizes of the pinned latency runs: 1 B for the headline, the rest for the
+/// short-circuit table (plain TCP vs naive vs adaptive at each size, `report::short_circuit`).
+const PINNED_PINGPONG_SIZES: &[u64] = &[1, 64, 1024, 16384, 65536, 1 << 20];
 const NGINX_BASE: u16 = 20000;
 
 #[derive(Clone, Copy, Debug)]
@@ -155,6 +158,7 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
         },
     )?;
     println!("{}", report::table(&samples));
+    println!("{}", report::short_circuit(&samples));
     say(&format!("results in {}", dir.display()));
     Ok(dir)
 }
@@ -189,6 +193,10 @@ pub fn validate(dir: &Path) -> Result<()> {
                 );
             }
         }
+    }
+    let summary = fs::read_to_string(dir.join("summary.md")).context("summary.md")?;
+    if !summary.contains("short-circuit:") || summary.contains("(some sizes are missing") {
+        bail!("the short-circuit table in {} is incomplete", dir.display());
     }
     let csv = fs::read_to_string(dir.join("results.csv")).context("results.csv")?;
     let mut lines = csv.lines();
@@ -226,12 +234,18 @@ struct Scenario {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Direct,
-    Proxy { mode: &'static str, sockmap: bool },
+    /// `naive`: the short-circuit with every message redirected and nothing bounded
+    /// (`--sockmap-policy naive`), the baseline the adaptive policy is measured against.
+    Proxy {
+        mode: &'static str,
+        sockmap: bool,
+        naive: bool,
+    },
     Haproxy,
     Nginx,
 }
 
-const SCENARIOS: [Scenario; 6] = [
+const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "direct",
         about: "client pod to server pod, no proxy",
@@ -243,14 +257,25 @@ const SCENARIOS: [Scenario; 6] = [
         kind: Kind::Proxy {
             mode: "ebpf",
             sockmap: false,
+            naive: false,
         },
     },
     Scenario {
         name: "ebpf+sockmap",
-        about: "the proxy, eBPF interception, sk_msg short-circuit on",
+        about: "the proxy, eBPF interception, sk_msg short-circuit on (adaptive policy)",
         kind: Kind::Proxy {
             mode: "ebpf",
             sockmap: true,
+            naive: false,
+        },
+    },
+    Scenario {
+        name: "ebpf+naive",
+        about: "the proxy, eBPF interception, naive short-circuit (every message redirected, unbounded)",
+        kind: Kind::Proxy {
+            mode: "ebpf",
+            sockmap: true,
+            naive: true,
         },
     },
     Scenario {
@@ -270,6 +295,7 @@ const SCENARIOS: [Scenario; 6] = [
         kind: Kind::Proxy {
             mode: "iptables",
             sockmap: false,
+            naive: false,
         },
     },
 ];
@@ -396,7 +422,13 @@ impl<'a> Bench<'a> {
     fn scenario(&mut self, sc: &Scenario) -> Result<(Vec<Sample>, RssTrace)> {
         let targets = self.targets(sc.kind);
         let peer = self.setup(sc, Some(PIN_CPU))?;
-        let pinned = self.latency(sc.name, &targets.tcp_pinned, "pinned", true);
+        let pinned = self.latency(
+            sc.name,
+            &targets.tcp_pinned,
+            "pinned",
+            true,
+            PINNED_PINGPONG_SIZES,
+        );
         self.teardown(sc, peer)?;
         let mut samples = pinned?;
         let peer = self.setup(sc, None)?;
@@ -417,10 +449,19 @@ impl<'a> Bench<'a> {
     fn setup(&mut self, sc: &Scenario, cpus: Option<&str>) -> Result<Option<Managed>> {
         match sc.kind {
             Kind::Direct => Ok(None),
-            Kind::Proxy { mode, sockmap } => {
+            Kind::Proxy {
+                mode,
+                sockmap,
+                naive,
+            } => {
                 self.node.start_proxy(&ProxyOptions {
                     mode,
                     sockmap,
+                    extra_args: if naive {
+                        vec!["--sockmap-policy".into(), "naive".into()]
+                    } else {
+                        Vec::new()
+                    },
                     cpus: cpus.map(str::to_string),
                     quiet: true,
                     ..ProxyOptions::default()
@@ -488,16 +529,21 @@ impl<'a> Bench<'a> {
         Ok(())
     }
 
-    /// 1 B and 1 KiB ping-pong over one connection.
+    /// Ping-pong over one connection at each of `sizes`. Large messages get fewer rounds
+    /// (at most 16 MiB moved per 1,000 rounds) so a 1 MiB run takes as long as a 16 KiB one.
     fn latency(
         &self,
         scenario: &str,
         target: &str,
         label: &str,
         pinned: bool,
+        sizes: &[u64],
     ) -> Result<Vec<Sample>> {
         let mut out = Vec::new();
-        for size in [1u64, 1024] {
+        for &size in sizes {
+            let scale = (size / 16384).max(1);
+            let rounds = (self.sizes.rounds / scale).max(50);
+            let warmup = (self.sizes.warmup / scale).max(5);
             for _ in 0..self.reps {
                 let j = self.meshbench_json(
                     pinned,
@@ -510,9 +556,9 @@ impl<'a> Bench<'a> {
                         "--connections",
                         "1",
                         "--rounds",
-                        &self.sizes.rounds.to_string(),
+                        &rounds.to_string(),
                         "--warmup",
-                        &self.sizes.warmup.to_string(),
+                        &warmup.to_string(),
                     ],
                 )?;
                 let w = format!("pingpong {size}B {label}");
@@ -544,7 +590,7 @@ impl<'a> Bench<'a> {
         under: &UnderTest<'_>,
     ) -> Result<(Vec<Sample>, RssTrace)> {
         // Latency unpinned (the pinned runs happened with the proxy pinned, see scenario()).
-        let mut out = self.latency(scenario, &t.tcp_unpinned, "unpinned", false)?;
+        let mut out = self.latency(scenario, &t.tcp_unpinned, "unpinned", false, &[1, 1024])?;
         let mut push = |workload: String, metric: &str, unit: &'static str, value: f64| {
             out.push(Sample {
                 scenario: scenario.to_string(),

@@ -71,14 +71,100 @@ pub fn rows(samples: &[Sample]) -> Vec<Row> {
         .collect()
 }
 
-const SCENARIO_ORDER: [&str; 6] = [
+const SCENARIO_ORDER: [&str; 7] = [
     "direct",
     "iptables",
     "ebpf",
     "ebpf+sockmap",
+    "ebpf+naive",
     "haproxy",
     "nginx",
 ];
+
+/// Sizes of the short-circuit comparison (issue 9): latency from the pinned ping-pong runs,
+/// throughput from the one-connection stream runs.
+const SHORT_CIRCUIT_SIZES: [(u64, &str); 5] = [
+    (64, "64B"),
+    (1024, "1KiB"),
+    (16384, "16KiB"),
+    (65536, "64KiB"),
+    (1 << 20, "1MiB"),
+];
+
+/// The short-circuit table: at each size, plain TCP through the proxy (`ebpf`), the naive
+/// redirect and the adaptive policy (`ebpf+sockmap`), as medians and as speed-ups over plain
+/// TCP (latency: TCP p50 / its p50; throughput: its rate / TCP's; above 1 is faster), and
+/// the sizes where the policy is slower than plain TCP. Empty if a scenario is missing.
+pub fn short_circuit(samples: &[Sample]) -> String {
+    let rows = rows(samples);
+    let median = |scenario: &str, workload: &str, metric: &str| {
+        rows.iter()
+            .find(|r| r.scenario == scenario && r.workload == workload && r.metric == metric)
+            .map(|r| r.median)
+            .filter(|v| v.is_finite() && *v > 0.0)
+    };
+    let mut out = String::from(
+        "\nshort-circuit: plain TCP through the proxy vs naive redirect vs adaptive policy\n",
+    );
+    let _ = writeln!(
+        out,
+        "{:<7} {:>12} {:>18} {:>18} {:>14} {:>18} {:>18}",
+        "size",
+        "TCP p50 us",
+        "naive p50",
+        "adaptive p50",
+        "TCP Gbit/s",
+        "naive Gbit/s",
+        "adaptive Gbit/s"
+    );
+    let mut slower = Vec::new();
+    let mut complete = true;
+    for (bytes, name) in SHORT_CIRCUIT_SIZES {
+        let lat = format!("pingpong {bytes}B pinned");
+        let thr = format!("stream {name} x1");
+        let (Some(tl), Some(nl), Some(al), Some(tt), Some(nt), Some(at)) = (
+            median("ebpf", &lat, "p50_us"),
+            median("ebpf+naive", &lat, "p50_us"),
+            median("ebpf+sockmap", &lat, "p50_us"),
+            median("ebpf", &thr, "gbit_per_s"),
+            median("ebpf+naive", &thr, "gbit_per_s"),
+            median("ebpf+sockmap", &thr, "gbit_per_s"),
+        ) else {
+            complete = false;
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "{name:<7} {:>12} {:>18} {:>18} {:>14} {:>18} {:>18}",
+            fmt(tl),
+            format!("{} (x{:.2})", fmt(nl), tl / nl),
+            format!("{} (x{:.2})", fmt(al), tl / al),
+            fmt(tt),
+            format!("{} (x{:.2})", fmt(nt), nt / tt),
+            format!("{} (x{:.2})", fmt(at), at / tt),
+        );
+        if tl / al < 1.0 {
+            slower.push(format!("{name} latency x{:.2}", tl / al));
+        }
+        if at / tt < 1.0 {
+            slower.push(format!("{name} throughput x{:.2}", at / tt));
+        }
+    }
+    if !complete {
+        out.push_str("(some sizes are missing: a scenario did not produce them)\n");
+    }
+    out.push_str("(medians; xN = speed-up over plain TCP through the proxy in the same run, above 1 is faster)\n");
+    if slower.is_empty() {
+        out.push_str("adaptive policy >= plain TCP at every size\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "adaptive policy SLOWER than plain TCP at: {}",
+            slower.join(", ")
+        );
+    }
+    out
+}
 
 /// The terminal table: one line per (workload, metric), one column per scenario,
 /// "median (×ratio to direct)".
@@ -304,6 +390,7 @@ pub fn write_all(dir: &Path, run: &Run<'_>) -> Result<()> {
     );
     md.push_str("```\n");
     md.push_str(&table(samples));
+    md.push_str(&short_circuit(samples));
     md.push_str("```\n\nPlots: latency.svg, throughput.svg, rss.svg. Raw data: results.json, results.csv.\n");
     md.push_str(&details(&rows));
     fs::write(dir.join("summary.md"), md)?;

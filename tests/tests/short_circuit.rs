@@ -1,0 +1,444 @@
+//! The short-circuit under stress (issue 9): bounded memory and backpressure, exact byte
+//! order whatever the CPU placement or Fast Open, no stall for truly blocking readers, and
+//! what a proxy restart does to bytes in flight. Every test goes through the real proxy with
+//! the adaptive policy on, between pods of one node, and checks every byte.
+
+use std::{
+    path::Path,
+    process::{Command, Output},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use tests::{Background, Binaries, Node, Pod, ProxyOptions, require_privileges, run_bounded};
+
+const PORT: u16 = 8090;
+const LIMIT: Duration = Duration::from_secs(300);
+
+macro_rules! require {
+    () => {
+        if !require_privileges()? {
+            return Ok(());
+        }
+    };
+}
+
+/// A node with a client pod, a server pod running one meshtest server, and the proxy.
+struct Pair {
+    node: Node,
+    client: Pod,
+    server_pod: Pod,
+    server: Option<Background>,
+}
+
+impl Pair {
+    /// `rps`: spread softirq over every CPU on all interfaces first (before anything
+    /// connects), as on real nodes.
+    fn new(opts: &ProxyOptions, rps: bool) -> Result<Pair> {
+        let mut node = Node::new(&Binaries::locate(Path::new(env!(
+            "CARGO_BIN_EXE_meshtest"
+        )))?)?;
+        let client = node.add_pod("client")?;
+        let server_pod = node.add_pod("server")?;
+        if rps {
+            node.spread_softirq()?;
+        }
+        node.start_proxy(opts)?;
+        Ok(Pair {
+            node,
+            client,
+            server_pod,
+            server: None,
+        })
+    }
+
+    /// (Re)starts the server with these meshtest arguments (`--listen` is added).
+    fn serve(&mut self, args: &[&str]) -> Result<()> {
+        self.server = None;
+        let mut cmd = self.server_pod.command(&self.node.bins.meshtest);
+        cmd.args(args).args(["--listen", &format!("[::]:{PORT}")]);
+        let n = std::fs::read_dir(&self.node.scratch)?.count();
+        let mut bg = Background::spawn(cmd, self.node.scratch.join(format!("server{n}.out")))?;
+        bg.wait_for("listening")?;
+        self.server = Some(bg);
+        Ok(())
+    }
+
+    fn target(&self) -> String {
+        format!("{}:{PORT}", self.server_pod.ipv4)
+    }
+
+    /// A meshtest client in the client pod (intercepted), bounded in time.
+    fn client_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = self.client.command(&self.node.bins.meshtest);
+        cmd.args(args).args(["--connect", &self.target()]);
+        cmd
+    }
+
+    fn run_client(&self, args: &[&str]) -> Result<String> {
+        ok_json(run_bounded(self.client_cmd(args), LIMIT)?)
+    }
+
+    fn counter(&self, name: &str) -> Result<u64> {
+        self.node
+            .counters()?
+            .get(name)
+            .copied()
+            .with_context(|| format!("no kernel counter {name}"))
+    }
+}
+
+/// The client's JSON summary line, if the client succeeded and said so.
+fn ok_json(out: Output) -> Result<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || !stdout.contains("\"ok\":true") {
+        bail!(
+            "client failed ({}): {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+/// Kernel TCP memory in use, machine-wide (`/proc/net/sockstat` "TCP: ... mem N", pages).
+fn tcp_mem_bytes() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/sockstat")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .context("no TCP line in /proc/net/sockstat")?;
+    let pages: u64 = line
+        .split_whitespace()
+        .skip_while(|w| *w != "mem")
+        .nth(1)
+        .context("no mem field")?
+        .parse()?;
+    Ok(pages * 4096)
+}
+
+/// What two connections (four short-circuited sockets plus the proxy's buffers) may hold in
+/// kernel TCP memory at once: each socket's queue limit (1 MiB) plus TCP's own autotuned
+/// buffers (tcp_rmem/tcp_wmem maxima, 6 and 4 MiB here), with room for everything else the
+/// machine runs. Far below what an unbounded redirect reaches (hundreds of MiB).
+const MEM_BOUND: u64 = 128 << 20;
+
+/// Tests that read the machine-wide TCP memory take turns, so one does not see the other's.
+static MACHINE_MEMORY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Samples `/proc/net/sockstat` every 20 ms on a thread and keeps the peak.
+struct PeakTcpMem {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: thread::JoinHandle<u64>,
+}
+
+impl PeakTcpMem {
+    fn start() -> PeakTcpMem {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let handle = thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(tcp_mem_bytes().unwrap_or(0));
+                thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        PeakTcpMem { stop, handle }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or(u64::MAX)
+    }
+}
+
+#[test]
+fn a_reader_that_stops_holds_the_sender_back_and_loses_nothing() -> Result<()> {
+    require!();
+    let _turn = MACHINE_MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+    const BYTES: u64 = 256 << 20;
+    let mut p = Pair::new(&ProxyOptions::default(), false)?;
+    // The server reads nothing for 4 s while the client writes 256 MiB as fast as it can
+    // (the server's own 256 MiB go to a client that reads at once).
+    let bytes = BYTES.to_string();
+    p.serve(&[
+        "order-serve",
+        "--bytes",
+        &bytes,
+        "--read-delay-ms",
+        "4000",
+        "--io",
+        "poll",
+    ])?;
+    let progress = p.node.scratch.join("progress");
+    let progress_arg = progress.display().to_string();
+    let client = p.client_cmd(&[
+        "order",
+        "--connections",
+        "1",
+        "--bytes",
+        &bytes,
+        "--max-write",
+        "65536",
+        "--io",
+        "poll",
+        "--progress",
+        &progress_arg,
+    ]);
+    let started = Instant::now();
+    let child = Background::spawn(client, p.node.scratch.join("client.out"))?;
+    // Sample while the server is not reading: after 3 s the sender must be stuck well short
+    // of the total, and the machine's TCP memory must stay small.
+    thread::sleep(Duration::from_secs(3));
+    let written: u64 = std::fs::read_to_string(&progress)
+        .context("the client wrote no progress")?
+        .trim()
+        .parse()?;
+    let mem = tcp_mem_bytes()?;
+    println!(
+        "while the reader paused: {written} bytes written, machine-wide TCP memory {mem} bytes"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(4),
+        "sampled too late to know the reader was still paused"
+    );
+    ensure!(
+        written < 32 << 20,
+        "the sender wrote {written} bytes into a reader that reads nothing: not held back"
+    );
+    ensure!(
+        mem < 64 << 20,
+        "machine-wide TCP memory at {mem} bytes while one reader was paused"
+    );
+    // Then every byte arrives, in order, once the reader resumes.
+    let deadline = Instant::now() + LIMIT;
+    while !child.output().contains("\"ok\"") {
+        ensure!(Instant::now() < deadline, "client did not finish");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.output();
+    ensure!(out.contains("\"ok\":true"), "client: {out}");
+    ensure!(
+        p.counter("msg_passed_backpressure")? >= 1,
+        "no message was held back by the queue limit"
+    );
+    Ok(())
+}
+
+/// Both directions write sequence-checked bytes immediately after connect()/accept(), while
+/// the pairing in the kernel may not be complete; readers start after `delay_ms`.
+fn order_run(
+    p: &mut Pair,
+    connections: u32,
+    concurrency: u32,
+    delay_ms: u32,
+    tfo: bool,
+) -> Result<()> {
+    let delay = delay_ms.to_string();
+    let mut server = vec![
+        "order-serve",
+        "--bytes",
+        "4096",
+        "--read-delay-ms",
+        &delay,
+        "--io",
+        "poll",
+    ];
+    if tfo {
+        server.push("--tfo");
+    }
+    p.serve(&server)?;
+    let (n, c) = (connections.to_string(), concurrency.to_string());
+    let mut client = vec![
+        "order",
+        "--connections",
+        &n,
+        "--concurrency",
+        &c,
+        "--bytes",
+        "4096",
+        "--max-write",
+        "512",
+        "--read-delay-ms",
+        &delay,
+        "--io",
+        "poll",
+    ];
+    if tfo {
+        client.push("--tfo");
+    }
+    let what = format!(
+        "{connections} connections, {concurrency} at once, readers after {delay_ms} ms, tfo {tfo}"
+    );
+    p.run_client(&client).context(what.clone())?;
+    let lines = server_lines(p, connections as usize);
+    ensure!(
+        lines.len() == connections as usize,
+        "{what}: server saw {} connections",
+        lines.len()
+    );
+    if let Some(bad) = lines.iter().find(|l| !l.contains("verified=true")) {
+        bail!("{what}: {bad}");
+    }
+    Ok(())
+}
+
+/// The server's per-connection lines once there are `n` (waiting up to 10 s).
+fn server_lines(p: &Pair, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<String> = p
+            .server
+            .as_ref()
+            .map(|s| s.output())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("order ") || l.starts_with("rr "))
+            .map(String::from)
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bytes_stay_in_order_when_softirq_is_spread_over_every_cpu() -> Result<()> {
+    require!();
+    let mut p = Pair::new(&ProxyOptions::default(), true)?;
+    let redirected = p.counter("msg_redirected")?;
+    for delay in [0, 1, 10] {
+        order_run(&mut p, 1000, 50, delay, false)?;
+    }
+    order_run(&mut p, 300, 1, 0, false)?;
+    ensure!(
+        p.counter("msg_redirected")? > redirected,
+        "nothing took the short-circuit: the test would not show a reorder"
+    );
+    Ok(())
+}
+
+#[test]
+fn bytes_stay_in_order_with_default_softirq_placement() -> Result<()> {
+    require!();
+    let mut p = Pair::new(&ProxyOptions::default(), false)?;
+    for delay in [0, 10] {
+        order_run(&mut p, 1000, 50, delay, false)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn bytes_stay_in_order_with_tcp_fast_open() -> Result<()> {
+    require!();
+    let mut p = Pair::new(&ProxyOptions::default(), true)?;
+    // Clients send data in the SYN without a cookie (0x1 | 0x4); every listener in the node
+    // namespace, the proxy's included, takes it without a cookie or setsockopt (0x2 | 0x200 |
+    // 0x400). Per namespace sysctls.
+    for (ns, value) in [
+        (&p.client.netns, "5"),
+        (&p.node.netns, "1542"),
+        (&p.server_pod.netns, "1542"),
+    ] {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-w",
+                &format!("net.ipv4.tcp_fastopen={value}"),
+            ])
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "sysctl in {ns}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let early = p.counter("sockhash_skipped_early_data")?;
+    order_run(&mut p, 500, 20, 1, true)?;
+    ensure!(
+        p.counter("sockhash_skipped_early_data")? > early,
+        "no connection carried data in its SYN: Fast Open was not exercised"
+    );
+    Ok(())
+}
+
+#[test]
+fn truly_blocking_waitall_request_response_never_stalls() -> Result<()> {
+    require!();
+    let mut p = Pair::new(&ProxyOptions::default(), true)?;
+    p.serve(&["rr-serve"])?;
+    for size in ["100", "20000", "300000"] {
+        let out = p
+            .run_client(&[
+                "rr",
+                "--connections",
+                "50",
+                "--concurrency",
+                "10",
+                "--requests",
+                "100",
+                "--size",
+                size,
+            ])
+            .with_context(|| format!("{size}-byte requests"))?;
+        ensure!(out.contains("\"mismatches\":0"), "{out}");
+    }
+    Ok(())
+}
+
+#[test]
+fn iperf3_bidir_through_the_proxy_at_every_write_size() -> Result<()> {
+    require!();
+    let _turn = MACHINE_MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+    ensure!(
+        tests::which("iperf3").is_some(),
+        "iperf3 is not installed (apt-get install iperf3)"
+    );
+    let p = Pair::new(&ProxyOptions::default(), false)?;
+    for (i, size) in ["64", "1K", "16K", "128K"].iter().enumerate() {
+        let port = (PORT + 1 + i as u16).to_string();
+        let mut server = p.server_pod.command("iperf3");
+        server.args(["-s", "-1", "--forceflush", "-p", &port]);
+        let mut bg = Background::spawn(server, p.node.scratch.join(format!("iperf3-{size}.out")))?;
+        bg.wait_for("Server listening")?;
+        let mut client = p.client.command("iperf3");
+        client.args([
+            "-c",
+            &p.server_pod.ipv4.to_string(),
+            "-p",
+            &port,
+            "--bidir",
+            "-l",
+            size,
+            "-t",
+            "2",
+        ]);
+        let peak = PeakTcpMem::start();
+        let o = run_bounded(client, Duration::from_secs(60))?;
+        let peak = peak.stop();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ensure!(
+            o.status.success() && !text.contains("error"),
+            "iperf3 --bidir -l {size}: {text}"
+        );
+        println!(
+            "iperf3 --bidir -l {size}: peak machine-wide TCP memory {} KiB",
+            peak >> 10
+        );
+        ensure!(
+            peak < MEM_BOUND,
+            "iperf3 --bidir -l {size}: machine-wide TCP memory reached {peak} bytes (bound {MEM_BOUND})"
+        );
+    }
+    Ok(())
+}
