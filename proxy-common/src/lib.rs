@@ -111,6 +111,12 @@ pub struct Config {
     /// 0: unknown; the queue reads as empty (only allowed with `queue_limit` and
     /// `small_streak` 0, which the proxy checks).
     pub off_psock_msg_len: u32,
+    /// Byte offsets of `write_seq` and `copied_seq` in `struct tcp_sock`: a direction whose
+    /// receiver is the proxy may come back to the short-circuit once the proxy has read every
+    /// byte that took the TCP path (the receiver's `copied_seq` equals the sender's
+    /// `write_seq`). 0: never comes back.
+    pub off_tcp_write_seq: u32,
+    pub off_tcp_copied_seq: u32,
 }
 
 // === original destination ===
@@ -295,8 +301,12 @@ pub mod counter {
     pub const MSG_PASSED_NO_FLOW: u32 = 22;
     /// Sockets not registered because `MESH_FLOWS` was full.
     pub const FLOW_INSERT_FAILED: u32 = 23;
+    /// Directions into the proxy that came back from the TCP path to the short-circuit once
+    /// the proxy had read every byte sent over TCP (backpressure relieved, or the first bytes
+    /// written before the pair was complete).
+    pub const FLOW_RESUMED: u32 = 24;
     /// Number of counters.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -324,6 +334,7 @@ pub mod counter {
         "msg_passed_small_writes",
         "msg_passed_no_flow",
         "flow_insert_failed",
+        "flow_resumed",
     ];
 }
 
@@ -365,7 +376,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 5 * 4);
+        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 7 * 4);
         assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);
         assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);

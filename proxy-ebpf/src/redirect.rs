@@ -11,14 +11,15 @@
 //! - redirect then TCP is in order (the receiver drains the list first), so a direction may
 //!   leave the short-circuit at any message;
 //! - TCP then redirect is not (the redirected bytes would be read first, and a blocking
-//!   MSG_WAITALL reader in `tcp_recvmsg` would never see them), so it never comes back.
+//!   MSG_WAITALL reader in `tcp_recvmsg` would never see them), so a direction comes back
+//!   only when its receiver is the proxy and has consumed every TCP-path byte (`may_resume`).
 //!
-//! It leaves, for good, when: the peer is not in the SOCKHASH (yet); the peer's queue would
-//! go past `Config::queue_limit` (the kernel charges ingress bytes only against the
-//! machine-wide `tcp_mem`, never the receiver's buffer: without this a sender that outruns
-//! its reader queues without limit); or the direction turns out to be a stream of small
-//! writes, which TCP carries faster (`Config::small_streak`, measured in the bench).
-//! On TCP the receiver's window holds the sender back as usual.
+//! A direction leaves when: the peer is not in the SOCKHASH (yet); the peer's queue would go
+//! past `Config::queue_limit` (the kernel charges ingress bytes only against the machine-wide
+//! `tcp_mem`, never the receiver's buffer: without this a sender that outruns its reader
+//! queues without limit); or it turns out to be a workload's stream of small writes, which
+//! TCP carries faster (`Config::small_streak`, measured in the bench). On TCP the receiver's
+//! window holds the sender back as usual.
 
 use crate::key::sock_key;
 
@@ -58,17 +59,23 @@ pub fn handle(ctx: &SkMsgContext) {
     // SAFETY: the pointer comes from the map lookup; only this socket's messages (serialised
     // by its lock) and its own close callback touch its entry.
     let flow = unsafe { &mut *flow };
-    if flow.state != FLOW_REDIRECT {
-        count(counter::MSG_PASSED_TAINTED, 1);
-        passed(size);
-        return;
-    }
-    // SAFETY: the value is copied out at once.
-    let Some(mut peer) = (unsafe { MESH_PEERS.get(key) }).copied() else {
+    let Some(cfg) = config() else {
         leave(flow, FLOW_TCP_NO_PEER, size);
         return;
     };
-    let Some(cfg) = config() else {
+    // SAFETY: the value is copied out at once.
+    let peer = (unsafe { MESH_PEERS.get(key) }).copied();
+    if flow.state != FLOW_REDIRECT {
+        if !may_resume(cfg, flow, peer.as_ref(), size) {
+            count(counter::MSG_PASSED_TAINTED, 1);
+            passed(size);
+            return;
+        }
+        flow.state = FLOW_REDIRECT;
+        flow.streak = 0;
+        count(counter::FLOW_RESUMED, 1);
+    }
+    let Some(mut peer) = peer else {
         leave(flow, FLOW_TCP_NO_PEER, size);
         return;
     };
@@ -116,6 +123,52 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         }
     }
     None
+}
+
+/// True if a direction on the TCP path may come back to the short-circuit with this message
+/// without overtaking anything: its receiver is the proxy, whose reads are non-blocking (a
+/// workload blocked in `tcp_recvmsg` with MSG_WAITALL would never see psock bytes), it has
+/// read every byte this socket ever queued to TCP (its `copied_seq` equals our `write_seq`;
+/// the short-circuit moves neither, so both count TCP-path bytes only, in one sequence
+/// space), and its queue is at most half the limit. We hold our socket's lock, so our
+/// `write_seq` cannot move meanwhile; the receiver's `copied_seq` only grows.
+/// A direction that left because of small writes stays on TCP: TCP coalesces them.
+#[inline(always)]
+fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> bool {
+    if flow.proxy != 0
+        || flow.state == FLOW_TCP_SMALL_WRITES
+        || cfg.off_tcp_write_seq == 0
+        || cfg.off_tcp_copied_seq == 0
+        || flow.sk == 0
+    {
+        return false;
+    }
+    let Some(peer) = peer else { return false };
+    // SAFETY: the value is copied out at once.
+    let Some(receiver) = (unsafe { MESH_FLOWS.get(peer) }).copied() else {
+        return false;
+    };
+    if receiver.proxy == 0 || receiver.sk == 0 {
+        return false;
+    }
+    let (Some(written), Some(consumed)) = (
+        read_u32(flow.sk, cfg.off_tcp_write_seq),
+        read_u32(receiver.sk, cfg.off_tcp_copied_seq),
+    ) else {
+        return false;
+    };
+    if written != consumed {
+        return false;
+    }
+    let queued = peer_queued(cfg, peer).unwrap_or(u32::MAX);
+    u64::from(queued) + u64::from(size) <= u64::from(cfg.queue_limit / 2)
+}
+
+/// A `u32` at `base + offset` in kernel memory; `None` if the probe read fails.
+#[inline(always)]
+fn read_u32(base: u64, offset: u32) -> Option<u32> {
+    // SAFETY: probe reads of kernel memory never fault; a bad address returns an error.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(offset)) as *const u32) }.ok()
 }
 
 /// Bytes waiting unread in `peer`'s psock ingress list, or `None` if `peer` is not

@@ -236,6 +236,7 @@ pub struct Overrides {
     pub fail_mode: Option<String>,
     pub sockmap: Option<bool>,
     pub sockmap_policy: Option<String>,
+    pub sockmap_queue_limit: Option<u32>,
     pub workloads_only: Option<bool>,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<String>,
@@ -979,7 +980,7 @@ impl Config {
             o.sockmap_policy
                 .as_deref()
                 .or(intercept.sockmap_policy.as_deref()),
-            intercept.sockmap_queue_limit,
+            o.sockmap_queue_limit.or(intercept.sockmap_queue_limit),
             intercept.sockmap_small_write,
             intercept.sockmap_small_streak,
         )?;

@@ -169,6 +169,10 @@ struct ConfigArgs {
     /// (every message redirected, unbounded: only for measuring) [default: adaptive].
     #[arg(long, value_enum)]
     sockmap_policy: Option<PolicyArg>,
+    /// Bytes that may wait unread in one socket's short-circuit queue before its sender moves
+    /// to TCP [default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    sockmap_queue_limit: Option<u32>,
     /// Intercept only declared workloads' cgroups ([[workload]] or Kubernetes pods), not
     /// every process below the workload cgroup parent [default: off].
     #[arg(long, value_enum)]
@@ -292,6 +296,7 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
             FailArg::Closed => "closed".to_string(),
         }),
         sockmap: args.sockmap.map(|s| matches!(s, OnOff::On)),
+        sockmap_queue_limit: args.sockmap_queue_limit,
         sockmap_policy: args.sockmap_policy.map(|p| {
             match p {
                 PolicyArg::Adaptive => "adaptive",

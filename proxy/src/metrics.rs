@@ -763,6 +763,11 @@ fn kernel_metric(
             Some(("reason", "no_flow")),
             "sk_msg messages put on the TCP path, by reason",
         ),
+        "flow_resumed" => (
+            "ebpf_flows_resumed",
+            None,
+            "Directions into the proxy that returned from the TCP path to the short-circuit",
+        ),
         "flow_insert_failed" => (
             "ebpf_sockhash_inserts",
             Some(("result", "flow_table_full")),

@@ -20,6 +20,10 @@ pub struct KernelOffsets {
     pub sock_user_data: u32,
     /// Byte offset of `struct sk_psock::msg_tot_len` (bytes queued on the psock's ingress).
     pub psock_msg_tot_len: u32,
+    /// Byte offset of `struct tcp_sock::write_seq` (end of the data queued to TCP).
+    pub tcp_write_seq: u32,
+    /// Byte offset of `struct tcp_sock::copied_seq` (end of the data the reader consumed).
+    pub tcp_copied_seq: u32,
 }
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -86,6 +90,8 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
     Ok(KernelOffsets {
         sock_user_data,
         psock_msg_tot_len,
+        tcp_write_seq: btf.offset("tcp_sock", "write_seq")?,
+        tcp_copied_seq: btf.offset("tcp_sock", "copied_seq")?,
     })
 }
 

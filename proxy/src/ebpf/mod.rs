@@ -558,6 +558,8 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
         small_streak: cfg.short_circuit.small_streak,
         off_sk_user_data: plan.kernel_offsets.map_or(0, |k| k.sock_user_data),
         off_psock_msg_len: plan.kernel_offsets.map_or(0, |k| k.psock_msg_tot_len),
+        off_tcp_write_seq: plan.kernel_offsets.map_or(0, |k| k.tcp_write_seq),
+        off_tcp_copied_seq: plan.kernel_offsets.map_or(0, |k| k.tcp_copied_seq),
     };
     {
         let m = ebpf
