@@ -569,15 +569,14 @@ mod tests {
             return;
         }
         let offsets = kernel_offsets(path).map_err(|e| e.to_string());
-        let KernelOffsets {
-            sock_user_data,
-            psock_msg_tot_len,
-        } = offsets.unwrap_or_else(|e| panic!("{e}"));
-        for off in [sock_user_data, psock_msg_tot_len] {
-            assert!(
-                off > 0 && off < 1024,
-                "{sock_user_data} {psock_msg_tot_len}"
-            );
+        let k = offsets.unwrap_or_else(|e| panic!("{e}"));
+        for off in [k.sock_user_data, k.psock_msg_tot_len] {
+            assert!(off > 0 && off < 1024, "{k:?}");
+        }
+        // tcp_sock embeds struct sock, so its fields lie beyond it; write_seq follows
+        // copied_seq in every layout so far (only checked loosely: both inside tcp_sock).
+        for off in [k.tcp_write_seq, k.tcp_copied_seq] {
+            assert!(off > k.sock_user_data && off < 4096, "{k:?}");
         }
     }
 
