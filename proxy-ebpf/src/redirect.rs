@@ -26,7 +26,7 @@ use crate::key::sock_key;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
-    helpers::{bpf_get_netns_cookie, bpf_probe_read_kernel},
+    helpers::{bpf_get_netns_cookie, bpf_msg_apply_bytes, bpf_probe_read_kernel},
     programs::SkMsgContext,
 };
 use proxy_common::{
@@ -60,7 +60,7 @@ pub fn handle(ctx: &SkMsgContext) {
     // by its lock) and its own close callback touch its entry.
     let flow = unsafe { &mut *flow };
     let Some(cfg) = config() else {
-        leave(flow, FLOW_TCP_NO_PEER, size);
+        leave(ctx, flow, FLOW_TCP_NO_PEER, size);
         return;
     };
     // SAFETY: the value is copied out at once.
@@ -69,6 +69,9 @@ pub fn handle(ctx: &SkMsgContext) {
         if !may_resume(cfg, flow, peer.as_ref(), size) {
             count(counter::MSG_PASSED_TAINTED, 1);
             passed(size);
+            if !resumable(flow) {
+                stop_judging(ctx);
+            }
             return;
         }
         flow.state = FLOW_REDIRECT;
@@ -76,11 +79,11 @@ pub fn handle(ctx: &SkMsgContext) {
         count(counter::FLOW_RESUMED, 1);
     }
     let Some(mut peer) = peer else {
-        leave(flow, FLOW_TCP_NO_PEER, size);
+        leave(ctx, flow, FLOW_TCP_NO_PEER, size);
         return;
     };
     if let Some(reason) = policy(cfg, flow, &peer, size) {
-        leave(flow, reason, size);
+        leave(ctx, flow, reason, size);
         return;
     }
     let ret = MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
@@ -90,7 +93,7 @@ pub fn handle(ctx: &SkMsgContext) {
         count(counter::MSG_REDIRECTED_BYTES, u64::from(size));
     } else {
         // The peer left the SOCKHASH since the policy looked (it closed).
-        leave(flow, FLOW_TCP_NO_PEER, size);
+        leave(ctx, flow, FLOW_TCP_NO_PEER, size);
     }
 }
 
@@ -164,6 +167,21 @@ fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> b
     u64::from(queued) + u64::from(size) <= u64::from(cfg.queue_limit / 2)
 }
 
+/// True if `may_resume` can ever say yes for this direction.
+#[inline(always)]
+fn resumable(flow: &Flow) -> bool {
+    flow.proxy == 0 && flow.state != FLOW_TCP_SMALL_WRITES
+}
+
+/// For a direction on TCP for good: the verdict (pass) applies to the next 4 GiB without
+/// running this program again (`bpf_msg_apply_bytes`), so such a socket pays almost nothing
+/// for having been on the short-circuit. Counters then stop seeing those messages.
+#[inline(always)]
+fn stop_judging(ctx: &SkMsgContext) {
+    // SAFETY: ctx.msg is the context pointer; the helper only sets the psock's apply_bytes.
+    unsafe { bpf_msg_apply_bytes(ctx.msg, u32::MAX) };
+}
+
 /// A `u32` at `base + offset` in kernel memory; `None` if the probe read fails.
 #[inline(always)]
 fn read_u32(base: u64, offset: u32) -> Option<u32> {
@@ -196,12 +214,15 @@ fn peer_queued(cfg: &Config, peer: &SockKey) -> Option<u32> {
     Some(unsafe { bpf_probe_read_kernel(at as *const u32) }.unwrap_or(0))
 }
 
-/// Moves this direction to the TCP path for good and passes the message.
+/// Moves this direction to the TCP path and passes the message.
 #[inline(always)]
-fn leave(flow: &mut Flow, reason: u32, size: u32) {
+fn leave(ctx: &SkMsgContext, flow: &mut Flow, reason: u32, size: u32) {
     flow.state = reason;
     count(reason, 1);
     passed(size);
+    if !resumable(flow) {
+        stop_judging(ctx);
+    }
 }
 
 #[inline(always)]

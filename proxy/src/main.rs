@@ -170,9 +170,13 @@ struct ConfigArgs {
     #[arg(long, value_enum)]
     sockmap_policy: Option<PolicyArg>,
     /// Bytes that may wait unread in one socket's short-circuit queue before its sender moves
-    /// to TCP [default: 1048576].
+    /// to TCP [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     sockmap_queue_limit: Option<u32>,
+    /// Small writes in a row (each finding the receiver with unread bytes) that move a
+    /// workload's direction to TCP; 0 never does [default: 0].
+    #[arg(long, value_name = "N")]
+    sockmap_small_streak: Option<u32>,
     /// Intercept only declared workloads' cgroups ([[workload]] or Kubernetes pods), not
     /// every process below the workload cgroup parent [default: off].
     #[arg(long, value_enum)]
@@ -297,6 +301,7 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
         }),
         sockmap: args.sockmap.map(|s| matches!(s, OnOff::On)),
         sockmap_queue_limit: args.sockmap_queue_limit,
+        sockmap_small_streak: args.sockmap_small_streak,
         sockmap_policy: args.sockmap_policy.map(|p| {
             match p {
                 PolicyArg::Adaptive => "adaptive",

@@ -236,11 +236,46 @@ fn order_run(
     delay_ms: u32,
     tfo: bool,
 ) -> Result<()> {
-    let delay = delay_ms.to_string();
+    order_load(
+        p,
+        &Load {
+            connections,
+            concurrency,
+            delay_ms,
+            tfo,
+            bytes: 4096,
+            max_write: 512,
+        },
+    )
+}
+
+struct Load {
+    connections: u32,
+    concurrency: u32,
+    delay_ms: u32,
+    tfo: bool,
+    bytes: u64,
+    max_write: u32,
+}
+
+fn order_load(p: &mut Pair, load: &Load) -> Result<()> {
+    let Load {
+        connections,
+        concurrency,
+        delay_ms,
+        tfo,
+        bytes,
+        max_write,
+    } = *load;
+    let (delay, bytes, max_write) = (
+        delay_ms.to_string(),
+        bytes.to_string(),
+        max_write.to_string(),
+    );
     let mut server = vec![
         "order-serve",
         "--bytes",
-        "4096",
+        &bytes,
         "--read-delay-ms",
         &delay,
         "--io",
@@ -258,9 +293,9 @@ fn order_run(
         "--concurrency",
         &c,
         "--bytes",
-        "4096",
+        &bytes,
         "--max-write",
-        "512",
+        &max_write,
         "--read-delay-ms",
         &delay,
         "--io",
@@ -364,6 +399,34 @@ fn bytes_stay_in_order_with_tcp_fast_open() -> Result<()> {
     ensure!(
         p.counter("sockhash_skipped_early_data")? > early,
         "no connection carried data in its SYN: Fast Open was not exercised"
+    );
+    Ok(())
+}
+
+#[test]
+fn small_write_streams_can_be_sent_to_tcp_and_stay_in_order() -> Result<()> {
+    require!();
+    let mut p = Pair::new(
+        &ProxyOptions {
+            extra_args: vec!["--sockmap-small-streak".into(), "4".into()],
+            ..ProxyOptions::default()
+        },
+        true,
+    )?;
+    order_load(
+        &mut p,
+        &Load {
+            connections: 20,
+            concurrency: 20,
+            delay_ms: 1,
+            tfo: false,
+            bytes: 1 << 20,
+            max_write: 64,
+        },
+    )?;
+    ensure!(
+        p.counter("msg_passed_small_writes")? > 0,
+        "no stream of 64-byte writes was moved to TCP"
     );
     Ok(())
 }
