@@ -1126,6 +1126,20 @@ pub fn hash_token(proxy: &Path, token: &str) -> Result<String> {
 
 /// Sum of the samples of metric `name` (Prometheus text) whose labels contain every one of
 /// `labels` (e.g. `service="web"`).
+/// The stdout of a meshtest client that exited 0 and printed `"ok":true` in its JSON summary;
+/// otherwise an error with its status and both streams.
+pub fn client_ok(out: Output) -> Result<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || !stdout.contains("\"ok\":true") {
+        bail!(
+            "client failed ({}): {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
 pub fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
     metrics
         .lines()

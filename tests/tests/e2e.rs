@@ -10,7 +10,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use tests::{Background, Binaries, Node, Pod, ProxyOptions, require_privileges, run_bounded};
+use tests::{
+    Background, Binaries, Node, Pod, ProxyOptions, client_ok, require_privileges, run_bounded,
+};
 
 const SERVER_PORT: u16 = 8080;
 const CLIENT_LIMIT: Duration = Duration::from_secs(240);
@@ -70,7 +72,7 @@ impl Setup {
         let mut cmd = self.client.command(&self.node.bins.meshtest);
         cmd.args(["client", "--connect", target, "--io", self.io])
             .args(args);
-        check_client(run_bounded(cmd, CLIENT_LIMIT)?)
+        client_ok(run_bounded(cmd, CLIENT_LIMIT)?)
     }
 
     /// What the servers printed, one line per connection. A server prints a connection's
@@ -117,18 +119,6 @@ impl Setup {
     fn v4(&self) -> String {
         format!("{}:{SERVER_PORT}", self.server.ipv4)
     }
-}
-
-fn check_client(out: std::process::Output) -> Result<String> {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() || !stdout.contains("\"ok\":true") {
-        bail!(
-            "client failed ({}): {stdout} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(stdout)
 }
 
 macro_rules! require {
@@ -468,7 +458,7 @@ fn excluded_ports_outside_processes_and_udp_are_not_intercepted() -> Result<()> 
             "100",
         ]);
     let redirected = counter(&s.node, "connect4_redirected")?;
-    check_client(run_bounded(cmd, CLIENT_LIMIT)?)?;
+    client_ok(run_bounded(cmd, CLIENT_LIMIT)?)?;
     ensure!(
         s.server_lines()
             .iter()
@@ -1049,7 +1039,7 @@ fn workloads_only_intercepts_declared_workloads_and_follows_reloads() -> Result<
             "--reply",
             "100",
         ]);
-        check_client(run_bounded(cmd, CLIENT_LIMIT)?)?;
+        client_ok(run_bounded(cmd, CLIENT_LIMIT)?)?;
         for _ in 0..100 {
             let lines: Vec<String> = srv
                 .output()

@@ -11,7 +11,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use tests::{Background, Binaries, Node, Pod, ProxyOptions, require_privileges, run_bounded};
+use tests::{
+    Background, Binaries, Node, Pod, ProxyOptions, client_ok, require_privileges, run_bounded,
+};
 
 const PORT: u16 = 8090;
 const LIMIT: Duration = Duration::from_secs(300);
@@ -77,7 +79,7 @@ impl Pair {
     }
 
     fn run_client(&self, args: &[&str]) -> Result<String> {
-        ok_json(run_bounded(self.client_cmd(args), LIMIT)?)
+        client_ok(run_bounded(self.client_cmd(args), LIMIT)?)
     }
 
     fn counter(&self, name: &str) -> Result<u64> {
@@ -87,19 +89,6 @@ impl Pair {
             .copied()
             .with_context(|| format!("no kernel counter {name}"))
     }
-}
-
-/// The client's JSON summary line, if the client succeeded and said so.
-fn ok_json(out: Output) -> Result<String> {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() || !stdout.contains("\"ok\":true") {
-        bail!(
-            "client failed ({}): {stdout} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(stdout)
 }
 
 /// Kernel TCP memory in use, machine-wide (`/proc/net/sockstat` "TCP: ... mem N", pages).

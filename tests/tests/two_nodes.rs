@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use tests::{
     Background, Binaries, Node, PCAP_HEADER_LEN, Pod, link, require_privileges, run_bounded,
 };
@@ -34,16 +34,7 @@ fn client(node: &Node, pod: &Pod, target: &str) -> Result<String> {
         "--reply",
         "50000",
     ]);
-    let out = run_bounded(cmd, CLIENT_LIMIT)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() || !stdout.contains("\"ok\":true") {
-        bail!(
-            "client {target} failed ({}): {stdout} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(stdout)
+    tests::client_ok(run_bounded(cmd, CLIENT_LIMIT)?).with_context(|| format!("client {target}"))
 }
 
 #[test]
