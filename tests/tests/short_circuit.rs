@@ -5,7 +5,7 @@
 
 use std::{
     path::Path,
-    process::{Command, Output},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
