@@ -54,6 +54,20 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
             ),
             Err(e) => fail("eBPF programs", e.to_string()),
         });
+        if cfg.sockmap && !cfg.short_circuit.is_naive() {
+            out.push(
+                match ebpf::btf::kernel_offsets(Path::new(ebpf::btf::VMLINUX)) {
+                    Ok(k) => pass(
+                        "short-circuit offsets",
+                        format!(
+                            "sock.sk_user_data at {}, sk_psock.msg_tot_len at {}, tcp_sock.write_seq/copied_seq at {}/{} (from BTF)",
+                            k.sock_user_data, k.psock_msg_tot_len, k.tcp_write_seq, k.tcp_copied_seq
+                        ),
+                    ),
+                    Err(e) => fail("short-circuit offsets", e.to_string()),
+                },
+            );
+        }
         if let Ok(m) = &mount {
             out.push(other_programs(
                 &cgroup::resolve(m, &cfg.workload_cgroup),
