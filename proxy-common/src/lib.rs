@@ -117,6 +117,16 @@ pub struct Config {
     /// `write_seq`). 0: never comes back.
     pub off_tcp_write_seq: u32,
     pub off_tcp_copied_seq: u32,
+    /// Byte offsets of `sk_prot` in `struct sock` and of `memory_allocated` and `sysctl_mem`
+    /// in `struct proto`: through them sk_msg reads TCP's machine-wide memory in use and its
+    /// `tcp_mem` "low" threshold (pages), and leaves redirected bytes out once the machine is
+    /// past half of it, so the short-circuit never drives TCP into memory pressure.
+    /// 0: not checked.
+    pub off_sock_prot: u32,
+    pub off_proto_memory_allocated: u32,
+    pub off_proto_sysctl_mem: u32,
+    /// Explicit padding to a multiple of 8 bytes; always 0.
+    pub _pad: u32,
 }
 
 // === original destination ===
@@ -210,6 +220,7 @@ pub const FLOW_REDIRECT: u32 = 0;
 pub const FLOW_TCP_NO_PEER: u32 = counter::MSG_PASSED_NO_PEER;
 pub const FLOW_TCP_BACKPRESSURE: u32 = counter::MSG_PASSED_BACKPRESSURE;
 pub const FLOW_TCP_SMALL_WRITES: u32 = counter::MSG_PASSED_SMALL_WRITES;
+pub const FLOW_TCP_MEMORY: u32 = counter::MSG_PASSED_MEMORY_PRESSURE;
 
 /// Value of `MESH_FLOWS`: the sending direction of one registered socket.
 #[repr(C)]
@@ -305,8 +316,11 @@ pub mod counter {
     /// the proxy had read every byte sent over TCP (backpressure relieved, or the first bytes
     /// written before the pair was complete).
     pub const FLOW_RESUMED: u32 = 24;
+    /// Messages passed (direction moved to TCP) because the machine's TCP memory in use was
+    /// past half of `tcp_mem`'s low threshold: TCP handles pressure with its own waits.
+    pub const MSG_PASSED_MEMORY_PRESSURE: u32 = 25;
     /// Number of counters.
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -335,6 +349,7 @@ pub mod counter {
         "msg_passed_no_flow",
         "flow_insert_failed",
         "flow_resumed",
+        "msg_passed_memory_pressure",
     ];
 }
 
@@ -376,7 +391,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 7 * 4);
+        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 11 * 4);
         assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);
         assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);

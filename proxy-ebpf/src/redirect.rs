@@ -30,8 +30,8 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use proxy_common::{
-    Config, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_NO_PEER, FLOW_TCP_SMALL_WRITES, Flow,
-    SockKey, counter,
+    Config, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER,
+    FLOW_TCP_SMALL_WRITES, Flow, SockKey, counter,
 };
 
 use crate::maps::{MESH_FLOWS, MESH_PEERS, MESH_SOCKS, config, count};
@@ -109,6 +109,9 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
     if cfg.queue_limit != 0 && u64::from(queued) + u64::from(size) > u64::from(cfg.queue_limit) {
         return Some(FLOW_TCP_BACKPRESSURE);
     }
+    if memory_tight(cfg, flow.sk) {
+        return Some(FLOW_TCP_MEMORY);
+    }
     // Only workloads' writes: the proxy writes what it read, up to a whole buffer at once,
     // so its small writes mean there is little to send; and the direction into a workload
     // stays on the short-circuit whenever it can, because a workload's blocking reader that
@@ -117,7 +120,7 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
     if cfg.small_streak != 0 && flow.proxy == 0 {
         // A reply in between (request/response) finds the queue empty and resets the count.
         if size < cfg.small_msg && queued > 0 {
-            flow.streak += 1;
+            flow.streak = flow.streak.saturating_add(1);
             if flow.streak >= cfg.small_streak {
                 return Some(FLOW_TCP_SMALL_WRITES);
             }
@@ -165,6 +168,44 @@ fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> b
     }
     let queued = peer_queued(cfg, peer).unwrap_or(u32::MAX);
     u64::from(queued) + u64::from(size) <= u64::from(cfg.queue_limit / 2)
+        && !memory_tight(cfg, flow.sk)
+}
+
+/// True if TCP's machine-wide memory in use is past half of `tcp_mem`'s low threshold (below
+/// which the kernel applies no pressure at all). Redirected bytes are charged to the same
+/// count (`bpf_tcp_ingress` → `sk_mem_charge`), but a sender on the short-circuit that hits
+/// the limit waits in `sk_stream_wait_memory` for a wake-up only its own TCP queue could
+/// give: so the short-circuit stops adding well before the kernel would refuse.
+/// Read through the socket: `sk->sk_prot->memory_allocated` and `->sysctl_mem[0]` (the
+/// tcp_bpf protos copy both pointers from tcp_prot).
+#[inline(always)]
+fn memory_tight(cfg: &Config, sk: u64) -> bool {
+    if cfg.off_sock_prot == 0 || sk == 0 {
+        return false;
+    }
+    let Some(prot) = read_u64(sk, cfg.off_sock_prot) else {
+        return false;
+    };
+    let (Some(allocated_at), Some(limits_at)) = (
+        read_u64(prot, cfg.off_proto_memory_allocated),
+        read_u64(prot, cfg.off_proto_sysctl_mem),
+    ) else {
+        return false;
+    };
+    match (read_u64(allocated_at, 0), read_u64(limits_at, 0)) {
+        (Some(allocated), Some(low)) => allocated as i64 > (low as i64) / 2,
+        _ => false,
+    }
+}
+
+/// A `u64` at `base + offset` in kernel memory; `None` if the probe read fails or `base` is 0.
+#[inline(always)]
+fn read_u64(base: u64, offset: u32) -> Option<u64> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: probe reads of kernel memory never fault; a bad address returns an error.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(offset)) as *const u64) }.ok()
 }
 
 /// True if `may_resume` can ever say yes for this direction.

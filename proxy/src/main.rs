@@ -693,6 +693,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         orig_dst,
         connect_timeout: cfg.connect_timeout,
         copy_buffer: cfg.copy_buffer_bytes,
+        recheck_io: cfg.sockmap,
         own_addrs,
         metrics,
         conns,
@@ -733,6 +734,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
             metrics: Arc::clone(&outbound.metrics),
             connect_timeout: cfg.connect_timeout,
             copy_buffer: cfg.copy_buffer_bytes,
+            recheck_io: cfg.sockmap,
         });
         tokio::spawn(proxy::tunnel::serve_inbound(
             listener,

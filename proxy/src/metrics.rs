@@ -758,6 +758,11 @@ fn kernel_metric(
             Some(("reason", "small_writes")),
             "sk_msg messages put on the TCP path, by reason",
         ),
+        "msg_passed_memory_pressure" => (
+            "ebpf_msg_tcp_reasons",
+            Some(("reason", "memory_pressure")),
+            "sk_msg messages put on the TCP path, by reason",
+        ),
         "msg_passed_no_flow" => (
             "ebpf_msg_tcp_reasons",
             Some(("reason", "no_flow")),

@@ -46,6 +46,9 @@ pub struct Outbound {
     pub orig_dst: OrigDstSource,
     pub connect_timeout: Duration,
     pub copy_buffer: usize,
+    /// Copy loops re-check their sockets directly when readiness is slow to come
+    /// (`transport::copy`): on when the sk_msg short-circuit is.
+    pub recheck_io: bool,
     /// The proxy's own listening addresses: a connection whose original destination is one
     /// of them would loop.
     pub own_addrs: Vec<SocketAddr>,
@@ -491,7 +494,15 @@ async fn copy_both(
     // Latency over batching: the workload already chose how to write.
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    match copy::bidirectional(&mut client, &mut upstream, ob.copy_buffer, progress).await {
+    match copy::bidirectional(
+        &mut client,
+        &mut upstream,
+        ob.copy_buffer,
+        ob.recheck_io,
+        progress,
+    )
+    .await
+    {
         Ok(t) => {
             debug!(client = %client_addr, original_dst = %orig, upstream = %to, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
             "ok"
@@ -648,7 +659,9 @@ async fn copy_upstream(
         Upstream::Tcp(s) => copy_both(ob, client, s, client_addr, orig, to, progress).await,
         Upstream::Tunnel(t) => {
             let _ = client.set_nodelay(true);
-            match copy::bidirectional_io(&mut client, t, ob.copy_buffer, progress).await {
+            match copy::bidirectional_io(&mut client, t, ob.copy_buffer, ob.recheck_io, progress)
+                .await
+            {
                 Ok(t) => {
                     debug!(client = %client_addr, original_dst = %orig, upstream = %to, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed (tunnelled)");
                     "ok"

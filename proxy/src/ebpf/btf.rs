@@ -24,6 +24,12 @@ pub struct KernelOffsets {
     pub tcp_write_seq: u32,
     /// Byte offset of `struct tcp_sock::copied_seq` (end of the data the reader consumed).
     pub tcp_copied_seq: u32,
+    /// Byte offset of `struct sock::__sk_common.skc_prot` (the socket's `struct proto *`).
+    pub sock_prot: u32,
+    /// Byte offsets of `struct proto::memory_allocated` (`atomic_long_t *`, pages) and
+    /// `struct proto::sysctl_mem` (`long *`, the tcp_mem thresholds in pages).
+    pub proto_memory_allocated: u32,
+    pub proto_sysctl_mem: u32,
 }
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -92,6 +98,12 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         psock_msg_tot_len,
         tcp_write_seq: btf.offset("tcp_sock", "write_seq")?,
         tcp_copied_seq: btf.offset("tcp_sock", "copied_seq")?,
+        sock_prot: btf
+            .offset("sock", "__sk_common")?
+            .checked_add(btf.offset("sock_common", "skc_prot")?)
+            .ok_or(Malformed("sock_common offset overflows"))?,
+        proto_memory_allocated: btf.offset("proto", "memory_allocated")?,
+        proto_sysctl_mem: btf.offset("proto", "sysctl_mem")?,
     })
 }
 

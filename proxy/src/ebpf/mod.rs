@@ -560,6 +560,10 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
         off_psock_msg_len: plan.kernel_offsets.map_or(0, |k| k.psock_msg_tot_len),
         off_tcp_write_seq: plan.kernel_offsets.map_or(0, |k| k.tcp_write_seq),
         off_tcp_copied_seq: plan.kernel_offsets.map_or(0, |k| k.tcp_copied_seq),
+        off_sock_prot: plan.kernel_offsets.map_or(0, |k| k.sock_prot),
+        off_proto_memory_allocated: plan.kernel_offsets.map_or(0, |k| k.proto_memory_allocated),
+        off_proto_sysctl_mem: plan.kernel_offsets.map_or(0, |k| k.proto_sysctl_mem),
+        _pad: 0,
     };
     {
         let m = ebpf

@@ -319,6 +319,8 @@ pub struct Inbound {
     pub metrics: Arc<Metrics>,
     pub connect_timeout: Duration,
     pub copy_buffer: usize,
+    /// See `outbound::Outbound::recheck_io`.
+    pub recheck_io: bool,
 }
 
 /// Accepts tunnels until `stop` turns true.
@@ -476,7 +478,7 @@ async fn handle_connect(
         });
         return reply(StatusCode::OK, None);
     }
-    let buffer = inbound.copy_buffer;
+    let (buffer, recheck) = (inbound.copy_buffer, inbound.recheck_io);
     let metrics = Arc::clone(&inbound.metrics);
     tokio::spawn(async move {
         match on_upgrade.await {
@@ -486,6 +488,7 @@ async fn handle_connect(
                     &mut upstream,
                     TokioIo::new(up),
                     buffer,
+                    recheck,
                     &progress,
                 )
                 .await
