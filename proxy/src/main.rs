@@ -165,8 +165,9 @@ struct ConfigArgs {
     /// Same-node short-circuit with sock_ops + sk_msg [default: off; see ARCHITECTURE.md for the kernel caveats].
     #[arg(long, value_enum)]
     sockmap: Option<OnOff>,
-    /// Short-circuit policy: adaptive (bounded queues, small-write streams on TCP) or naive
-    /// (every message redirected, unbounded: only for measuring) [default: adaptive].
+    /// Short-circuit policy: adaptive (each socket's queue bounded, backpressure through TCP;
+    /// see --sockmap-queue-limit and --sockmap-small-streak) or naive (every message
+    /// redirected, unbounded: only for measuring) [default: adaptive].
     #[arg(long, value_enum)]
     sockmap_policy: Option<PolicyArg>,
     /// Bytes that may wait unread in one socket's short-circuit queue before its sender moves
