@@ -17,8 +17,9 @@
 //! A direction leaves when: the peer is not in the SOCKHASH (yet); the peer's queue would go
 //! past `Config::queue_limit` (the kernel charges ingress bytes only against the machine-wide
 //! `tcp_mem`, never the receiver's buffer: without this a sender that outruns its reader
-//! queues without limit); or it turns out to be a workload's stream of small writes, which
-//! TCP carries faster (`Config::small_streak`, measured in the bench). On TCP the receiver's
+//! queues without limit); TCP's machine-wide memory is past half of `tcp_mem`'s low
+//! threshold (`memory_tight`); or it turns out to be a workload's stream of small writes,
+//! which TCP carries faster (`Config::small_streak`, off by default). On TCP the receiver's
 //! window holds the sender back as usual.
 
 use crate::key::sock_key;
@@ -103,9 +104,11 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
     if cfg.queue_limit == 0 && cfg.small_streak == 0 {
         return None; // the naive policy: measured by the bench, never the default
     }
-    let Some(queued) = peer_queued(cfg, peer) else {
+    // SAFETY: the value is copied out at once.
+    let Some(receiver) = (unsafe { MESH_FLOWS.get(peer) }).copied() else {
         return Some(FLOW_TCP_NO_PEER);
     };
+    let queued = queue_len(cfg, receiver.sk);
     if cfg.queue_limit != 0 && u64::from(queued) + u64::from(size) > u64::from(cfg.queue_limit) {
         return Some(FLOW_TCP_BACKPRESSURE);
     }
@@ -158,15 +161,15 @@ fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> b
         return false;
     }
     let (Some(written), Some(consumed)) = (
-        read_u32(flow.sk, cfg.off_tcp_write_seq),
-        read_u32(receiver.sk, cfg.off_tcp_copied_seq),
+        read_kernel::<u32>(flow.sk, cfg.off_tcp_write_seq),
+        read_kernel::<u32>(receiver.sk, cfg.off_tcp_copied_seq),
     ) else {
         return false;
     };
     if written != consumed {
         return false;
     }
-    let queued = peer_queued(cfg, peer).unwrap_or(u32::MAX);
+    let queued = queue_len(cfg, receiver.sk);
     u64::from(queued) + u64::from(size) <= u64::from(cfg.queue_limit / 2)
         && !memory_tight(cfg, flow.sk)
 }
@@ -183,29 +186,34 @@ fn memory_tight(cfg: &Config, sk: u64) -> bool {
     if cfg.off_sock_prot == 0 || sk == 0 {
         return false;
     }
-    let Some(prot) = read_u64(sk, cfg.off_sock_prot) else {
+    let Some(prot) = read_kernel::<u64>(sk, cfg.off_sock_prot) else {
         return false;
     };
     let (Some(allocated_at), Some(limits_at)) = (
-        read_u64(prot, cfg.off_proto_memory_allocated),
-        read_u64(prot, cfg.off_proto_sysctl_mem),
+        read_kernel::<u64>(prot, cfg.off_proto_memory_allocated),
+        read_kernel::<u64>(prot, cfg.off_proto_sysctl_mem),
     ) else {
         return false;
     };
-    match (read_u64(allocated_at, 0), read_u64(limits_at, 0)) {
-        (Some(allocated), Some(low)) => allocated as i64 > (low as i64) / 2,
+    match (
+        read_kernel::<i64>(allocated_at, 0),
+        read_kernel::<i64>(limits_at, 0),
+    ) {
+        (Some(allocated), Some(low)) => allocated > low / 2,
         _ => false,
     }
 }
 
-/// A `u64` at `base + offset` in kernel memory; `None` if the probe read fails or `base` is 0.
+/// The `T` at `base + offset` in kernel memory; `None` if `base` is 0 or the probe read fails
+/// (probe reads never fault: a wrong or stale address reads an error or a wrong number, and
+/// every use here only steers the policy; the redirect itself goes through the SOCKHASH).
 #[inline(always)]
-fn read_u64(base: u64, offset: u32) -> Option<u64> {
+fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
     if base == 0 {
         return None;
     }
-    // SAFETY: probe reads of kernel memory never fault; a bad address returns an error.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(offset)) as *const u64) }.ok()
+    // SAFETY: as above; the helper copies size_of::<T>() bytes into a local.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(offset)) as *const T) }.ok()
 }
 
 /// True if `may_resume` can ever say yes for this direction.
@@ -223,36 +231,20 @@ fn stop_judging(ctx: &SkMsgContext) {
     unsafe { bpf_msg_apply_bytes(ctx.msg, u32::MAX) };
 }
 
-/// A `u32` at `base + offset` in kernel memory; `None` if the probe read fails.
+/// Bytes waiting unread in the psock ingress list of the socket at kernel address `sk`:
+/// `sk->sk_user_data->msg_tot_len`, at offsets the proxy took from the kernel's BTF (no CO-RE
+/// in Rust BPF). 0 if unknown (no offsets, no psock, a failed read).
 #[inline(always)]
-fn read_u32(base: u64, offset: u32) -> Option<u32> {
-    // SAFETY: probe reads of kernel memory never fault; a bad address returns an error.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(offset)) as *const u32) }.ok()
-}
-
-/// Bytes waiting unread in `peer`'s psock ingress list, or `None` if `peer` is not
-/// registered. Reads `sk->sk_user_data->msg_tot_len` at offsets the proxy took from the
-/// kernel's BTF (no CO-RE in Rust BPF), with probe reads: a wrong or stale address reads a
-/// wrong number, never faults, and the redirect itself still goes through the SOCKHASH.
-#[inline(always)]
-fn peer_queued(cfg: &Config, peer: &SockKey) -> Option<u32> {
-    // SAFETY: the value is copied out at once.
-    let sk = unsafe { MESH_FLOWS.get(peer) }?.sk;
-    if cfg.off_psock_msg_len == 0 || sk == 0 {
-        return Some(0);
+fn queue_len(cfg: &Config, sk: u64) -> u32 {
+    if cfg.off_psock_msg_len == 0 {
+        return 0;
     }
-    // SAFETY: probe reads of kernel memory never fault; a bad address returns an error.
-    let Ok(user_data) = (unsafe {
-        bpf_probe_read_kernel(sk.wrapping_add(u64::from(cfg.off_sk_user_data)) as *const u64)
-    }) else {
-        return Some(0);
-    };
-    if user_data & SK_USER_DATA_PSOCK == 0 {
-        return Some(0);
+    match read_kernel::<u64>(sk, cfg.off_sk_user_data) {
+        Some(user_data) if user_data & SK_USER_DATA_PSOCK != 0 => {
+            read_kernel::<u32>(user_data & SK_USER_DATA_PTRMASK, cfg.off_psock_msg_len).unwrap_or(0)
+        }
+        _ => 0,
     }
-    let at = (user_data & SK_USER_DATA_PTRMASK).wrapping_add(u64::from(cfg.off_psock_msg_len));
-    // SAFETY: as above.
-    Some(unsafe { bpf_probe_read_kernel(at as *const u32) }.unwrap_or(0))
 }
 
 /// Moves this direction to the TCP path and passes the message.
