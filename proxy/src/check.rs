@@ -54,7 +54,7 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
             ),
             Err(e) => fail("eBPF programs", e.to_string()),
         });
-        if cfg.sockmap && !cfg.short_circuit.is_naive() {
+        if cfg.needs_kernel_offsets() {
             out.push(
                 match ebpf::btf::kernel_offsets(Path::new(ebpf::btf::VMLINUX)) {
                     Ok(k) => pass(

@@ -356,6 +356,14 @@ impl ShortCircuit {
     }
 }
 
+impl Config {
+    /// True if the kernel programs must read the running kernel's structs (the short-circuit
+    /// is on with a policy other than naive), so its BTF offsets are needed.
+    pub fn needs_kernel_offsets(&self) -> bool {
+        self.sockmap && !self.short_circuit.is_naive()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailMode {
     /// With the proxy gone, workloads connect directly (default).

@@ -560,7 +560,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         Mode::Ebpf => {
             // The adaptive short-circuit reads each peer's queue length at offsets only the
             // running kernel's BTF knows.
-            let kernel_offsets = if cfg.sockmap && !cfg.short_circuit.is_naive() {
+            let kernel_offsets = if cfg.needs_kernel_offsets() {
                 match ebpf::btf::kernel_offsets(Path::new(ebpf::btf::VMLINUX)) {
                     Ok(k) => Some(k),
                     Err(e) => {

@@ -14,7 +14,7 @@ use std::{
 use BtfError::Malformed;
 
 /// Where the short-circuit's queue-length read finds its fields on the running kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
     /// Byte offset of `struct sock::sk_user_data` (the sockmap's `struct sk_psock *`).
     pub sock_user_data: u32,
@@ -76,7 +76,7 @@ pub fn member_offset(btf: &[u8], strukt: &str, member: &str) -> Result<u32, BtfE
     Btf::parse(btf)?.offset(strukt, member)
 }
 
-/// Reads `path` (normally [`VMLINUX`]) and returns both offsets. A missing file is
+/// Reads `path` (normally [`VMLINUX`]) and returns every offset the short-circuit needs. A missing file is
 /// [`BtfError::NoBtf`]; a kernel without `sk_psock::msg_tot_len` is [`BtfError::NoMsgTotLen`]:
 /// both say what to do.
 pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {

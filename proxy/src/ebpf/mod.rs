@@ -440,9 +440,9 @@ pub fn inspect(pin_dir: &Path) -> Result<serde_json::Value, EbpfError> {
         .map(|m| m.keys().count());
     let maps = json!([
         {"name": map::SOCKS, "entries": socks},
-        {"name": map::PEERS, "entries": count_lru::<SockKey, SockKey>(pin_dir, map::PEERS)},
-        {"name": map::FLOWS, "entries": count_hash::<SockKey, Flow>(pin_dir, map::FLOWS)},
-        {"name": map::ORIG_DST, "entries": count_lru::<OrigKey, OrigDst>(pin_dir, map::ORIG_DST)},
+        {"name": map::PEERS, "entries": count_keys::<SockKey, SockKey>(pin_dir, map::PEERS, aya::maps::Map::LruHashMap)},
+        {"name": map::FLOWS, "entries": count_keys::<SockKey, Flow>(pin_dir, map::FLOWS, aya::maps::Map::HashMap)},
+        {"name": map::ORIG_DST, "entries": count_keys::<OrigKey, OrigDst>(pin_dir, map::ORIG_DST, aya::maps::Map::LruHashMap)},
     ]);
     let values = read_pinned_counters(pin_dir)?;
     let counters: serde_json::Map<String, serde_json::Value> = counter::NAMES
@@ -458,19 +458,16 @@ pub fn inspect(pin_dir: &Path) -> Result<serde_json::Value, EbpfError> {
     }))
 }
 
-/// Entries of a pinned LRU hash map, counted by walking its keys: bounded by max_entries,
-/// and only done on an operator's request, never on the data path.
-fn count_lru<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &str) -> Option<usize> {
+/// Entries of a pinned hash map (`kind`: `Map::HashMap` or `Map::LruHashMap`), counted by
+/// walking its keys: bounded by max_entries, and only done on an operator's request, never on
+/// the data path.
+fn count_keys<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &str,
+    kind: fn(MapData) -> aya::maps::Map,
+) -> Option<usize> {
     let data = MapData::from_pin(pins::map_path(pin_dir, name)).ok()?;
-    HashMap::<_, K, V>::try_from(aya::maps::Map::LruHashMap(data))
-        .ok()
-        .map(|m| m.keys().count())
-}
-
-/// The same for a plain hash map.
-fn count_hash<K: aya::Pod, V: aya::Pod>(pin_dir: &Path, name: &str) -> Option<usize> {
-    let data = MapData::from_pin(pins::map_path(pin_dir, name)).ok()?;
-    HashMap::<_, K, V>::try_from(aya::maps::Map::HashMap(data))
+    HashMap::<_, K, V>::try_from(kind(data))
         .ok()
         .map(|m| m.keys().count())
 }
@@ -535,6 +532,8 @@ fn ip6_words(o: [u8; 16]) -> [u32; 4] {
 
 fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
     let cfg = plan.config;
+    // All zero without offsets (the naive policy): the programs then read nothing.
+    let k = plan.kernel_offsets.unwrap_or_default();
     let value = proxy_common::Config {
         proxy_netns: plan.proxy_netns,
         redirect_ip4: cfg
@@ -556,13 +555,13 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
         queue_limit: cfg.short_circuit.queue_limit,
         small_msg: cfg.short_circuit.small_write,
         small_streak: cfg.short_circuit.small_streak,
-        off_sk_user_data: plan.kernel_offsets.map_or(0, |k| k.sock_user_data),
-        off_psock_msg_len: plan.kernel_offsets.map_or(0, |k| k.psock_msg_tot_len),
-        off_tcp_write_seq: plan.kernel_offsets.map_or(0, |k| k.tcp_write_seq),
-        off_tcp_copied_seq: plan.kernel_offsets.map_or(0, |k| k.tcp_copied_seq),
-        off_sock_prot: plan.kernel_offsets.map_or(0, |k| k.sock_prot),
-        off_proto_memory_allocated: plan.kernel_offsets.map_or(0, |k| k.proto_memory_allocated),
-        off_proto_sysctl_mem: plan.kernel_offsets.map_or(0, |k| k.proto_sysctl_mem),
+        off_sk_user_data: k.sock_user_data,
+        off_psock_msg_len: k.psock_msg_tot_len,
+        off_tcp_write_seq: k.tcp_write_seq,
+        off_tcp_copied_seq: k.tcp_copied_seq,
+        off_sock_prot: k.sock_prot,
+        off_proto_memory_allocated: k.proto_memory_allocated,
+        off_proto_sysctl_mem: k.proto_sysctl_mem,
         _pad: 0,
     };
     {
