@@ -15,10 +15,12 @@ const PORT: u16 = 8080;
 /// The demo service's virtual address (nothing listens there: connects are intercepted).
 const VIP: &str = "10.96.0.10";
 
-pub fn run() -> Result<()> {
+/// What both demos do first: root and privileges checked, binaries built, Ctrl-C cleanup.
+/// `command` is how the user ran it, for the hint to rerun as root.
+fn prepare(command: &str) -> Result<(build::BuildOutput, Binaries)> {
     if !sh::is_root()? {
         bail!(
-            "the demo creates network namespaces, cgroups and loads eBPF programs: run it as root (sudo -E env PATH=\"$PATH\" cargo xtask demo)"
+            "the demo creates network namespaces, cgroups and loads eBPF programs: run it as root (sudo -E env PATH=\"$PATH\" {command})"
         );
     }
     let out = build::ensure_built(false)?;
@@ -30,6 +32,11 @@ pub fn run() -> Result<()> {
         proxy: out.profile_dir.join("proxy"),
         meshtest: out.profile_dir.join("meshtest"),
     };
+    Ok((out, bins))
+}
+
+pub fn run() -> Result<()> {
+    let (out, bins) = prepare("cargo xtask demo")?;
 
     step("making a node (network namespace) with two pods (namespaces + cgroups)");
     let mut node = Node::new(&bins)?;
@@ -279,20 +286,7 @@ fn show(cmd: &mut Command, keep: impl Fn(&str) -> bool) -> Result<()> {
 /// for the workloads, and a pod on node 0 calling a service whose endpoint is a pod on node 1:
 /// the request crosses the link inside mutual TLS.
 pub fn run_two_nodes() -> Result<()> {
-    if !sh::is_root()? {
-        bail!(
-            "the demo creates network namespaces, cgroups and loads eBPF programs: run it as root"
-        );
-    }
-    let out = build::ensure_built(false)?;
-    if !require_privileges()? {
-        bail!("this machine lacks what the demo needs (see above)");
-    }
-    sh::cleanup_on_interrupt()?;
-    let bins = Binaries {
-        proxy: out.profile_dir.join("proxy"),
-        meshtest: out.profile_dir.join("meshtest"),
-    };
+    let (out, bins) = prepare("cargo xtask demo --two-nodes")?;
     let td = "cluster.local";
     step("making two nodes joined by a link, a client pod on node 0, a web pod on node 1");
     let mut node0 = Node::new(&bins)?;
