@@ -31,12 +31,15 @@ pub static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(count
 pub static MESH_ORIG_CK: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 
 /// The proxy's view of a redirected connection -> its original destination. Written by the
-/// workload sock_ops on ACTIVE_ESTABLISHED, read by the proxy right after accept(), removed
-/// when the workload socket closes. LRU bounds it if a close is ever missed.
-/// 131,072 entries: twice the SOCKHASH, since a closed connection lingers until its close
-/// callback and TIME_WAIT does not count against it.
+/// workload sock_ops on ACTIVE_ESTABLISHED, taken (read and deleted) by the proxy right after
+/// accept(), and deleted when the workload socket closes if the proxy never accepted it. So
+/// it holds only connections waiting in the proxy's accept queues (at most `somaxconn` per
+/// listener), and 65,536 entries leave room for an LRU map's early eviction: each CPU keeps
+/// its own list of free entries, so eviction starts before the map is full. An evicted entry
+/// would reset a connection. Not sized with the SOCKHASH: it serves every redirected
+/// connection, short-circuited or not.
 #[map]
-pub static MESH_ORIG_DST: LruHashMap<OrigKey, OrigDst> = LruHashMap::with_max_entries(131072, 0);
+pub static MESH_ORIG_DST: LruHashMap<OrigKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 
 /// Established sockets that take part in the short-circuit. Each proxied same-node connection
 /// uses four entries (workload client, proxy inbound, proxy outbound, workload server), so

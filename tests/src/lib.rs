@@ -590,6 +590,22 @@ impl Node {
         fs::read_to_string(&self.proxy_log).unwrap_or_default()
     }
 
+    /// The proxy's WARN and ERROR lines (the last 20), for the error of a failed client: a
+    /// test that returns an error does not print the whole log (MESH_TEST_LOG=1 does).
+    pub fn proxy_warnings(&self) -> String {
+        let text = self.proxy_log_text();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        let tail = &lines[lines.len().saturating_sub(20)..];
+        if tail.is_empty() {
+            "(no WARN or ERROR lines in the proxy log)".to_string()
+        } else {
+            tail.join("\n")
+        }
+    }
+
     /// Stops the proxy with `signal` ("TERM" or "KILL") and waits for it.
     pub fn stop_proxy(&mut self, signal: &str) -> Result<ExitStatus> {
         let Some(mut child) = self.proxy.take() else {
@@ -1124,8 +1140,6 @@ pub fn hash_token(proxy: &Path, token: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
-/// Sum of the samples of metric `name` (Prometheus text) whose labels contain every one of
-/// `labels` (e.g. `service="web"`).
 /// The stdout of a meshtest client that exited 0 and printed `"ok":true` in its JSON summary;
 /// otherwise an error with its status and both streams.
 pub fn client_ok(out: Output) -> Result<String> {
@@ -1140,6 +1154,8 @@ pub fn client_ok(out: Output) -> Result<String> {
     Ok(stdout)
 }
 
+/// Sum of the samples of metric `name` (Prometheus text) whose labels contain every one of
+/// `labels` (e.g. `service="web"`).
 pub fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
     metrics
         .lines()

@@ -80,6 +80,7 @@ impl Pair {
 
     fn run_client(&self, args: &[&str]) -> Result<String> {
         client_ok(run_bounded(self.client_cmd(args), LIMIT)?)
+            .map_err(|e| e.context(format!("proxy warnings:\n{}", self.node.proxy_warnings())))
     }
 
     fn counter(&self, name: &str) -> Result<u64> {

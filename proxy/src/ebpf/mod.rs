@@ -127,7 +127,8 @@ enum ConnectLink {
 
 /// Handles the connection path uses; cheap to share between tasks.
 pub struct Maps {
-    orig_dst: HashMap<MapData, OrigKey, OrigDst>,
+    /// Behind a lock because taking an entry deletes it, and aya's delete takes `&mut`.
+    orig_dst: std::sync::Mutex<HashMap<MapData, OrigKey, OrigDst>>,
     counters: PerCpuArray<MapData, u64>,
     socks: SockHash<MapData, SockKey>,
     /// Declared workloads' cgroup ids (`intercept.workloads_only`); written by the proxy's
@@ -207,7 +208,6 @@ impl Datapath {
             .map_max_entries(map::SOCKS, n)
             .map_max_entries(map::PEERS, n)
             .map_max_entries(map::FLOWS, n)
-            .map_max_entries(map::ORIG_DST, n.saturating_mul(2))
             .load(OBJECT)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
 
@@ -304,7 +304,7 @@ impl Datapath {
             ebpf,
             connect_links,
             Maps {
-                orig_dst,
+                orig_dst: std::sync::Mutex::new(orig_dst),
                 counters,
                 socks,
                 workloads: std::sync::Mutex::new(workloads),
@@ -356,11 +356,24 @@ impl Datapath {
 // === impl Maps ===
 
 impl Maps {
-    /// The original destination of a connection the proxy accepted from `client` on `local`,
-    /// and the cgroup id of the task that connected.
-    pub fn orig_dst(&self, client: SocketAddr, local: SocketAddr) -> Option<(SocketAddr, u64)> {
+    /// Takes (reads and deletes) the original destination of a connection the proxy accepted
+    /// from `client` on `local`, and the cgroup id of the task that connected.
+    ///
+    /// Deleting it here keeps `MESH_ORIG_DST` down to connections the proxy has not accepted
+    /// yet. Left until the workload socket closes, every open connection held an entry, and an
+    /// LRU map evicts before it is full (each CPU keeps its own list of free entries), so a
+    /// busy node lost the destination of connections it had not accepted yet.
+    pub fn take_orig_dst(
+        &self,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<(SocketAddr, u64)> {
         let key = orig_key(client, local)?;
-        let v = self.orig_dst.get(&key, 0).ok()?;
+        let mut map = self.orig_dst.lock().unwrap_or_else(|e| e.into_inner());
+        let v = map.get(&key, 0).ok()?;
+        // A failed delete leaves the entry to the socket's close callback or to LRU eviction.
+        let _ = map.remove(&key);
+        drop(map);
         Some((orig_to_socket_addr(&v)?, v.cgroup_id))
     }
 

@@ -56,7 +56,7 @@ impl OrigDstSource {
     ) -> Result<Origin, OrigDstError> {
         match self {
             OrigDstSource::Ebpf(maps) => maps
-                .orig_dst(client, local)
+                .take_orig_dst(client, local)
                 .map(|(dst, cg)| Origin {
                     dst,
                     cgroup_id: (cg != 0).then_some(cg),
