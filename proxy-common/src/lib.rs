@@ -47,9 +47,13 @@ pub mod map {
     pub const EXCLUDED_V4: &str = "MESH_EXCL_V4";
     pub const EXCLUDED_V6: &str = "MESH_EXCL_V6";
     pub const WORKLOADS: &str = "MESH_WORKLOADS";
+    pub const SPLICE: &str = "MESH_SPLICE";
+    pub const DIRECT: &str = "MESH_DIRECT";
     /// Every map.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         WORKLOADS,
+        SPLICE,
+        DIRECT,
         CONFIG,
         COUNTERS,
         ORIG_BY_COOKIE,
@@ -168,7 +172,7 @@ pub struct OrigKey {
 
 // === short-circuit ===
 
-/// Key of `MESH_SOCKS`, `MESH_PEERS` and `MESH_TAINTED`: one TCP socket.
+/// Key of `MESH_SOCKS`, `MESH_PEERS`, `MESH_FLOWS` and `MESH_SPLICE`: one TCP socket.
 ///
 /// The network namespace cookie is part of the key because the same 4-tuple can exist in two
 /// namespaces at once (two pods each talking to themselves over 127.0.0.1); without it
@@ -221,6 +225,9 @@ pub const FLOW_TCP_NO_PEER: u32 = counter::MSG_PASSED_NO_PEER;
 pub const FLOW_TCP_BACKPRESSURE: u32 = counter::MSG_PASSED_BACKPRESSURE;
 pub const FLOW_TCP_SMALL_WRITES: u32 = counter::MSG_PASSED_SMALL_WRITES;
 pub const FLOW_TCP_MEMORY: u32 = counter::MSG_PASSED_MEMORY_PRESSURE;
+/// `Flow::state`: this workload's bytes go straight to the workload at the far end of the
+/// proxy (the kernel-only path, `MESH_SPLICE`), skipping the proxy. Not a counter index.
+pub const FLOW_DIRECT: u32 = 0x100;
 
 /// Value of `MESH_FLOWS`: the sending direction of one registered socket.
 #[repr(C)]
@@ -239,8 +246,22 @@ pub struct Flow {
     pub sk: u64,
     /// 1 if the socket is the proxy's, 0 if a workload's.
     pub proxy: u32,
-    /// Explicit padding; always 0.
-    pub _pad: u32,
+    /// `tcp_sock.write_seq` when the socket registered (its `snd_nxt` at establishment: no
+    /// payload had been queued). `write_seq - seq0` is what it has sent over TCP.
+    pub seq0: u32,
+}
+
+/// Value of `MESH_SPLICE`, keyed by a proxy socket that receives a workload's bytes (written
+/// by the proxy): the connection may take the kernel-only path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Splice {
+    /// The proxy's socket on the other side of the copy; its peer is the far workload.
+    pub out: SockKey,
+    /// Bytes the proxy has read from the key's socket and finished writing to `out`. When it
+    /// equals what the workload sent towards the proxy, nothing of the workload's is left in
+    /// the proxy or in flight from it, and the next message can go straight to the far end.
+    pub relayed: u64,
 }
 
 /// Normalises an IPv6 address that is v4-mapped (`::ffff:a.b.c.d`) to its IPv4 form.
@@ -319,8 +340,14 @@ pub mod counter {
     /// Messages passed (direction moved to TCP) because the machine's TCP memory in use was
     /// past half of `tcp_mem`'s low threshold: TCP handles pressure with its own waits.
     pub const MSG_PASSED_MEMORY_PRESSURE: u32 = 25;
+    /// Directions that switched to the kernel-only path (workload to workload).
+    pub const SPLICE_STARTED: u32 = 26;
+    /// Messages sent on the kernel-only path.
+    pub const MSG_DIRECT: u32 = 27;
+    /// Bytes of those messages.
+    pub const MSG_DIRECT_BYTES: u32 = 28;
     /// Number of counters.
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 29;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -350,6 +377,9 @@ pub mod counter {
         "flow_insert_failed",
         "flow_resumed",
         "msg_passed_memory_pressure",
+        "splice_started",
+        "msg_direct",
+        "msg_direct_bytes",
     ];
 }
 
@@ -381,6 +411,7 @@ mod pod {
         unsafe impl aya::Pod for OrigKey {}
         unsafe impl aya::Pod for SockKey {}
         unsafe impl aya::Pod for Flow {}
+        unsafe impl aya::Pod for Splice {}
     }
 }
 
@@ -393,6 +424,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 11 * 4);
         assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);
         assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);
         assert_eq!(size_of::<SockKey>(), 8 + 4 * 4 + 16 + 16);

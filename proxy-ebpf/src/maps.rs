@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
-use proxy_common::{Config, Flow, OrigDst, OrigKey, SockKey, counter};
+use proxy_common::{Splice, Config, Flow, OrigDst, OrigKey, SockKey, counter};
 
 /// LPM tries must be created without preallocation (the kernel refuses otherwise).
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -68,6 +68,24 @@ pub static MESH_EXPECT: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(
 /// Same size as the SOCKHASH, of which each entry is one socket.
 #[map]
 pub static MESH_FLOWS: HashMap<SockKey, Flow> = HashMap::with_max_entries(65536, 0);
+
+/// The kernel-only path: a proxy socket that receives a workload's bytes -> the proxy's socket
+/// on the other side and how many of those bytes the proxy has relayed (`Splice`). Written by
+/// the proxy for an authorized opaque connection to a workload on this node, deleted by it to
+/// take the connection back, and deleted here when the proxy socket registers (a stale entry
+/// of an earlier socket with the same 4-tuple must not steer this one) or closes. A plain
+/// hash: every entry is one live proxy socket. Same size as the SOCKHASH.
+#[map]
+pub static MESH_SPLICE: HashMap<SockKey, Splice> = HashMap::with_max_entries(65536, 0);
+
+/// Bytes sent on the kernel-only path past each proxy socket (keyed like `MESH_SPLICE`):
+/// added by sk_msg, taken by the proxy when the connection ends. Not in `MESH_FLOWS`, whose
+/// entry goes when the socket reaches TCP_CLOSE, which can be before the proxy closes its
+/// file. LRU: the entries of a proxy that died are never taken; an eviction only loses a
+/// byte count. Removed when a proxy socket registers (a stale count of an earlier socket
+/// with the same 4-tuple).
+#[map]
+pub static MESH_DIRECT: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(65536, 0);
 
 /// cgroup ids of declared workloads (their pods' cgroup directories), written by the proxy
 /// when `FLAG_WORKLOADS_ONLY` is on. 65536: far more pods than a node runs.

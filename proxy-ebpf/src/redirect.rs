@@ -31,11 +31,13 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use proxy_common::{
-    Config, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER,
+    Config, FLOW_DIRECT, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER,
     FLOW_TCP_SMALL_WRITES, Flow, SockKey, counter,
 };
 
-use crate::maps::{MESH_FLOWS, MESH_PEERS, MESH_SOCKS, config, count};
+use crate::maps::{
+    MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, config, count,
+};
 
 /// The only verdict this program gives: a message is either redirected (the helper set the
 /// target) or takes the TCP path. It never drops.
@@ -66,6 +68,37 @@ pub fn handle(ctx: &SkMsgContext) {
     };
     // SAFETY: the value is copied out at once.
     let peer = (unsafe { MESH_PEERS.get(key) }).copied();
+    if flow.proxy == 0
+        && let Some(receiver) = peer.as_ref()
+    {
+        match splice_target(cfg, flow, receiver, size) {
+            Ok(mut target) => {
+                if MESH_SOCKS.redirect_msg(ctx, &mut target, u64::from(BPF_F_INGRESS))
+                    == i64::from(SK_PASS)
+                {
+                    if flow.state != FLOW_DIRECT {
+                        flow.state = FLOW_DIRECT;
+                        count(counter::SPLICE_STARTED, 1);
+                    }
+                    count_direct(receiver, size);
+                    count(counter::MSG_DIRECT, 1);
+                    count(counter::MSG_DIRECT_BYTES, u64::from(size));
+                } else {
+                    // The far workload closed since we looked.
+                    leave(ctx, flow, FLOW_TCP_NO_PEER, size);
+                }
+                return;
+            }
+            // Off the kernel-only path, bytes go to the proxy over TCP: in order, since the
+            // far workload reads its psock list (our earlier direct bytes) first, and the
+            // proxy's copies of later bytes land behind them.
+            Err(reason) if flow.state == FLOW_DIRECT => {
+                leave(ctx, flow, reason, size);
+                return;
+            }
+            Err(_) => {}
+        }
+    }
     if flow.state != FLOW_REDIRECT {
         if !may_resume(cfg, flow, peer.as_ref(), size) {
             count(counter::MSG_PASSED_TAINTED, 1);
@@ -95,6 +128,87 @@ pub fn handle(ctx: &SkMsgContext) {
     } else {
         // The peer left the SOCKHASH since the policy looked (it closed).
         leave(ctx, flow, FLOW_TCP_NO_PEER, size);
+    }
+}
+
+/// The far workload's key if this workload's message may go straight to it (the kernel-only
+/// path), or the reason it may not. `receiver` is the proxy socket that gets this workload's
+/// bytes; the proxy's `MESH_SPLICE` entry for it names the proxy's socket on the other side,
+/// whose peer is the far workload.
+///
+/// Switching a direction to this path is safe only when nothing of it can still arrive at the
+/// far workload after the direct bytes: the proxy has read and finished writing every byte
+/// this workload sent towards it (`Splice::relayed` equals what we sent over TCP plus what we
+/// redirected to the proxy; compared modulo 2^32, exact since the difference is at most the
+/// bytes in flight), and the proxy's direction into the far workload never took the TCP
+/// path (its `write_seq` never moved), so the far workload has no TCP bytes it could read
+/// after ours and cannot be waiting in `tcp_recvmsg`, which does not look at the psock list.
+/// Once switched, only the memory rules of `policy` apply.
+#[inline(always)]
+fn splice_target(
+    cfg: &Config,
+    flow: &Flow,
+    receiver: &SockKey,
+    size: u32,
+) -> Result<SockKey, u32> {
+    if cfg.off_tcp_write_seq == 0 || flow.sk == 0 {
+        return Err(FLOW_TCP_NO_PEER);
+    }
+    // SAFETY (three lookups): each value is copied out at once.
+    let Some(splice) = (unsafe { MESH_SPLICE.get(receiver) }).copied() else {
+        return Err(FLOW_TCP_NO_PEER);
+    };
+    let Some(target) = (unsafe { MESH_PEERS.get(&splice.out) }).copied() else {
+        return Err(FLOW_TCP_NO_PEER);
+    };
+    let Some(far) = (unsafe { MESH_FLOWS.get(&target) }).copied() else {
+        return Err(FLOW_TCP_NO_PEER);
+    };
+    if far.proxy != 0 || far.sk == 0 {
+        return Err(FLOW_TCP_NO_PEER);
+    }
+    if flow.state != FLOW_DIRECT {
+        let Some(written) = read_kernel::<u32>(flow.sk, cfg.off_tcp_write_seq) else {
+            return Err(FLOW_TCP_NO_PEER);
+        };
+        let sent = written
+            .wrapping_sub(flow.seq0)
+            .wrapping_add(flow.redirected_bytes as u32);
+        if sent != splice.relayed as u32 {
+            return Err(FLOW_TCP_NO_PEER);
+        }
+        // SAFETY: copied out at once.
+        let Some(out) = (unsafe { MESH_FLOWS.get(&splice.out) }).copied() else {
+            return Err(FLOW_TCP_NO_PEER);
+        };
+        if read_kernel::<u32>(out.sk, cfg.off_tcp_write_seq) != Some(out.seq0) {
+            return Err(FLOW_TCP_NO_PEER);
+        }
+    }
+    if cfg.queue_limit != 0 {
+        let queued = queue_len(cfg, far.sk);
+        if u64::from(queued) + u64::from(size) > u64::from(cfg.queue_limit) {
+            return Err(FLOW_TCP_BACKPRESSURE);
+        }
+        if memory_tight(cfg, flow.sk) {
+            return Err(FLOW_TCP_MEMORY);
+        }
+    }
+    Ok(target)
+}
+
+/// Adds a direct message to the count of the proxy socket it skipped (`MESH_DIRECT`), which
+/// the proxy reads when the connection ends: by then the workloads' and even the proxy's own
+/// `MESH_FLOWS` entries may be gone (a socket that received and sent FIN closes before its
+/// file does). Only this workload's messages, one at a time under its lock, touch the entry.
+#[inline(always)]
+fn count_direct(skipped: &SockKey, size: u32) {
+    match MESH_DIRECT.get_ptr_mut(skipped) {
+        // SAFETY: a map value pointer; see above for who writes it.
+        Some(n) => unsafe { *n += u64::from(size) },
+        None => {
+            let _ = MESH_DIRECT.insert(skipped, u64::from(size), 0);
+        }
     }
 }
 

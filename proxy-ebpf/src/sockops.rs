@@ -31,7 +31,8 @@ use aya_ebpf::{
 use proxy_common::{FLAG_SOCKMAP, Flow, OrigKey, SockKey, counter};
 
 use crate::maps::{
-    MESH_EXPECT, MESH_FLOWS, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS, config, count,
+    MESH_DIRECT, MESH_EXPECT, MESH_FLOWS, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS, MESH_SPLICE,
+    config, count,
 };
 
 /// Which cgroup the program is attached to.
@@ -63,6 +64,9 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
         if ctx.arg(1) == BPF_TCP_CLOSE {
             let _ = MESH_PEERS.remove(key);
             let _ = MESH_FLOWS.remove(key);
+            if side == Side::Proxy {
+                let _ = MESH_SPLICE.remove(key);
+            }
             if side == Side::Workload {
                 let _ = MESH_ORIG_DST.remove(orig_key(&key));
             }
@@ -139,11 +143,20 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
 fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side) -> bool {
     // Overwrites what a closed socket with the same 4-tuple may have left (its close
     // callback normally removes it).
+    // SAFETY: ctx.ops is the context pointer; snd_nxt is a readable field in sock_ops. At
+    // establishment no payload has been queued (early-data sockets are not registered), so
+    // it is where write_seq starts.
+    let seq0 = unsafe { read_volatile(&(*ctx.ops).snd_nxt) };
     let flow = Flow {
         sk: socket_address(ctx),
         proxy: u32::from(side == Side::Proxy),
+        seq0,
         ..Flow::default()
     };
+    if side == Side::Proxy {
+        let _ = MESH_SPLICE.remove(key);
+        let _ = MESH_DIRECT.remove(key);
+    }
     if MESH_FLOWS.insert(key, flow, 0).is_err() {
         count(counter::FLOW_INSERT_FAILED, 1);
         return false;

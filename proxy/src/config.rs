@@ -196,6 +196,9 @@ pub struct InterceptSection {
     pub sockmap_small_write: Option<u32>,
     /// Small writes in a row (receiver still has unread bytes) that move a direction to TCP.
     pub sockmap_small_streak: Option<u32>,
+    /// With the short-circuit on: authorized same-node opaque TCP connections go workload to
+    /// workload in the kernel, without the proxy in the data path (default true).
+    pub kernel_path: Option<bool>,
     /// Intercept only declared workloads' cgroups (and their descendants), not everything
     /// below the workload cgroup parent.
     pub workloads_only: Option<bool>,
@@ -238,6 +241,7 @@ pub struct Overrides {
     pub sockmap_policy: Option<String>,
     pub sockmap_queue_limit: Option<u32>,
     pub sockmap_small_streak: Option<u32>,
+    pub kernel_path: Option<bool>,
     pub workloads_only: Option<bool>,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<String>,
@@ -358,9 +362,10 @@ impl ShortCircuit {
 
 impl Config {
     /// True if the kernel programs must read the running kernel's structs (the short-circuit
-    /// is on with a policy other than naive), so its BTF offsets are needed.
+    /// is on with a policy other than naive, or with the kernel-only path), so its BTF
+    /// offsets are needed.
     pub fn needs_kernel_offsets(&self) -> bool {
-        self.sockmap && !self.short_circuit.is_naive()
+        self.sockmap && (!self.short_circuit.is_naive() || self.kernel_path)
     }
 }
 
@@ -549,6 +554,8 @@ pub struct Config {
     pub sockmap: bool,
     /// How sk_msg decides between the short-circuit and TCP (`proxy_common::Config`).
     pub short_circuit: ShortCircuit,
+    /// The kernel-only path for authorized same-node opaque TCP (needs `sockmap`).
+    pub kernel_path: bool,
     /// Only declared workloads' cgroups are intercepted (`MESH_WORKLOADS`).
     pub workloads_only: bool,
     pub exclude_ports: Vec<u16>,
@@ -1309,6 +1316,7 @@ impl Config {
             fail_mode,
             sockmap,
             short_circuit,
+            kernel_path: sockmap && o.kernel_path.or(intercept.kernel_path).unwrap_or(true),
             workloads_only,
             exclude_ports,
             exclude_cidrs,
@@ -1388,6 +1396,7 @@ impl Config {
                 "sockmap_queue_limit": self.short_circuit.queue_limit,
                 "sockmap_small_write": self.short_circuit.small_write,
                 "sockmap_small_streak": self.short_circuit.small_streak,
+                "kernel_path": self.kernel_path,
                 "workloads_only": self.workloads_only,
                 "exclude_ports": self.exclude_ports,
                 "exclude_cidrs": self.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),

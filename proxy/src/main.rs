@@ -178,6 +178,12 @@ struct ConfigArgs {
     /// workload's direction to TCP; 0 never does [default: 0].
     #[arg(long, value_name = "N")]
     sockmap_small_streak: Option<u32>,
+    /// With --sockmap on: authorized same-node opaque TCP connections go workload to
+    /// workload in the kernel once the proxy has relayed what it read, the proxy staying out
+    /// of the data path (it still sees close and reset, counts the bytes and takes the
+    /// connection back when a reload denies it) [default: on].
+    #[arg(long, value_enum, value_name = "ON|OFF")]
+    kernel_path: Option<OnOff>,
     /// Intercept only declared workloads' cgroups ([[workload]] or Kubernetes pods), not
     /// every process below the workload cgroup parent [default: off].
     #[arg(long, value_enum)]
@@ -301,6 +307,7 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
             FailArg::Closed => "closed".to_string(),
         }),
         sockmap: args.sockmap.map(|s| matches!(s, OnOff::On)),
+        kernel_path: args.kernel_path.map(|s| matches!(s, OnOff::On)),
         sockmap_queue_limit: args.sockmap_queue_limit,
         sockmap_small_streak: args.sockmap_small_streak,
         sockmap_policy: args.sockmap_policy.map(|p| {
@@ -684,7 +691,12 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         mesh: cfg.mesh.clone(),
         tunnels: tunnels.clone(),
     });
+    let kernel_path = match &orig_dst {
+        OrigDstSource::Ebpf(maps) if cfg.kernel_path => Some(Arc::clone(maps)),
+        _ => None,
+    };
     let outbound = Arc::new(Outbound {
+        kernel_path,
         discovery: Arc::clone(&discovery),
         http,
         mesh: cfg.mesh.clone(),

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub failed: Family<FailLabels, Counter>,
     pub bytes: Family<ByteLabels, Counter>,
     pub duration: Family<ConnLabels, Histogram>,
+    /// Connections that carried bytes on the kernel-only path.
+    pub kernel_path: Counter,
     /// Sums over every label set of the TCP families, for /debug/summary (cheaper than
     /// walking the families, whose label sets grow with workloads and services).
     sums: ConnSums,
@@ -254,6 +256,7 @@ impl Metrics {
             failed: Family::default(),
             bytes: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
+            kernel_path: Counter::default(),
             sums: ConnSums::default(),
             http_requests: Family::default(),
             http_latency: Family::new_with_constructor(latency_histogram),
@@ -292,9 +295,14 @@ impl Metrics {
         );
         r.register_with_unit(
             "tcp_transferred",
-            "Bytes copied by the proxy, by flow",
+            "Bytes of proxied TCP connections, by flow: copied by the proxy or sent past it on the kernel-only path",
             Unit::Bytes,
             m.bytes.clone(),
+        );
+        r.register(
+            "tcp_kernel_path_connections",
+            "Connections whose workloads sent bytes to each other on the kernel-only path, the proxy out of the data path",
+            m.kernel_path.clone(),
         );
         r.register_with_unit(
             "tcp_connection_duration",
@@ -398,6 +406,11 @@ impl Metrics {
         self.active.get_or_create(labels).inc();
         self.sums.opened.fetch_add(1, Relaxed);
         self.sums.active.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a connection that carried bytes on the kernel-only path.
+    pub fn kernel_path_connection(&self) {
+        self.kernel_path.inc();
     }
 
     /// Counts an outbound connection the proxy closed or reset, by reason.
@@ -772,6 +785,21 @@ fn kernel_metric(
             "ebpf_flows_resumed",
             None,
             "Directions into the proxy that returned from the TCP path to the short-circuit",
+        ),
+        "splice_started" => (
+            "ebpf_kernel_path_switches",
+            None,
+            "Directions of connections that switched to the kernel-only path (workload to workload)",
+        ),
+        "msg_direct" => (
+            "ebpf_msg",
+            Some(("path", "kernel_only")),
+            "sk_msg messages, by path",
+        ),
+        "msg_direct_bytes" => (
+            "ebpf_msg_bytes",
+            Some(("path", "kernel_only")),
+            "sk_msg bytes, by path",
         ),
         "flow_insert_failed" => (
             "ebpf_sockhash_inserts",

@@ -38,6 +38,7 @@ use crate::{
         copy::{self, Progress},
         counted::Counted,
         orig_dst::OrigDstSource,
+        splice::Splicer,
     },
 };
 
@@ -70,6 +71,9 @@ pub struct Outbound {
     /// The other nodes, and the tunnels to them (None without `[identity]`).
     pub mesh: crate::config::MeshSettings,
     pub tunnels: Option<Arc<crate::tunnel::Tunnels>>,
+    /// The kernel-only path for authorized same-node opaque TCP (`intercept.kernel_path`),
+    /// through these maps; None when off.
+    pub kernel_path: Option<Arc<crate::ebpf::Maps>>,
 }
 
 /// What a connection to a service is handled as, after detection.
@@ -434,7 +438,13 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
             // Passthrough (a target-less Http/Opaque cannot happen: handling derives from it).
             match dial(&ob, orig, source.as_ref(), None, ob.connect_timeout).await {
                 Ok(upstream) => {
-                    copy_upstream(&ob, client, upstream, client_addr, orig, orig, &progress).await
+                    let route = Route {
+                        client_addr,
+                        orig,
+                        to: orig,
+                        source: source.as_ref(),
+                    };
+                    copy_upstream(&ob, client, upstream, &route, &progress).await
                 }
                 Err(Dial::Denied) => {
                     fail(reason::DENIED);
@@ -481,38 +491,95 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
 }
 
 /// Copies between the client and an upstream until both sides are done; resets both on an
-/// error.
+/// error. With the kernel-only path on and both ends workloads of this node, the copy only
+/// relays what reaches the proxy while the workloads talk directly (`transport::splice`);
+/// such a connection is authorized again after every reload and reset if now denied, since
+/// the proxy no longer sees its bytes.
 async fn copy_both(
     ob: &Outbound,
     mut client: TcpStream,
     mut upstream: TcpStream,
-    client_addr: SocketAddr,
-    orig: SocketAddr,
-    to: SocketAddr,
+    route: &Route<'_>,
     progress: &Progress,
 ) -> &'static str {
+    let &Route {
+        client_addr,
+        orig,
+        to,
+        source,
+    } = route;
     // Latency over batching: the workload already chose how to write.
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    match copy::bidirectional(
-        &mut client,
-        &mut upstream,
-        ob.copy_buffer,
-        ob.recheck_io,
-        progress,
-    )
-    .await
-    {
-        Ok(t) => {
-            debug!(client = %client_addr, original_dst = %orig, upstream = %to, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
+    let splicer = match &ob.kernel_path {
+        Some(maps) => Splicer::attach(maps, &client, &upstream).await,
+        None => None,
+    };
+    let generation = ob.discovery.snapshot().generation;
+    let copied = {
+        let copy = copy::bidirectional(
+            &mut client,
+            &mut upstream,
+            ob.copy_buffer,
+            ob.recheck_io,
+            splicer.as_ref().map(|s| s as &dyn copy::Relay),
+            progress,
+        );
+        match &splicer {
+            Some(_) => tokio::select! {
+                r = copy => Some(r),
+                () = denied_after_reload(ob, source, to, generation) => None,
+            },
+            None => Some(copy.await),
+        }
+    };
+    if let Some(s) = &splicer {
+        let (up, down) = s.take_direct_bytes();
+        progress.to_upstream.fetch_add(up, Ordering::Relaxed);
+        progress.to_client.fetch_add(down, Ordering::Relaxed);
+        if up + down > 0 {
+            ob.metrics.kernel_path_connection();
+        }
+        s.take_back();
+    }
+    match copied {
+        Some(Ok(_)) => {
+            let t = progress.snapshot();
+            debug!(client = %client_addr, original_dst = %orig, upstream = %to, to_upstream = t.to_upstream, to_client = t.to_client, kernel_path = splicer.is_some(), "connection closed");
             "ok"
         }
-        Err(e) => {
+        Some(Err(e)) => {
             ob.metrics.outbound_failed(reason::RESET);
             debug!(client = %client_addr, original_dst = %orig, upstream = %to, error = %e, "connection failed; resetting both sides");
             copy::reset(client);
             copy::reset(upstream);
             "reset"
+        }
+        None => {
+            debug!(client = %client_addr, original_dst = %orig, upstream = %to, "a reload denies this kernel-path connection; resetting both sides");
+            copy::reset(client);
+            copy::reset(upstream);
+            "denied"
+        }
+    }
+}
+
+/// Returns once a configuration reload after `generation` no longer authorizes `source` to
+/// reach `to` (checked once a second; pending forever while it stays authorized).
+async fn denied_after_reload(
+    ob: &Outbound,
+    source: Option<&WorkloadSpec>,
+    to: SocketAddr,
+    mut generation: u64,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = ob.discovery.snapshot().generation;
+        if now != generation {
+            generation = now;
+            if !authorized(ob, source, to) {
+                return;
+            }
         }
     }
 }
@@ -572,8 +639,13 @@ async fn opaque_service(
             Ok(upstream) => {
                 attempt.success(Instant::now());
                 let _active = ep.start(Instant::now());
-                return copy_upstream(ob, client, upstream, client_addr, orig, ep.addr, progress)
-                    .await;
+                let route = Route {
+                    client_addr,
+                    orig,
+                    to: ep.addr,
+                    source,
+                };
+                return copy_upstream(ob, client, upstream, &route, progress).await;
             }
             Err(Dial::Denied) => {
                 fail(reason::DENIED);
@@ -600,6 +672,17 @@ async fn opaque_service(
             }
         }
     }
+}
+
+/// Where a copied connection comes from and goes.
+struct Route<'a> {
+    client_addr: SocketAddr,
+    /// The workload's original destination (a service address or the endpoint itself).
+    orig: SocketAddr,
+    /// The endpoint the proxy connected to.
+    to: SocketAddr,
+    /// The connecting workload, if declared.
+    source: Option<&'a WorkloadSpec>,
 }
 
 /// An upstream byte stream: a TCP connection, or a tunnel stream to another node's pod.
@@ -650,14 +733,13 @@ async fn copy_upstream(
     ob: &Outbound,
     mut client: TcpStream,
     upstream: Upstream,
-    client_addr: SocketAddr,
-    orig: SocketAddr,
-    to: SocketAddr,
+    route: &Route<'_>,
     progress: &Progress,
 ) -> &'static str {
     match upstream {
-        Upstream::Tcp(s) => copy_both(ob, client, s, client_addr, orig, to, progress).await,
+        Upstream::Tcp(s) => copy_both(ob, client, s, route, progress).await,
         Upstream::Tunnel(t) => {
+            let (client_addr, orig, to) = (route.client_addr, route.orig, route.to);
             let _ = client.set_nodelay(true);
             match copy::bidirectional_io(&mut client, t, ob.copy_buffer, ob.recheck_io, progress)
                 .await

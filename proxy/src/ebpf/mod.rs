@@ -29,7 +29,7 @@ use aya::{
 };
 use proxy_common::{
     AF_INET, AF_INET6, FLAG_KERNEL_LOG, FLAG_SOCKMAP, FLAG_WORKLOADS_ONLY, Flow, OrigDst, OrigKey,
-    SockKey, counter, map, program,
+    SockKey, Splice, counter, map, program,
 };
 use tracing::{info, warn};
 
@@ -134,6 +134,15 @@ pub struct Maps {
     /// Declared workloads' cgroup ids (`intercept.workloads_only`); written by the proxy's
     /// sync task, behind a lock because aya's writes take `&mut`.
     workloads: std::sync::Mutex<HashMap<MapData, u64, u32>>,
+    /// The kernel-only path (`MESH_SPLICE`), written per connection; behind a lock for
+    /// aya's `&mut` writes.
+    splice: std::sync::Mutex<HashMap<MapData, SockKey, Splice>>,
+    /// Read only: whether a proxy socket is paired with a workload.
+    peers: HashMap<MapData, SockKey, SockKey>,
+    /// Bytes sent on the kernel-only path past each proxy socket (`MESH_DIRECT`).
+    direct: std::sync::Mutex<HashMap<MapData, SockKey, u64>>,
+    /// Network namespace cookie of the proxy's sockets, the first part of their keys.
+    proxy_netns: u64,
 }
 
 /// Forwards the kernel programs' aya-log records to the proxy's log (target
@@ -288,6 +297,12 @@ impl Datapath {
         let counters = PerCpuArray::try_from(counters).map_err(map_err(map::COUNTERS, "open"))?;
         let workloads = take_map(&mut ebpf, map::WORKLOADS)?;
         let workloads = HashMap::try_from(workloads).map_err(map_err(map::WORKLOADS, "open"))?;
+        let splice = take_map(&mut ebpf, map::SPLICE)?;
+        let splice = HashMap::try_from(splice).map_err(map_err(map::SPLICE, "open"))?;
+        let peers = take_map(&mut ebpf, map::PEERS)?;
+        let peers = HashMap::try_from(peers).map_err(map_err(map::PEERS, "open"))?;
+        let direct = take_map(&mut ebpf, map::DIRECT)?;
+        let direct = HashMap::try_from(direct).map_err(map_err(map::DIRECT, "open"))?;
 
         info!(
             pin_dir = %cfg.pin_dir.display(),
@@ -308,6 +323,10 @@ impl Datapath {
                 counters,
                 socks,
                 workloads: std::sync::Mutex::new(workloads),
+                splice: std::sync::Mutex::new(splice),
+                peers,
+                direct: std::sync::Mutex::new(direct),
+                proxy_netns: plan.proxy_netns,
             },
         ))
     }
@@ -375,6 +394,53 @@ impl Maps {
         let _ = map.remove(&key);
         drop(map);
         Some((orig_to_socket_addr(&v)?, v.cgroup_id))
+    }
+
+    /// The keys of the proxy's two sockets of a connection, as sock_ops registered them:
+    /// (client-side socket, upstream socket), each from its local and peer address.
+    pub fn proxy_keys(
+        &self,
+        inbound: (SocketAddr, SocketAddr),
+        outbound: (SocketAddr, SocketAddr),
+    ) -> Option<(SockKey, SockKey)> {
+        Some((
+            sock_key(self.proxy_netns, inbound.0, inbound.1)?,
+            sock_key(self.proxy_netns, outbound.0, outbound.1)?,
+        ))
+    }
+
+    /// True if sock_ops paired the proxy socket `key` with a workload socket on this node.
+    pub fn paired(&self, key: &SockKey) -> bool {
+        self.peers.get(key, 0).is_ok()
+    }
+
+    /// Lets the workload sending into proxy socket `key` take the kernel-only path towards the
+    /// workload behind proxy socket `out`, once the proxy has relayed `relayed` bytes of it
+    /// (see `MESH_SPLICE`). Called again after each relayed write.
+    pub fn set_splice(
+        &self,
+        key: &SockKey,
+        out: &SockKey,
+        relayed: u64,
+    ) -> Result<(), aya::maps::MapError> {
+        let mut map = self.splice.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(key, Splice { out: *out, relayed }, 0)
+    }
+
+    /// Takes the kernel-only path away from the workload sending into proxy socket `key`:
+    /// its next message goes to the proxy over TCP.
+    pub fn remove_splice(&self, key: &SockKey) {
+        let mut map = self.splice.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = map.remove(key);
+    }
+
+    /// Takes (reads and deletes) the bytes the workload paired with proxy socket `key` sent
+    /// past it on the kernel-only path (0 if it never did).
+    pub fn take_direct_bytes(&self, key: &SockKey) -> u64 {
+        let mut map = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.get(key, 0).unwrap_or(0);
+        let _ = map.remove(key);
+        n
     }
 
     /// Makes `MESH_WORKLOADS` hold exactly `wanted` (cgroup ids); returns how many entries
@@ -512,6 +578,21 @@ pub fn orig_key(client: SocketAddr, local: SocketAddr) -> Option<OrigKey> {
         _pad: 0,
         client_ip,
         proxy_ip,
+    })
+}
+
+/// The `MESH_SOCKS` key of a socket in namespace `netns` from its local and peer address, in
+/// the kernel's layout (v4-mapped addresses normalised to IPv4, like `OrigKey`).
+pub fn sock_key(netns: u64, local: SocketAddr, remote: SocketAddr) -> Option<SockKey> {
+    let k = orig_key(remote, local)?;
+    Some(SockKey {
+        netns,
+        family: k.family,
+        local_port: k.proxy_port,
+        remote_port: k.client_port,
+        _pad: 0,
+        local_ip: k.proxy_ip,
+        remote_ip: k.client_ip,
     })
 }
 

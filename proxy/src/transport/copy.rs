@@ -97,20 +97,33 @@ impl Progress {
     }
 }
 
+/// Told, after each write, how many bytes of a direction the proxy has relayed in all (read
+/// from one side and finished writing to the other): the kernel-only path switches a
+/// direction over only when nothing of it is left in the proxy.
+pub trait Relay: Sync {
+    /// `to_upstream`: the client-to-upstream direction; `total`: its bytes relayed so far.
+    fn relayed(&self, to_upstream: bool, total: u64);
+}
+
 /// `recheck`: the sockets may be on the sk_msg short-circuit, whose readiness can be lost
-/// (see the module comment); plain TCP never needs it.
+/// (see the module comment); plain TCP never needs it. `relay`: told the relayed totals.
 pub async fn bidirectional(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     buffer: usize,
     recheck: bool,
+    relay: Option<&dyn Relay>,
     progress: &Progress,
 ) -> io::Result<Transferred> {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
+    let (up, down) = match relay {
+        Some(r) => (Some((r, true)), Some((r, false))),
+        None => (None, None),
+    };
     tokio::try_join!(
-        one_way(&mut cr, &mut uw, buffer, recheck, &progress.to_upstream),
-        one_way(&mut ur, &mut cw, buffer, recheck, &progress.to_client),
+        one_way(&mut cr, &mut uw, buffer, recheck, up, &progress.to_upstream),
+        one_way(&mut ur, &mut cw, buffer, recheck, down, &progress.to_client),
     )?;
     Ok(progress.snapshot())
 }
@@ -130,8 +143,15 @@ where
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = tokio::io::split(upstream);
     tokio::try_join!(
-        one_way(&mut cr, &mut uw, buffer, recheck, &progress.to_upstream),
-        one_way(&mut ur, &mut cw, buffer, recheck, &progress.to_client),
+        one_way(
+            &mut cr,
+            &mut uw,
+            buffer,
+            recheck,
+            None,
+            &progress.to_upstream
+        ),
+        one_way(&mut ur, &mut cw, buffer, recheck, None, &progress.to_client),
     )?;
     Ok(progress.snapshot())
 }
@@ -142,6 +162,7 @@ async fn one_way<R, W>(
     w: &mut W,
     buffer: usize,
     recheck: bool,
+    relay: Option<(&dyn Relay, bool)>,
     count: &AtomicU64,
 ) -> io::Result<()>
 where
@@ -149,6 +170,7 @@ where
     W: AsyncWrite + Unpin + Direct,
 {
     let mut buf = vec![0u8; buffer];
+    let mut relayed = 0u64;
     loop {
         let n = if recheck {
             read_rechecked(r, &mut buf).await?
@@ -167,6 +189,10 @@ where
         // flushed, and a request/response peer would wait for them forever.
         w.flush().await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
+        relayed += n as u64;
+        if let Some((r, to_upstream)) = relay {
+            r.relayed(to_upstream, relayed);
+        }
     }
 }
 
@@ -242,7 +268,7 @@ mod tests {
         let (mut proxy_out, mut server) = tcp_pair().await?;
         let copier = tokio::spawn(async move {
             let p = Progress::default();
-            bidirectional(&mut proxy_in, &mut proxy_out, 1024, true, &p).await
+            bidirectional(&mut proxy_in, &mut proxy_out, 1024, true, None, &p).await
         });
         let request = vec![7u8; 100_000];
         client.write_all(&request).await?;
@@ -277,7 +303,7 @@ mod tests {
         let p = Progress::default();
         let r = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            bidirectional(&mut proxy_in, &mut proxy_out, 1024, false, &p),
+            bidirectional(&mut proxy_in, &mut proxy_out, 1024, false, None, &p),
         )
         .await;
         assert!(matches!(r, Ok(Err(_))), "expected a reset error, got {r:?}");
