@@ -74,7 +74,7 @@ pub static MESH_FLOWS: HashMap<SockKey, Flow> = HashMap::with_max_entries(65536,
 /// the proxy for an authorized opaque connection to a workload on this node, deleted by it to
 /// take the connection back, and deleted here when the proxy socket registers (a stale entry
 /// of an earlier socket with the same 4-tuple must not steer this one) or closes. A plain
-/// hash: every entry is one live proxy socket. Same size as the SOCKHASH.
+/// hash: every entry is one live proxy socket. Sized like the SOCKHASH (the proxy sets both).
 #[map]
 pub static MESH_SPLICE: HashMap<SockKey, Splice> = HashMap::with_max_entries(65536, 0);
 
@@ -83,7 +83,7 @@ pub static MESH_SPLICE: HashMap<SockKey, Splice> = HashMap::with_max_entries(655
 /// entry goes when the socket reaches TCP_CLOSE, which can be before the proxy closes its
 /// file. LRU: the entries of a proxy that died are never taken; an eviction only loses a
 /// byte count. Removed when a proxy socket registers (a stale count of an earlier socket
-/// with the same 4-tuple).
+/// with the same 4-tuple). Sized like the SOCKHASH.
 #[map]
 pub static MESH_DIRECT: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(65536, 0);
 

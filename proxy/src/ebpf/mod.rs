@@ -217,6 +217,8 @@ impl Datapath {
             .map_max_entries(map::SOCKS, n)
             .map_max_entries(map::PEERS, n)
             .map_max_entries(map::FLOWS, n)
+            .map_max_entries(map::SPLICE, n)
+            .map_max_entries(map::DIRECT, n)
             .load(OBJECT)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
 
