@@ -681,7 +681,7 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
-    let pools = Arc::new(http::upstream::Pools::default());
+    let pools = Arc::new(http::upstream::Pools::new(cfg.sockmap));
     let http = Arc::new(http::HttpProxy {
         discovery: Arc::clone(&discovery),
         pools: Arc::clone(&pools),

@@ -38,6 +38,7 @@ use crate::{
         copy::{self, Progress},
         counted::Counted,
         orig_dst::OrigDstSource,
+        rechecked::Rechecked,
         splice::Splicer,
     },
 };
@@ -405,7 +406,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, ob: Arc<Outbound>) {
     let outcome = match (handling, target) {
         (Handling::Http(downstream), Some(_)) => {
             let _ = client.set_nodelay(true);
-            let io = Counted::new(client, Arc::clone(&progress));
+            let io = Counted::new(Rechecked::new(client, ob.recheck_io), Arc::clone(&progress));
             match Arc::clone(&ob.http)
                 .serve(io, downstream, client_addr, orig, source.clone())
                 .await

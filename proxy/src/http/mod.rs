@@ -25,6 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::transport::{counted::Counted, rechecked::Rechecked};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::{
@@ -36,9 +37,6 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
-
-use crate::transport::counted::Counted;
 use tracing::debug;
 
 use crate::{
@@ -446,7 +444,7 @@ impl HttpProxy {
     /// Serves one detected HTTP connection until it ends.
     pub async fn serve(
         self: Arc<Self>,
-        stream: Counted<TcpStream>,
+        stream: Counted<Rechecked>,
         downstream: Downstream,
         client: SocketAddr,
         orig_dst: SocketAddr,

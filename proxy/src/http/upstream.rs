@@ -24,6 +24,7 @@ use tracing::debug;
 use super::Body;
 use crate::{
     identity::SpiffeId,
+    transport::rechecked::Rechecked,
     tunnel::{TunnelError, Tunnels},
 };
 
@@ -92,12 +93,16 @@ pub struct Pools {
     /// An async mutex per endpoint: requests that arrive while the connection is being made
     /// wait for it instead of each opening their own.
     h2: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<H2Slot>>>>,
+    /// New TCP connections ask their sockets directly when readiness is slow to come
+    /// (`transport::rechecked`): on when the sk_msg short-circuit is.
+    recheck: bool,
 }
 
 async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     via: Option<&Via>,
+    recheck: bool,
 ) -> Result<Box<dyn Io>, ConnectError> {
     if let Some(v) = via {
         return match tokio::time::timeout(
@@ -116,7 +121,7 @@ async fn connect(
         Ok(Ok(s)) => {
             // Requests and responses are written whole by hyper; don't let Nagle hold the tail.
             let _ = s.set_nodelay(true);
-            Ok(Box::new(s))
+            Ok(Box::new(Rechecked::new(s, recheck)))
         }
         Ok(Err(source)) => Err(ConnectError::Refused { addr, source }),
         Err(_) => Err(ConnectError::Timeout { addr, timeout }),
@@ -124,6 +129,14 @@ async fn connect(
 }
 
 impl Pools {
+    /// `recheck`: the sk_msg short-circuit is on (see the field).
+    pub fn new(recheck: bool) -> Pools {
+        Pools {
+            recheck,
+            ..Pools::default()
+        }
+    }
+
     /// An HTTP/1.1 connection to `addr` that is ready for a request: an idle one if any,
     /// else a new one. Give it back with [`Pools::release_h1`] once the request is sent.
     pub async fn h1(
@@ -157,7 +170,7 @@ impl Pools {
         upgrades: bool,
         via: Option<&Via>,
     ) -> Result<http1::SendRequest<Body>, ConnectError> {
-        let stream = connect(addr, connect_timeout, via).await?;
+        let stream = connect(addr, connect_timeout, via, self.recheck).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -231,7 +244,7 @@ impl Pools {
         {
             return Ok(c.clone());
         }
-        let stream = connect(addr, connect_timeout, via).await?;
+        let stream = connect(addr, connect_timeout, via, self.recheck).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Detects an upstream that vanished without a FIN (a node lost) while streams

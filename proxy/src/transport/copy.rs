@@ -21,7 +21,7 @@
 
 use std::{
     io,
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, RawFd},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -53,18 +53,26 @@ pub trait Direct {
     }
 }
 
+/// A non-blocking `recv` on socket `fd`, past the runtime's readiness.
+pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    recv(fd, buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+}
+
+/// A non-blocking `send` on socket `fd` (no SIGPIPE), past the runtime's readiness.
+pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    send(fd, buf, flags).map_err(io::Error::from)
+}
+
 impl Direct for TcpReadHalf<'_> {
     fn recv_now(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
-        let fd = AsRef::<TcpStream>::as_ref(self).as_raw_fd();
-        Some(recv(fd, buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from))
+        Some(recv_now(AsRef::<TcpStream>::as_ref(self).as_raw_fd(), buf))
     }
 }
 
 impl Direct for TcpWriteHalf<'_> {
     fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>> {
-        let fd = AsRef::<TcpStream>::as_ref(self).as_raw_fd();
-        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-        Some(send(fd, buf, flags).map_err(io::Error::from))
+        Some(send_now(AsRef::<TcpStream>::as_ref(self).as_raw_fd(), buf))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod copy;
 pub mod counted;
 pub mod orig_dst;
+pub mod rechecked;
 pub mod splice;
 
 use std::{io, net::SocketAddr};

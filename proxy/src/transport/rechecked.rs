@@ -1,0 +1,263 @@
+//! A TCP stream whose reads and writes do not depend on readiness alone, for the sockets of
+//! connections the proxy terminates (HTTP, through hyper) when the sk_msg short-circuit is on.
+//!
+//! The same backstop as the L4 copy loop's (`transport::copy`, whose module comment has the
+//! measurement): a short-circuit socket can hold bytes (or room to write) without a readiness
+//! event ever coming, so a read or write that has waited [`RECHECK`] asks the socket directly
+//! with MSG_DONTWAIT; an idle read asks again after twice as long, up to [`RECHECK_IDLE_MAX`]
+//! (a keep-alive connection costs a syscall per second). Without the short-circuit the
+//! wrapper only delegates.
+
+use std::{
+    future::Future,
+    io,
+    os::fd::AsRawFd,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::Sleep,
+};
+
+use super::copy::{RECHECK, RECHECK_IDLE_MAX, recv_now, send_now};
+
+/// One direction's wait for readiness: the timer that ends it, and how long the next is.
+struct Wait {
+    timer: Option<Pin<Box<Sleep>>>,
+    next: Duration,
+}
+
+impl Wait {
+    fn new() -> Wait {
+        Wait {
+            timer: None,
+            next: RECHECK,
+        }
+    }
+
+    /// True once the current wait is over (a timer is armed first, and polled so it wakes
+    /// this task).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let next = self.next;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(next)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.timer = None;
+            return true;
+        }
+        false
+    }
+
+    /// The socket made progress: the next wait starts short again.
+    fn reset(&mut self) {
+        self.timer = None;
+        self.next = RECHECK;
+    }
+
+    /// Nothing there when asked: wait longer next time, up to `max`.
+    fn back_off(&mut self, max: Duration) {
+        self.next = (self.next * 2).min(max);
+    }
+}
+
+/// See the module comment. `recheck` false: a plain delegate. Generic only so a test can put
+/// a socket whose readiness never comes under it.
+pub struct Rechecked<T = TcpStream> {
+    inner: T,
+    recheck: bool,
+    read: Wait,
+    write: Wait,
+}
+
+impl<T> Rechecked<T> {
+    pub fn new(inner: T, recheck: bool) -> Rechecked<T> {
+        Rechecked {
+            inner,
+            recheck,
+            read: Wait::new(),
+            write: Wait::new(),
+        }
+    }
+}
+
+impl<T: AsyncRead + AsRawFd + Unpin> AsyncRead for Rechecked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+                this.read.reset();
+                return Poll::Ready(r);
+            }
+            if !this.recheck || !this.read.expired(cx) {
+                return Poll::Pending;
+            }
+            let fd = this.inner.as_raw_fd();
+            match recv_now(fd, buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    this.read.reset();
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    this.read.back_off(RECHECK_IDLE_MAX);
+                    // Loop: poll the stream again (registers for readiness) and arm the
+                    // next, longer timer.
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + AsRawFd + Unpin> AsyncWrite for Rechecked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_write(cx, buf) {
+                this.write.reset();
+                return Poll::Ready(r);
+            }
+            if !this.recheck || !this.write.expired(cx) {
+                return Poll::Pending;
+            }
+            match send_now(this.inner.as_raw_fd(), buf) {
+                Ok(n) => {
+                    this.write.reset();
+                    return Poll::Ready(Ok(n));
+                }
+                // Writes keep asking every RECHECK: a writer is waiting on us.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Both ends of a loopback connection.
+    async fn pair() -> io::Result<(TcpStream, TcpStream)> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let a = TcpStream::connect(l.local_addr()?).await?;
+        let (b, _) = l.accept().await?;
+        Ok((a, b))
+    }
+
+    #[tokio::test]
+    async fn delegates_reads_writes_and_end_of_stream() -> io::Result<()> {
+        for recheck in [false, true] {
+            let (a, b) = pair().await?;
+            let mut a = Rechecked::new(a, recheck);
+            let mut b = Rechecked::new(b, recheck);
+            a.write_all(b"hello").await?;
+            a.shutdown().await?;
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await?;
+            assert_eq!(got, b"hello");
+        }
+        Ok(())
+    }
+
+    /// A read that waited past a recheck and a back-off (the direct asks found nothing) still
+    /// returns the bytes that come later, exactly. (A lost readiness event cannot be made on
+    /// plain TCP; copy.rs tests the direct-ask logic with a fake socket that never gets one.)
+    #[tokio::test]
+    async fn an_idle_read_backs_off_and_still_returns_data() -> io::Result<()> {
+        let (a, b) = pair().await?;
+        let mut a = Rechecked::new(a, true);
+        let mut b = Rechecked::new(b, true);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let n = b.read(&mut buf).await?;
+            io::Result::Ok(buf[..n].to_vec())
+        });
+        // Past the first recheck (50 ms) and one back-off.
+        tokio::time::sleep(Duration::from_millis(180)).await;
+        a.write_all(b"late").await?;
+        let got = reader.await.map_err(io::Error::other)??;
+        assert_eq!(got, b"late");
+        Ok(())
+    }
+
+    /// A stream whose readiness never comes (its reads and writes are always Pending and never
+    /// wake anyone), over a real socket: what a lost wake-up looks like from the runtime.
+    struct NeverReady(TcpStream);
+
+    impl AsRawFd for NeverReady {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+
+    impl AsyncRead for NeverReady {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for NeverReady {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_and_writes_finish_although_readiness_never_comes() -> io::Result<()> {
+        let (a, b) = pair().await?;
+        let mut a = Rechecked::new(NeverReady(a), true);
+        let mut b = Rechecked::new(NeverReady(b), true);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let n = b.read(&mut buf).await?;
+            io::Result::Ok(buf[..n].to_vec())
+        });
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        tokio::time::timeout(Duration::from_secs(5), a.write_all(b"lost"))
+            .await
+            .map_err(io::Error::other)??;
+        let got = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .map_err(io::Error::other)?
+            .map_err(io::Error::other)??;
+        assert_eq!(got, b"lost");
+        Ok(())
+    }
+}
