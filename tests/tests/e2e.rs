@@ -316,7 +316,13 @@ fn integrity_iptables() -> Result<()> {
 #[test]
 fn short_circuit_carries_the_bytes() -> Result<()> {
     require!();
-    let s = Setup::new(&ProxyOptions::default(), 1)?;
+    // The per-hop short-circuit: every byte through the proxy (tests/tests/kernel_path.rs
+    // has the kernel-only path, on by default, where bytes skip the proxy).
+    let opts = ProxyOptions {
+        extra_args: vec!["--kernel-path".into(), "off".into()],
+        ..ProxyOptions::default()
+    };
+    let s = Setup::new(&opts, 1)?;
     let before = counter(&s.node, "msg_redirected_bytes")?;
     const N: u64 = 1 << 20;
     // The client waits for the server's greeting before it writes, so all four sockets
