@@ -324,14 +324,10 @@ fn summary(state: &AdminState) -> Value {
                 .collect()
         })
         .unwrap_or_default();
-    let redirected = kernel
-        .get("msg_redirected_bytes")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    let passed = kernel
-        .get("msg_passed_bytes")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
+    let counted = |name: &str| kernel.get(name).and_then(Value::as_u64).unwrap_or(0);
+    // Bytes that skipped TCP/IP: through the proxy's sockets or past the proxy entirely.
+    let redirected = counted("msg_redirected_bytes") + counted("msg_direct_bytes");
+    let passed = counted("msg_passed_bytes");
     let share = if redirected + passed > 0 {
         json!(redirected as f64 / (redirected + passed) as f64)
     } else {
