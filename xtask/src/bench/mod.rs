@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: every scenario side by side in one run, on the same pods and the
 //! same load generators, reported as medians with min/max and ratios against direct.
 //!
-//! Scenarios: direct (no proxy), the proxy with eBPF interception (short-circuit off, then
-//! on), HAProxy and nginx in the node namespace, and last the proxy with iptables
+//! Scenarios: direct (no proxy), the proxy with eBPF interception (short-circuit off; the
+//! per-hop short-circuit with the adaptive policy; the kernel-only path; the naive per-hop
+//! short-circuit), HAProxy and nginx in the node namespace, and last the proxy with iptables
 //! interception (any nat rule turns conntrack on for the namespace and would slow every
 //! later scenario, see ../shared/notes/bench-peers.md).
 //!
@@ -35,8 +36,10 @@ use peers::{HTTP1, HTTP2, Managed, TCP_PINNED, TCP_UNPINNED};
 /// tails repeatable on this 2-vCPU VM).
 const PIN_CPU: &str = "0";
 const HAPROXY_BASE: u16 = 10000;
-/// Ping-pong sizes of the pinned latency runs: 1 B for the headline, the rest for the
-/// short-circuit table (plain TCP vs naive vs adaptive at each size, `report::short_circuit`).
+/// Ping-pong sizes of the pinned latency runs, in every scenario (direct included): 1 B for
+/// the headline, the rest for the short-circuit table (plain TCP vs naive vs adaptive vs the
+/// kernel-only path at each size) and all of them for the kernel-only path vs direct TCP
+/// (`report::short_circuit`).
 const PINNED_PINGPONG_SIZES: &[u64] = &[1, 64, 1024, 16384, 65536, 1 << 20];
 const NGINX_BASE: u16 = 20000;
 
@@ -193,10 +196,54 @@ pub fn validate(dir: &Path) -> Result<()> {
                 );
             }
         }
+        // The per-hop and kernel-only scenarios differ only by --kernel-path: the kernel's
+        // own count of directions that switched to the kernel-only path is what shows each
+        // measured the path its name says (the proxy turns the path on by default, which is
+        // how the per-hop scenarios once measured it without saying so).
+        let Kind::Proxy {
+            sockmap: true,
+            kernel_path,
+            ..
+        } = sc.kind
+        else {
+            continue;
+        };
+        let switches = results
+            .iter()
+            .find(|r| {
+                r["scenario"] == sc.name
+                    && r["workload"] == report::KERNEL_PATH_WORKLOAD
+                    && r["metric"] == report::KERNEL_PATH_SWITCHES
+            })
+            .and_then(|r| r["median"].as_f64());
+        match switches {
+            None => bail!(
+                "scenario {} has no count of kernel-only path switches in {}: the bench could not read the proxy's kernel counters (proxy counters --pin-dir)",
+                sc.name,
+                dir.display()
+            ),
+            Some(n) if kernel_path && n <= 0.0 => bail!(
+                "the kernel-only path never engaged in scenario {} (no connection direction switched to it in {}): its figures are those of the per-hop short-circuit",
+                sc.name,
+                dir.display()
+            ),
+            Some(n) if !kernel_path && n > 0.0 => bail!(
+                "scenario {} runs with --kernel-path off but {n} connection directions took the kernel-only path ({}): its figures are not per-hop only",
+                sc.name,
+                dir.display()
+            ),
+            Some(_) => {}
+        }
     }
     let summary = fs::read_to_string(dir.join("summary.md")).context("summary.md")?;
-    if !summary.contains("short-circuit:") || summary.contains("(some sizes are missing") {
-        bail!("the short-circuit table in {} is incomplete", dir.display());
+    if !summary.contains("short-circuit:")
+        || !summary.contains(report::KERNEL_VS_DIRECT_TITLE)
+        || summary.contains("(some sizes are missing")
+    {
+        bail!(
+            "the short-circuit tables in {} are incomplete",
+            dir.display()
+        );
     }
     let csv = fs::read_to_string(dir.join("results.csv")).context("results.csv")?;
     let mut lines = csv.lines();
@@ -236,16 +283,19 @@ enum Kind {
     Direct,
     /// `naive`: the short-circuit with every message redirected and nothing bounded
     /// (`--sockmap-policy naive`), the baseline the adaptive policy is measured against.
+    /// `kernel_path`: with `sockmap`, authorized same-node opaque TCP goes workload to
+    /// workload in the kernel (`--kernel-path on`) instead of hop by hop through the proxy.
     Proxy {
         mode: &'static str,
         sockmap: bool,
         naive: bool,
+        kernel_path: bool,
     },
     Haproxy,
     Nginx,
 }
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 8] = [
     Scenario {
         name: "direct",
         about: "client pod to server pod, no proxy",
@@ -258,24 +308,37 @@ const SCENARIOS: [Scenario; 7] = [
             mode: "ebpf",
             sockmap: false,
             naive: false,
+            kernel_path: false,
         },
     },
     Scenario {
         name: "ebpf+sockmap",
-        about: "the proxy, eBPF interception, sk_msg short-circuit on (adaptive policy)",
+        about: "the proxy, eBPF interception, per-hop sk_msg short-circuit on (adaptive policy), kernel-only path off",
         kind: Kind::Proxy {
             mode: "ebpf",
             sockmap: true,
             naive: false,
+            kernel_path: false,
+        },
+    },
+    Scenario {
+        name: "ebpf+kernel",
+        about: "the proxy, eBPF interception, short-circuit on with the kernel-only path (authorized same-node TCP goes workload to workload in the kernel)",
+        kind: Kind::Proxy {
+            mode: "ebpf",
+            sockmap: true,
+            naive: false,
+            kernel_path: true,
         },
     },
     Scenario {
         name: "ebpf+naive",
-        about: "the proxy, eBPF interception, naive short-circuit (every message redirected, unbounded)",
+        about: "the proxy, eBPF interception, naive per-hop short-circuit (every message redirected, unbounded), kernel-only path off",
         kind: Kind::Proxy {
             mode: "ebpf",
             sockmap: true,
             naive: true,
+            kernel_path: false,
         },
     },
     Scenario {
@@ -296,6 +359,7 @@ const SCENARIOS: [Scenario; 7] = [
             mode: "iptables",
             sockmap: false,
             naive: false,
+            kernel_path: false,
         },
     },
 ];
@@ -422,6 +486,7 @@ impl<'a> Bench<'a> {
     fn scenario(&mut self, sc: &Scenario) -> Result<(Vec<Sample>, RssTrace)> {
         let targets = self.targets(sc.kind);
         let peer = self.setup(sc, Some(PIN_CPU))?;
+        let before = self.kernel_path_switches(sc);
         let pinned = self.latency(
             sc.name,
             &targets.tcp_pinned,
@@ -429,9 +494,11 @@ impl<'a> Bench<'a> {
             true,
             PINNED_PINGPONG_SIZES,
         );
+        let pinned_switches = since(before, self.kernel_path_switches(sc));
         self.teardown(sc, peer)?;
         let mut samples = pinned?;
         let peer = self.setup(sc, None)?;
+        let before = self.kernel_path_switches(sc);
         let rest = {
             let under = match (&peer, sc.kind) {
                 (Some(m), _) => UnderTest::Peer(m),
@@ -440,10 +507,57 @@ impl<'a> Bench<'a> {
             };
             self.measure(sc.name, &targets, &under)
         };
+        let switches = since(before, self.kernel_path_switches(sc))
+            .zip(pinned_switches)
+            .map(|(a, b)| a + b);
         self.teardown(sc, peer)?;
         let (rest, trace) = rest?;
         samples.extend(rest);
+        if let Some(n) = switches {
+            say(&format!(
+                "{}: {n} connection directions switched to the kernel-only path",
+                sc.name
+            ));
+            samples.push(Sample {
+                scenario: sc.name.to_string(),
+                workload: report::KERNEL_PATH_WORKLOAD.to_string(),
+                metric: report::KERNEL_PATH_SWITCHES.to_string(),
+                unit: "count",
+                value: n as f64,
+            });
+        }
         Ok((samples, trace))
+    }
+
+    /// The kernel's count of connection directions that switched to the kernel-only path,
+    /// for a proxy scenario with the short-circuit on (None otherwise, or if the counters
+    /// cannot be read: `bench::validate` then reports the figure missing).
+    fn kernel_path_switches(&self, sc: &Scenario) -> Option<u64> {
+        // Checked at compile time: the name `proxy counters --json` prints for the counter.
+        const SPLICE_STARTED: &str =
+            proxy_common::counter::NAMES[proxy_common::counter::SPLICE_STARTED as usize];
+        if !matches!(sc.kind, Kind::Proxy { sockmap: true, .. }) {
+            return None;
+        }
+        match self.node.counters() {
+            Ok(c) => {
+                let n = c.get(SPLICE_STARTED).copied();
+                if n.is_none() {
+                    say(&format!(
+                        "{}: proxy counters has no {SPLICE_STARTED}",
+                        sc.name
+                    ));
+                }
+                n
+            }
+            Err(e) => {
+                say(&format!(
+                    "{}: cannot read the kernel counters: {e:#}",
+                    sc.name
+                ));
+                None
+            }
+        }
     }
 
     fn setup(&mut self, sc: &Scenario, cpus: Option<&str>) -> Result<Option<Managed>> {
@@ -453,15 +567,25 @@ impl<'a> Bench<'a> {
                 mode,
                 sockmap,
                 naive,
+                kernel_path,
             } => {
+                let mut extra_args: Vec<String> = Vec::new();
+                if naive {
+                    extra_args.extend(["--sockmap-policy".into(), "naive".into()]);
+                }
+                // Explicit both ways: the proxy's default (on whenever --sockmap is on) would
+                // silently turn the per-hop scenarios into kernel-only ones. Without the
+                // short-circuit the flag is accepted and ignored, so it is left out.
+                if sockmap {
+                    extra_args.extend([
+                        "--kernel-path".into(),
+                        if kernel_path { "on" } else { "off" }.into(),
+                    ]);
+                }
                 self.node.start_proxy(&ProxyOptions {
                     mode,
                     sockmap,
-                    extra_args: if naive {
-                        vec!["--sockmap-policy".into(), "naive".into()]
-                    } else {
-                        Vec::new()
-                    },
+                    extra_args,
                     cpus: cpus.map(str::to_string),
                     quiet: true,
                     ..ProxyOptions::default()
@@ -894,6 +1018,12 @@ fn num(v: &Value, key: &str) -> Result<f64> {
             .with_context(|| format!("{key:?} is not a number in {v}")),
         None => bail!("no {key:?} in {v}"),
     }
+}
+
+/// How much a counter grew between two readings of one proxy run: a difference, since the
+/// pinned counters need not start from zero with a new proxy.
+fn since(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(after?.saturating_sub(before?))
 }
 
 fn human(bytes: u64) -> String {

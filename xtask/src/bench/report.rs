@@ -71,15 +71,22 @@ pub fn rows(samples: &[Sample]) -> Vec<Row> {
         .collect()
 }
 
-const SCENARIO_ORDER: [&str; 7] = [
+const SCENARIO_ORDER: [&str; 8] = [
     "direct",
     "iptables",
     "ebpf",
     "ebpf+sockmap",
+    "ebpf+kernel",
     "ebpf+naive",
     "haproxy",
     "nginx",
 ];
+
+/// Workload and metric of the kernel's count of connection directions that switched to the
+/// kernel-only path over a scenario's runs (recorded for the proxy scenarios with the
+/// short-circuit on; `bench::validate` checks it against each scenario's --kernel-path).
+pub const KERNEL_PATH_WORKLOAD: &str = "kernel-only path";
+pub const KERNEL_PATH_SWITCHES: &str = "switches";
 
 /// Sizes of the short-circuit comparison (issue 9): latency from the pinned ping-pong runs,
 /// throughput from the one-connection stream runs.
@@ -91,12 +98,39 @@ const SHORT_CIRCUIT_SIZES: [(u64, &str); 5] = [
     (1 << 20, "1MiB"),
 ];
 
+/// Sizes of the kernel-only path vs direct TCP comparison: every pinned ping-pong size.
+const KERNEL_VS_DIRECT_SIZES: [(u64, &str); 6] = [
+    (1, "1B"),
+    (64, "64B"),
+    (1024, "1KiB"),
+    (16384, "16KiB"),
+    (65536, "64KiB"),
+    (1 << 20, "1MiB"),
+];
+
+/// The first line of the kernel-only path vs direct table (`bench::validate` looks for it).
+pub const KERNEL_VS_DIRECT_TITLE: &str = "kernel-only path vs direct TCP (no proxy)";
+
+/// p50 of the sk_msg redirect between two processes over plain TCP between them, no proxy,
+/// measured on this kernel (../shared/notes/sockmap-measured.md, 14 B and 1 KiB): the limit
+/// the kernel-only path can approach, shown next to its measured ratio, never asserted.
+const KERNEL_LIMIT_P50: f64 = 0.58;
+
+/// The scenarios whose policy the short-circuit table compares.
+const PLAIN: &str = "ebpf";
+const ADAPTIVE: &str = "ebpf+sockmap";
+const KERNEL: &str = "ebpf+kernel";
+const NAIVE: &str = "ebpf+naive";
+
 /// The short-circuit table: at each size, plain TCP through the proxy (`ebpf`), the naive
-/// redirect and the adaptive policy (`ebpf+sockmap`), as medians and as speed-ups over plain
-/// TCP (latency: TCP p50 / its p50; throughput: its rate / TCP's; above 1 is faster), and
-/// the sizes where the policy is slower than plain TCP. A size is left out (and said to be)
-/// only if plain TCP or the adaptive policy has no figure; a naive run that failed shows as
-/// "fails".
+/// per-hop redirect (`ebpf+naive`), the adaptive per-hop policy (`ebpf+sockmap`) and the
+/// kernel-only path (`ebpf+kernel`), as medians and as speed-ups over plain TCP (latency: TCP
+/// p50 / its p50; throughput: its rate / TCP's; above 1 is faster), then for the adaptive
+/// policy and the kernel-only path each the sizes where it is slower than plain TCP, the
+/// kernel's count of kernel-only path switches per scenario, and the kernel-only path against
+/// TCP without a proxy ([`kernel_vs_direct`]). A size is left out only if plain TCP has no
+/// figure; a missing adaptive or kernel-only figure shows as "-"; either makes the table say
+/// it is incomplete. A naive run that failed shows as "fails".
 pub fn short_circuit(samples: &[Sample]) -> String {
     let rows = rows(samples);
     let median = |scenario: &str, workload: &str, metric: &str| {
@@ -106,70 +140,202 @@ pub fn short_circuit(samples: &[Sample]) -> String {
             .filter(|v| v.is_finite() && *v > 0.0)
     };
     let mut out = String::from(
-        "\nshort-circuit: plain TCP through the proxy vs naive redirect vs adaptive policy\n",
+        "\nshort-circuit: plain TCP through the proxy vs naive per-hop redirect vs adaptive per-hop policy vs kernel-only path\n",
     );
     let _ = writeln!(
         out,
-        "{:<7} {:>12} {:>18} {:>18} {:>14} {:>18} {:>18}",
+        "{:<7} {:>12} {:>18} {:>18} {:>18} {:>14} {:>18} {:>18} {:>18}",
         "size",
         "TCP p50 us",
         "naive p50",
         "adaptive p50",
+        "kernel p50",
         "TCP Gbit/s",
         "naive Gbit/s",
-        "adaptive Gbit/s"
+        "adaptive Gbit/s",
+        "kernel Gbit/s"
     );
-    let mut slower = Vec::new();
+    let mut adaptive = Verdict::default();
+    let mut kernel = Verdict::default();
     let mut complete = true;
-    // The naive policy may fail outright (ENOMEM once the machine's TCP memory is full): then
-    // it has no median, and the table says so instead of leaving the size out.
-    let naive = |base: f64, v: Option<f64>, latency: bool| match v {
-        Some(v) if latency => format!("{} (x{:.2})", fmt(v), base / v),
-        Some(v) => format!("{} (x{:.2})", fmt(v), v / base),
-        None => "fails".to_string(),
+    // A figure with its speed-up over plain TCP, or `absent`: the naive policy may fail
+    // outright (ENOMEM once the machine's TCP memory is full), and the table says so
+    // instead of leaving the size out.
+    let cell = |speedup: Option<f64>, v: Option<f64>, absent: &str| match (v, speedup) {
+        (Some(v), Some(x)) => format!("{} (x{x:.2})", fmt(v)),
+        _ => absent.to_string(),
     };
     for (bytes, name) in SHORT_CIRCUIT_SIZES {
         let lat = format!("pingpong {bytes}B pinned");
         let thr = format!("stream {name} x1");
-        let (Some(tl), Some(al), Some(tt), Some(at)) = (
-            median("ebpf", &lat, "p50_us"),
-            median("ebpf+sockmap", &lat, "p50_us"),
-            median("ebpf", &thr, "gbit_per_s"),
-            median("ebpf+sockmap", &thr, "gbit_per_s"),
+        let (Some(tl), Some(tt)) = (
+            median(PLAIN, &lat, "p50_us"),
+            median(PLAIN, &thr, "gbit_per_s"),
         ) else {
             complete = false;
+            adaptive.missing.push(format!("{name} plain TCP"));
+            kernel.missing.push(format!("{name} plain TCP"));
             continue;
         };
+        let faster_lat = |v: Option<f64>| v.map(|v| tl / v);
+        let faster_thr = |v: Option<f64>| v.map(|v| v / tt);
+        let [nl, al, kl] = [NAIVE, ADAPTIVE, KERNEL].map(|sc| median(sc, &lat, "p50_us"));
+        let [nt, at, kt] = [NAIVE, ADAPTIVE, KERNEL].map(|sc| median(sc, &thr, "gbit_per_s"));
         let _ = writeln!(
             out,
-            "{name:<7} {:>12} {:>18} {:>18} {:>14} {:>18} {:>18}",
+            "{name:<7} {:>12} {:>18} {:>18} {:>18} {:>14} {:>18} {:>18} {:>18}",
             fmt(tl),
-            naive(tl, median("ebpf+naive", &lat, "p50_us"), true),
-            format!("{} (x{:.2})", fmt(al), tl / al),
+            cell(faster_lat(nl), nl, "fails"),
+            cell(faster_lat(al), al, "-"),
+            cell(faster_lat(kl), kl, "-"),
             fmt(tt),
-            naive(tt, median("ebpf+naive", &thr, "gbit_per_s"), false),
-            format!("{} (x{:.2})", fmt(at), at / tt),
+            cell(faster_thr(nt), nt, "fails"),
+            cell(faster_thr(at), at, "-"),
+            cell(faster_thr(kt), kt, "-"),
         );
-        if tl / al < 1.0 {
-            slower.push(format!("{name} latency x{:.2}", tl / al));
-        }
-        if at / tt < 1.0 {
-            slower.push(format!("{name} throughput x{:.2}", at / tt));
-        }
+        adaptive.note(name, "latency", faster_lat(al));
+        adaptive.note(name, "throughput", faster_thr(at));
+        kernel.note(name, "latency", faster_lat(kl));
+        kernel.note(name, "throughput", faster_thr(kt));
+        complete &= [al, at, kl, kt].iter().all(Option::is_some);
     }
     if !complete {
         out.push_str("(some sizes are missing: a scenario did not produce them)\n");
     }
     out.push_str("(medians; xN = speed-up over plain TCP through the proxy in the same run, above 1 is faster)\n");
-    if slower.is_empty() {
-        out.push_str("adaptive policy >= plain TCP at every size\n");
-    } else {
+    adaptive.write(&mut out, "adaptive per-hop policy");
+    kernel.write(&mut out, "kernel-only path");
+    out.push_str(&kernel_path_switches(&rows));
+    out.push_str(&kernel_vs_direct(&rows));
+    out
+}
+
+/// Where one policy of the short-circuit table is slower than plain TCP, and where it has
+/// no figure.
+#[derive(Default)]
+struct Verdict {
+    slower: Vec<String>,
+    missing: Vec<String>,
+}
+
+impl Verdict {
+    /// `speedup` over plain TCP at `size` for `what` (latency or throughput), if measured.
+    fn note(&mut self, size: &str, what: &str, speedup: Option<f64>) {
+        match speedup {
+            Some(x) if x < 1.0 => self.slower.push(format!("{size} {what} x{x:.2}")),
+            Some(_) => {}
+            None => self.missing.push(format!("{size} {what}")),
+        }
+    }
+
+    /// One line: `who` is >= plain TCP at every size, or where it is slower; never "every
+    /// size" when a size has no figure.
+    fn write(&self, out: &mut String, who: &str) {
+        let missing = if self.missing.is_empty() {
+            String::new()
+        } else {
+            format!("; no figure for {}", self.missing.join(", "))
+        };
+        if !self.slower.is_empty() {
+            let _ = writeln!(
+                out,
+                "{who} SLOWER than plain TCP at: {}{missing}",
+                self.slower.join(", ")
+            );
+        } else if self.missing.is_empty() {
+            let _ = writeln!(out, "{who} >= plain TCP at every size");
+        } else {
+            let _ = writeln!(out, "{who} >= plain TCP where measured{missing}");
+        }
+    }
+}
+
+/// The kernel's count of directions that switched to the kernel-only path in each
+/// short-circuit scenario, with a warning when a scenario did not take the path its name
+/// says (the per-hop ones run with --kernel-path off).
+fn kernel_path_switches(rows: &[Row]) -> String {
+    let count = |sc: &str| {
+        rows.iter()
+            .find(|r| {
+                r.scenario == sc
+                    && r.workload == KERNEL_PATH_WORKLOAD
+                    && r.metric == KERNEL_PATH_SWITCHES
+            })
+            .map(|r| r.median)
+            .filter(|v| v.is_finite())
+    };
+    let shown: Vec<String> = [ADAPTIVE, KERNEL, NAIVE]
+        .iter()
+        .map(|sc| match count(sc) {
+            Some(n) => format!("{sc} {n:.0}"),
+            None => format!("{sc} not counted"),
+        })
+        .collect();
+    let mut out = format!(
+        "kernel-only path switches (connection directions, counted by the kernel): {}\n",
+        shown.join(", ")
+    );
+    if count(KERNEL) == Some(0.0) {
         let _ = writeln!(
             out,
-            "adaptive policy SLOWER than plain TCP at: {}",
-            slower.join(", ")
+            "WARNING: the kernel-only path never engaged in {KERNEL}: its figures are those of the per-hop short-circuit"
         );
     }
+    for sc in [ADAPTIVE, NAIVE] {
+        if count(sc).is_some_and(|n| n > 0.0) {
+            let _ = writeln!(
+                out,
+                "WARNING: {sc} used the kernel-only path although it runs with --kernel-path off: its figures are not per-hop only"
+            );
+        }
+    }
+    out
+}
+
+/// The kernel-only path (`ebpf+kernel`) against TCP without a proxy (`direct`): p50 of the
+/// pinned ping-pong at each size and kernel/direct (lower is better), next to the limit the
+/// kernel redirect reached without any proxy on this kernel. Reported, not asserted.
+fn kernel_vs_direct(rows: &[Row]) -> String {
+    let p50 = |scenario: &str, bytes: u64| {
+        let workload = format!("pingpong {bytes}B pinned");
+        rows.iter()
+            .find(|r| r.scenario == scenario && r.workload == workload && r.metric == "p50_us")
+            .map(|r| r.median)
+            .filter(|v| v.is_finite() && *v > 0.0)
+    };
+    let mut out = format!(
+        "\n{KERNEL_VS_DIRECT_TITLE}: pinned ping-pong p50; the kernel limit of the sk_msg redirect, measured without a proxy, is x{KERNEL_LIMIT_P50:.2} of plain TCP at p50 (../shared/notes/sockmap-measured.md)\n"
+    );
+    let _ = writeln!(
+        out,
+        "{:<7} {:>14} {:>14} {:>14}",
+        "size", "direct p50 us", "kernel p50 us", "kernel/direct"
+    );
+    let mut complete = true;
+    for (bytes, name) in KERNEL_VS_DIRECT_SIZES {
+        let (direct, kernel) = (p50("direct", bytes), p50(KERNEL, bytes));
+        let show = |v: Option<f64>| v.map_or_else(|| "-".to_string(), fmt);
+        let ratio = match (direct, kernel) {
+            (Some(d), Some(k)) => format!("x{:.2}", k / d),
+            _ => {
+                complete = false;
+                "-".to_string()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{name:<7} {:>14} {:>14} {ratio:>14}",
+            show(direct),
+            show(kernel)
+        );
+    }
+    if !complete {
+        out.push_str("(some sizes are missing: a scenario did not produce them)\n");
+    }
+    let _ = writeln!(
+        out,
+        "(medians; kernel/direct = kernel-only path p50 / direct TCP p50 in the same run, lower is better, below 1 is faster than TCP without a proxy; the kernel limit is x{KERNEL_LIMIT_P50:.2})"
+    );
     out
 }
 
@@ -444,13 +610,16 @@ fn nan_null(v: f64) -> Value {
 }
 
 fn colour(i: usize) -> RGBColor {
-    const C: [RGBColor; 6] = [
+    // One colour per scenario of SCENARIO_ORDER.
+    const C: [RGBColor; 8] = [
         RGBColor(0, 0, 0),
         RGBColor(214, 39, 40),
         RGBColor(31, 119, 180),
         RGBColor(44, 160, 44),
+        RGBColor(23, 190, 207),
         RGBColor(148, 103, 189),
         RGBColor(255, 127, 14),
+        RGBColor(140, 86, 75),
     ];
     C[i % C.len()]
 }
@@ -794,15 +963,22 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn short_circuit_table_compares_with_plain_tcp_and_says_where_slower() {
-        let s = |scenario: &str, workload: String, metric: &str, v: f64| Sample {
+    fn sample(scenario: &str, workload: String, metric: &str, v: f64) -> Sample {
+        Sample {
             scenario: scenario.into(),
             workload,
             metric: metric.into(),
             unit: "x",
             value: v,
-        };
+        }
+    }
+
+    /// Every figure the short-circuit tables read: plain TCP 40 us / 8 Gbit/s, adaptive
+    /// 20 us / 10 Gbit/s (6 at 64 KiB), kernel-only 10 us / 24 Gbit/s (4 at 16 KiB), naive
+    /// 25 us / 16 Gbit/s (failed at 1 MiB), direct 20 us; the kernel path switched 12
+    /// directions in ebpf+kernel and none in the per-hop scenarios.
+    fn short_circuit_samples() -> Vec<Sample> {
+        let s = sample;
         let mut samples = Vec::new();
         for (bytes, name) in SHORT_CIRCUIT_SIZES {
             let lat = format!("pingpong {bytes}B pinned");
@@ -813,22 +989,225 @@ mod tests {
             // 64 KiB: the adaptive policy slower than TCP; the naive one failed at 1 MiB.
             let adaptive = if bytes == 65536 { 6.0 } else { 10.0 };
             samples.push(s("ebpf+sockmap", thr.clone(), "gbit_per_s", adaptive));
+            // 16 KiB: the kernel-only path slower than TCP.
+            let kernel = if bytes == 16384 { 4.0 } else { 24.0 };
+            samples.push(s("ebpf+kernel", thr.clone(), "gbit_per_s", kernel));
             if bytes != 1 << 20 {
                 samples.push(s("ebpf+naive", lat, "p50_us", 25.0));
                 samples.push(s("ebpf+naive", thr, "gbit_per_s", 16.0));
             }
         }
+        for (bytes, _) in KERNEL_VS_DIRECT_SIZES {
+            let lat = format!("pingpong {bytes}B pinned");
+            samples.push(s("ebpf+kernel", lat.clone(), "p50_us", 10.0));
+            samples.push(s("direct", lat, "p50_us", 20.0));
+        }
+        for (sc, n) in [
+            ("ebpf+sockmap", 0.0),
+            ("ebpf+kernel", 12.0),
+            ("ebpf+naive", 0.0),
+        ] {
+            samples.push(s(sc, KERNEL_PATH_WORKLOAD.into(), KERNEL_PATH_SWITCHES, n));
+        }
+        samples
+    }
+
+    /// The line of `table` that starts with `first` (a size), split into its cells.
+    fn line_of(table: &str, first: &str) -> String {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(first))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn short_circuit_table_compares_with_plain_tcp_and_says_where_slower() {
+        let samples = short_circuit_samples();
         let t = short_circuit(&samples);
-        assert!(t.contains("20.00 (x2.00)"), "{t}");
-        assert!(t.contains("16.00 (x2.00)"), "{t}");
-        assert!(t.contains("fails"), "{t}");
-        assert!(!t.contains("missing"), "{t}");
         assert!(
-            t.contains("SLOWER than plain TCP at: 64KiB throughput x0.75"),
+            t.contains("adaptive p50") && t.contains("kernel Gbit/s"),
             "{t}"
         );
-        // Without the adaptive figures for a size, the table says it is incomplete.
-        let t = short_circuit(&samples[4..]);
+        // 1 KiB: naive, adaptive, kernel-only latency, then naive, adaptive, kernel-only
+        // throughput, each with its speed-up over plain TCP.
+        let kib = line_of(&t, "1KiB");
+        for cell in [
+            "25.00 (x1.60)",
+            "20.00 (x2.00)",
+            "10.00 (x4.00)",
+            "16.00 (x2.00)",
+            "10.00 (x1.25)",
+            "24.00 (x3.00)",
+        ] {
+            assert!(kib.contains(cell), "{cell} not in {kib}\n{t}");
+        }
+        assert!(line_of(&t, "1MiB").contains("fails"), "{t}");
+        assert!(!t.contains("missing"), "{t}");
+        assert!(!t.contains("no figure"), "{t}");
+        // One verdict per policy, each about its own columns.
+        assert!(
+            t.contains(
+                "adaptive per-hop policy SLOWER than plain TCP at: 64KiB throughput x0.75\n"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("kernel-only path SLOWER than plain TCP at: 16KiB throughput x0.50\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("switches (connection directions, counted by the kernel): ebpf+sockmap 0, ebpf+kernel 12, ebpf+naive 0"),
+            "{t}"
+        );
+        assert!(!t.contains("WARNING"), "{t}");
+
+        // Without the adaptive figures for a size, the row shows "-" there and the table
+        // says it is incomplete; without plain TCP, the size is left out.
+        let without: Vec<Sample> = samples
+            .iter()
+            .filter(|s| !(s.scenario == "ebpf+sockmap" && s.workload.starts_with("pingpong 64B")))
+            .cloned()
+            .collect();
+        let t = short_circuit(&without);
         assert!(t.contains("some sizes are missing"), "{t}");
+        assert!(line_of(&t, "64B").contains("      - "), "{t}");
+        assert!(
+            t.contains("adaptive per-hop policy SLOWER than plain TCP at: 64KiB throughput x0.75; no figure for 64B latency\n"),
+            "{t}"
+        );
+        let t = short_circuit(&samples[4..]);
+        let per_hop = &t[..t.find(KERNEL_VS_DIRECT_TITLE).unwrap_or(t.len())];
+        assert!(line_of(per_hop, "64B").is_empty(), "{t}");
+        assert!(t.contains("some sizes are missing"), "{t}");
+        assert!(t.contains("; no figure for 64B plain TCP\n"), "{t}");
+    }
+
+    #[test]
+    fn short_circuit_table_shows_a_missing_kernel_path_figure() {
+        let mut samples = short_circuit_samples();
+        // The kernel-only path lost its 64 KiB stream and 16 KiB (its only slower size).
+        samples.retain(|s| {
+            !(s.scenario == "ebpf+kernel"
+                && (s.workload == "stream 64KiB x1" || s.workload == "stream 16KiB x1"))
+        });
+        let t = short_circuit(&samples);
+        let row = line_of(&t, "64KiB");
+        assert!(row.trim_end().ends_with(" -"), "{row}\n{t}");
+        assert!(row.contains("6.00 (x0.75)"), "adaptive still shown: {row}");
+        assert!(t.contains("(some sizes are missing"), "{t}");
+        // Never "every size" when a size has no figure; the adaptive verdict is unchanged.
+        assert!(
+            t.contains("kernel-only path >= plain TCP where measured; no figure for 16KiB throughput, 64KiB throughput\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "adaptive per-hop policy SLOWER than plain TCP at: 64KiB throughput x0.75\n"
+            ),
+            "{t}"
+        );
+        // With every figure the kernel-only path at least as fast as TCP everywhere.
+        let mut samples = short_circuit_samples();
+        for s in &mut samples {
+            if s.scenario == "ebpf+kernel" && s.metric == "gbit_per_s" {
+                s.value = 24.0;
+            }
+        }
+        let t = short_circuit(&samples);
+        assert!(
+            t.contains("kernel-only path >= plain TCP at every size\n"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn kernel_path_vs_direct_shows_the_ratio_and_the_kernel_limit() {
+        let samples = short_circuit_samples();
+        let t = short_circuit(&samples);
+        let table = &t[t.find(KERNEL_VS_DIRECT_TITLE).unwrap_or(0)..];
+        assert!(table.starts_with(KERNEL_VS_DIRECT_TITLE), "{t}");
+        assert!(table.contains("x0.58 of plain TCP at p50"), "{table}");
+        assert!(table.contains("kernel/direct"), "{table}");
+        for (_, name) in KERNEL_VS_DIRECT_SIZES {
+            let row = line_of(table, name);
+            assert_eq!(
+                row.split_whitespace().collect::<Vec<_>>(),
+                [name, "20.00", "10.00", "x0.50"],
+                "{table}"
+            );
+        }
+        assert!(!table.contains("missing"), "{table}");
+
+        // direct lost its 1 KiB ping-pong: that size shows "-" and the table says so.
+        let without: Vec<Sample> = samples
+            .into_iter()
+            .filter(|s| !(s.scenario == "direct" && s.workload == "pingpong 1024B pinned"))
+            .collect();
+        let t = short_circuit(&without);
+        let table = &t[t.find(KERNEL_VS_DIRECT_TITLE).unwrap_or(0)..];
+        assert_eq!(
+            line_of(table, "1KiB")
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            ["1KiB", "-", "10.00", "-"],
+            "{table}"
+        );
+        assert!(table.contains("(some sizes are missing"), "{table}");
+    }
+
+    #[test]
+    fn kernel_path_switches_warn_when_a_scenario_took_the_wrong_path() {
+        let mut samples = short_circuit_samples();
+        for s in &mut samples {
+            if s.metric == KERNEL_PATH_SWITCHES {
+                s.value = if s.scenario == "ebpf+kernel" {
+                    0.0
+                } else {
+                    3.0
+                };
+            }
+        }
+        let t = short_circuit(&samples);
+        assert!(
+            t.contains("WARNING: the kernel-only path never engaged in ebpf+kernel"),
+            "{t}"
+        );
+        assert!(
+            t.contains("WARNING: ebpf+sockmap used the kernel-only path"),
+            "{t}"
+        );
+        assert!(
+            t.contains("WARNING: ebpf+naive used the kernel-only path"),
+            "{t}"
+        );
+        samples.retain(|s| s.metric != KERNEL_PATH_SWITCHES);
+        let t = short_circuit(&samples);
+        assert!(t.contains("ebpf+kernel not counted"), "{t}");
+    }
+
+    /// The report's names and sizes are those the bench runs: a renamed scenario or a
+    /// dropped ping-pong size would otherwise only show as "-" in a real run.
+    #[test]
+    fn report_names_and_sizes_match_the_bench() {
+        let mut ran: Vec<&str> = super::super::SCENARIOS.iter().map(|s| s.name).collect();
+        let mut shown = SCENARIO_ORDER.to_vec();
+        ran.sort_unstable();
+        shown.sort_unstable();
+        assert_eq!(ran, shown);
+        for sc in [PLAIN, ADAPTIVE, KERNEL, NAIVE] {
+            assert!(SCENARIO_ORDER.contains(&sc), "{sc}");
+        }
+        for (bytes, name) in SHORT_CIRCUIT_SIZES.iter().chain(&KERNEL_VS_DIRECT_SIZES) {
+            assert!(
+                super::super::PINNED_PINGPONG_SIZES.contains(bytes),
+                "{name}"
+            );
+            assert_eq!(super::super::human(*bytes), *name);
+        }
+        for (bytes, _) in SHORT_CIRCUIT_SIZES {
+            assert!(super::super::QUICK.stream_sizes.contains(&bytes));
+            assert!(super::super::FULL.stream_sizes.contains(&bytes));
+        }
     }
 }
