@@ -1729,6 +1729,25 @@ mod tests {
     }
 
     #[test]
+    fn kernel_path_is_on_with_the_short_circuit_unless_turned_off() -> Result<(), ConfigError> {
+        let base = "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\n";
+        assert!(resolve(&format!("{base}sockmap = true\n"))?.kernel_path);
+        assert!(!resolve(&format!("{base}sockmap = true\nkernel_path = false\n"))?.kernel_path);
+        // Without the short-circuit there is nothing to pair, whatever the setting says.
+        assert!(!resolve(&format!("{base}sockmap = false\nkernel_path = true\n"))?.kernel_path);
+        let c = resolve(&format!(
+            "{base}sockmap = true\nsockmap_policy = \"naive\"\n"
+        ))?;
+        assert!(
+            c.kernel_path && c.needs_kernel_offsets(),
+            "the path reads write_seq"
+        );
+        let e = err(&format!("{base}kernel_path = \"yes\"\n"));
+        assert!(e.contains("kernel_path"), "{e}");
+        Ok(())
+    }
+
+    #[test]
     fn short_circuit_policy_defaults_bounds_and_errors() -> Result<(), ConfigError> {
         let base = "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nsockmap = true\n";
         let c = resolve(base)?;

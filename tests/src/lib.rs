@@ -590,6 +590,19 @@ impl Node {
         fs::read_to_string(&self.proxy_log).unwrap_or_default()
     }
 
+    /// One kernel counter of this node's proxy, by name (`proxy counters`).
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        self.counters()?
+            .get(name)
+            .copied()
+            .with_context(|| format!("no kernel counter {name}"))
+    }
+
+    /// [`client_ok`], with this node's proxy warnings in the error.
+    pub fn client_ok(&self, out: Output) -> Result<String> {
+        client_ok(out).map_err(|e| e.context(format!("proxy warnings:\n{}", self.proxy_warnings())))
+    }
+
     /// The proxy's WARN and ERROR lines (the last 20), for the error of a failed client: a
     /// test that returns an error does not print the whole log (MESH_TEST_LOG=1 does).
     pub fn proxy_warnings(&self) -> String {

@@ -72,8 +72,7 @@ impl Setup {
         let mut cmd = self.client.command(&self.node.bins.meshtest);
         cmd.args(["client", "--connect", target, "--io", self.io])
             .args(args);
-        client_ok(run_bounded(cmd, CLIENT_LIMIT)?)
-            .map_err(|e| e.context(format!("proxy warnings:\n{}", self.node.proxy_warnings())))
+        self.node.client_ok(run_bounded(cmd, CLIENT_LIMIT)?)
     }
 
     /// What the servers printed, one line per connection. A server prints a connection's
@@ -131,10 +130,7 @@ macro_rules! require {
 }
 
 fn counter(node: &Node, name: &str) -> Result<u64> {
-    node.counters()?
-        .get(name)
-        .copied()
-        .with_context(|| format!("no counter {name}"))
+    node.counter(name)
 }
 
 // === forwarding ===

@@ -9,8 +9,7 @@ use std::{fs, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use tests::{
-    Background, Binaries, Node, Pod, ProxyOptions, client_ok, metric_sum, require_privileges,
-    run_bounded,
+    Background, Binaries, Node, Pod, ProxyOptions, metric_sum, require_privileges, run_bounded,
 };
 
 const PORT: u16 = 8070;
@@ -96,11 +95,7 @@ allow = ["spiffe://cluster.local/ns/kp/sa/{allowed}"]
     }
 
     fn counter(&self, name: &str) -> Result<u64> {
-        self.node
-            .counters()?
-            .get(name)
-            .copied()
-            .with_context(|| format!("no kernel counter {name}"))
+        self.node.counter(name)
     }
 
     fn metrics(&self) -> Result<String> {
@@ -122,12 +117,11 @@ allow = ["spiffe://cluster.local/ns/kp/sa/{allowed}"]
         let mut cmd = self.client.command(&self.node.bins.meshtest);
         cmd.args(args)
             .args(["--connect", &format!("{}:{PORT}", self.server.ipv4)]);
-        client_ok(run_bounded(cmd, LIMIT)?)
-            .map_err(|e| e.context(format!("proxy warnings:\n{}", self.node.proxy_warnings())))
+        self.node.client_ok(run_bounded(cmd, LIMIT)?)
     }
 
-    /// Runs the script's client side; returns its result line.
-    fn script_client(&self, mode: &str) -> Result<String> {
+    /// The script's client side in the client pod.
+    fn script_command(&self, mode: &str) -> std::process::Command {
         let mut cmd = self.client.command("/usr/bin/python3");
         cmd.args([
             SCRIPT,
@@ -136,7 +130,12 @@ allow = ["spiffe://cluster.local/ns/kp/sa/{allowed}"]
             &PORT.to_string(),
             mode,
         ]);
-        let out = run_bounded(cmd, Duration::from_secs(60))?;
+        cmd
+    }
+
+    /// Runs the script's client side; returns its result line.
+    fn script_client(&self, mode: &str) -> Result<String> {
+        let out = run_bounded(self.script_command(mode), Duration::from_secs(60))?;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
         ensure!(
             out.status.success(),
@@ -243,7 +242,7 @@ fn every_size_arrives_intact_on_the_kernel_path_and_the_metrics_count_it() -> Re
         "--connect",
         &format!("{}:{}", kp.server.ipv4, PORT + 1),
     ]);
-    let out = client_ok(run_bounded(cmd, LIMIT)?)?;
+    let out = kp.node.client_ok(run_bounded(cmd, LIMIT)?)?;
     ensure!(out.contains("\"mismatches\":0"), "order: {out}");
 
     let switched = kp.counter("splice_started")? - started;
@@ -357,15 +356,10 @@ fn authorization_keeps_denied_connections_off_and_a_reload_takes_them_back() -> 
     kp.write_config(true)?;
     kp.node.wait_for_log("config reloaded", 1)?;
     let server = kp.script_server("echo", "allowed")?;
-    let mut cmd = kp.client.command("/usr/bin/python3");
-    cmd.args([
-        SCRIPT,
-        "connect",
-        &kp.server.ipv4.to_string(),
-        &PORT.to_string(),
-        "ticks",
-    ]);
-    let client = Background::spawn(cmd, kp.node.scratch.join("ticks.out"))?;
+    let client = Background::spawn(
+        kp.script_command("ticks"),
+        kp.node.scratch.join("ticks.out"),
+    )?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while kp.counter("splice_started")? < started + 2 {
         ensure!(

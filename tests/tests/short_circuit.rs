@@ -11,9 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use tests::{
-    Background, Binaries, Node, Pod, ProxyOptions, client_ok, require_privileges, run_bounded,
-};
+use tests::{Background, Binaries, Node, Pod, ProxyOptions, require_privileges, run_bounded};
 
 const PORT: u16 = 8090;
 const LIMIT: Duration = Duration::from_secs(300);
@@ -79,16 +77,12 @@ impl Pair {
     }
 
     fn run_client(&self, args: &[&str]) -> Result<String> {
-        client_ok(run_bounded(self.client_cmd(args), LIMIT)?)
-            .map_err(|e| e.context(format!("proxy warnings:\n{}", self.node.proxy_warnings())))
+        self.node
+            .client_ok(run_bounded(self.client_cmd(args), LIMIT)?)
     }
 
     fn counter(&self, name: &str) -> Result<u64> {
-        self.node
-            .counters()?
-            .get(name)
-            .copied()
-            .with_context(|| format!("no kernel counter {name}"))
+        self.node.counter(name)
     }
 }
 

@@ -293,18 +293,13 @@ impl Datapath {
         // Now the new programs are in place: let the stale ones go.
         drop(stale);
 
-        let orig_dst = take_map(&mut ebpf, map::ORIG_DST)?;
-        let orig_dst = HashMap::try_from(orig_dst).map_err(map_err(map::ORIG_DST, "open"))?;
         let counters = take_map(&mut ebpf, map::COUNTERS)?;
         let counters = PerCpuArray::try_from(counters).map_err(map_err(map::COUNTERS, "open"))?;
-        let workloads = take_map(&mut ebpf, map::WORKLOADS)?;
-        let workloads = HashMap::try_from(workloads).map_err(map_err(map::WORKLOADS, "open"))?;
-        let splice = take_map(&mut ebpf, map::SPLICE)?;
-        let splice = HashMap::try_from(splice).map_err(map_err(map::SPLICE, "open"))?;
-        let peers = take_map(&mut ebpf, map::PEERS)?;
-        let peers = HashMap::try_from(peers).map_err(map_err(map::PEERS, "open"))?;
-        let direct = take_map(&mut ebpf, map::DIRECT)?;
-        let direct = HashMap::try_from(direct).map_err(map_err(map::DIRECT, "open"))?;
+        let orig_dst = take_hash(&mut ebpf, map::ORIG_DST)?;
+        let workloads = take_hash(&mut ebpf, map::WORKLOADS)?;
+        let splice = take_hash(&mut ebpf, map::SPLICE)?;
+        let peers = take_hash(&mut ebpf, map::PEERS)?;
+        let direct = take_hash(&mut ebpf, map::DIRECT)?;
 
         info!(
             pin_dir = %cfg.pin_dir.display(),
@@ -760,6 +755,14 @@ fn open_cgroup(path: &Path) -> Result<File, EbpfError> {
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
     ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
+}
+
+/// A hash or LRU hash map taken out of the object, typed.
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, EbpfError> {
+    HashMap::try_from(take_map(ebpf, name)?).map_err(map_err(name, "open"))
 }
 
 fn prog_err(
