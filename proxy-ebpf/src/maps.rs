@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
-use proxy_common::{Splice, Config, Flow, OrigDst, OrigKey, SockKey, counter};
+use proxy_common::{Config, Flow, OrigDst, OrigKey, SockKey, Splice, counter};
 
 /// LPM tries must be created without preallocation (the kernel refuses otherwise).
 const BPF_F_NO_PREALLOC: u32 = 1;

@@ -35,9 +35,7 @@ use proxy_common::{
     FLOW_TCP_SMALL_WRITES, Flow, SockKey, counter,
 };
 
-use crate::maps::{
-    MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, config, count,
-};
+use crate::maps::{MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, config, count};
 
 /// The only verdict this program gives: a message is either redirected (the helper set the
 /// target) or takes the TCP path. It never drops.
@@ -145,12 +143,7 @@ pub fn handle(ctx: &SkMsgContext) {
 /// after ours and cannot be waiting in `tcp_recvmsg`, which does not look at the psock list.
 /// Once switched, only the memory rules of `policy` apply.
 #[inline(always)]
-fn splice_target(
-    cfg: &Config,
-    flow: &Flow,
-    receiver: &SockKey,
-    size: u32,
-) -> Result<SockKey, u32> {
+fn splice_target(cfg: &Config, flow: &Flow, receiver: &SockKey, size: u32) -> Result<SockKey, u32> {
     if cfg.off_tcp_write_seq == 0 || flow.sk == 0 {
         return Err(FLOW_TCP_NO_PEER);
     }

@@ -31,8 +31,8 @@ use aya_ebpf::{
 use proxy_common::{FLAG_SOCKMAP, Flow, OrigKey, SockKey, counter};
 
 use crate::maps::{
-    MESH_DIRECT, MESH_EXPECT, MESH_FLOWS, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS, MESH_SPLICE,
-    config, count,
+    MESH_DIRECT, MESH_EXPECT, MESH_FLOWS, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS,
+    MESH_SPLICE, config, count,
 };
 
 /// Which cgroup the program is attached to.
