@@ -151,10 +151,10 @@ fn splice_target(cfg: &Config, flow: &Flow, receiver: &SockKey, size: u32) -> Re
     let Some(splice) = (unsafe { MESH_SPLICE.get(receiver) }).copied() else {
         return Err(FLOW_TCP_NO_PEER);
     };
-    let Some(target) = (unsafe { MESH_PEERS.get(&splice.out) }).copied() else {
+    let Some(target) = (unsafe { MESH_PEERS.get(splice.out) }).copied() else {
         return Err(FLOW_TCP_NO_PEER);
     };
-    let Some(far) = (unsafe { MESH_FLOWS.get(&target) }).copied() else {
+    let Some(far) = (unsafe { MESH_FLOWS.get(target) }).copied() else {
         return Err(FLOW_TCP_NO_PEER);
     };
     if far.proxy != 0 || far.sk == 0 {
@@ -171,7 +171,7 @@ fn splice_target(cfg: &Config, flow: &Flow, receiver: &SockKey, size: u32) -> Re
             return Err(FLOW_TCP_NO_PEER);
         }
         // SAFETY: copied out at once.
-        let Some(out) = (unsafe { MESH_FLOWS.get(&splice.out) }).copied() else {
+        let Some(out) = (unsafe { MESH_FLOWS.get(splice.out) }).copied() else {
             return Err(FLOW_TCP_NO_PEER);
         };
         if read_kernel::<u32>(out.sk, cfg.off_tcp_write_seq) != Some(out.seq0) {
