@@ -113,10 +113,10 @@ allow = ["spiffe://cluster.local/ns/kp/sa/{allowed}"]
         Ok(bg)
     }
 
-    fn meshtest_client(&self, args: &[&str]) -> Result<String> {
+    /// `target`: the server's address and port as meshtest takes it.
+    fn meshtest_client(&self, target: &str, args: &[&str]) -> Result<String> {
         let mut cmd = self.client.command(&self.node.bins.meshtest);
-        cmd.args(args)
-            .args(["--connect", &format!("{}:{PORT}", self.server.ipv4)]);
+        cmd.args(args).args(["--connect", target]);
         self.node.client_ok(run_bounded(cmd, LIMIT)?)
     }
 
@@ -193,21 +193,35 @@ fn every_size_arrives_intact_on_the_kernel_path_and_the_metrics_count_it() -> Re
     ];
     let connections = 4u64;
     let mut payload = 0u64;
-    for (size, requests) in sizes {
+    // Both families: the kernel keys IPv6 sockets (and v4-mapped ones) its own way.
+    let targets = [
+        format!("{}:{PORT}", kp.server.ipv4),
+        format!("[{}]:{PORT}", kp.server.ipv6),
+    ];
+    for ((size, requests), target) in sizes
+        .iter()
+        .flat_map(|s| targets.iter().map(move |t| (*s, t)))
+    {
         let out = kp
-            .meshtest_client(&[
-                "rr",
-                "--connections",
-                &connections.to_string(),
-                "--concurrency",
-                &connections.to_string(),
-                "--requests",
-                &requests.to_string(),
-                "--size",
-                &size.to_string(),
-            ])
-            .with_context(|| format!("{size}-byte requests"))?;
-        ensure!(out.contains("\"mismatches\":0"), "{size} B: {out}");
+            .meshtest_client(
+                target,
+                &[
+                    "rr",
+                    "--connections",
+                    &connections.to_string(),
+                    "--concurrency",
+                    &connections.to_string(),
+                    "--requests",
+                    &requests.to_string(),
+                    "--size",
+                    &size.to_string(),
+                ],
+            )
+            .with_context(|| format!("{size}-byte requests to {target}"))?;
+        ensure!(
+            out.contains("\"mismatches\":0"),
+            "{size} B to {target}: {out}"
+        );
         // Each frame is a 4-byte length and the payload, echoed back.
         payload += 2 * connections * requests * (size + 4);
     }
