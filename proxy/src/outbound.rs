@@ -513,7 +513,7 @@ async fn copy_both(
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let splicer = match &ob.kernel_path {
-        Some(maps) => Splicer::attach(maps, &client, &upstream).await,
+        Some(maps) => Splicer::attach(maps, &client, &upstream),
         None => None,
     };
     let generation = ob.discovery.snapshot().generation;

@@ -873,10 +873,17 @@ fn admin_api_reports_readiness_exact_metrics_and_connections() -> Result<()> {
         ) == Some(3.0),
         "kernel counters missing or wrong:\n{metrics}"
     );
-    ensure!(
-        sample(&metrics, "mesh_ebpf_msg_bytes_total{path=\"redirected\"}").is_some_and(|v| v > 0.0),
-        "{metrics}"
-    );
+    // Through the proxy's sockets, or (the kernel-only path, on by default) past the proxy.
+    let skipped_tcp = ["redirected", "kernel_only"]
+        .iter()
+        .filter_map(|p| {
+            sample(
+                &metrics,
+                &format!("mesh_ebpf_msg_bytes_total{{path=\"{p}\"}}"),
+            )
+        })
+        .sum::<f64>();
+    ensure!(skipped_tcp > 0.0, "{metrics}");
     ensure!(
         metrics.contains("mesh_process_resident_memory_bytes"),
         "{metrics}"

@@ -12,7 +12,13 @@
 //! The proxy's write has returned by then, so its bytes are already queued at the far
 //! workload: the direct bytes land behind them.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+};
 
 use proxy_common::SockKey;
 use tokio::net::TcpStream;
@@ -20,16 +26,15 @@ use tracing::debug;
 
 use crate::{ebpf::Maps, transport::copy::Relay};
 
-/// How long to wait for the far workload's sock_ops to pair the proxy's upstream socket: it
-/// runs when the server's side sees the final ACK, which can come a moment after the proxy's
-/// connect returns.
-const PAIRING_WAIT: [Duration; 5] = [
-    Duration::from_millis(1),
-    Duration::from_millis(2),
-    Duration::from_millis(4),
-    Duration::from_millis(8),
-    Duration::from_millis(16),
-];
+/// How many of the proxy's writes may find its upstream socket not (yet) paired with a
+/// workload before the connection is taken for one that never will be (a destination off
+/// this node or outside the mesh). The pairing comes from the server's sock_ops callback on
+/// the final ACK, a moment after the proxy's connect returns; nothing waits for it.
+const PAIRING_CHECKS: u32 = 8;
+
+/// `Splicer::state`: paired and published; never will be; else the checks made so far.
+const ACTIVE: u32 = u32::MAX;
+const NEVER: u32 = u32::MAX - 1;
 
 /// One connection on (or allowed onto) the kernel-only path. Dropping it takes the path away
 /// (the kernel also forgets it when the proxy's sockets close).
@@ -38,17 +43,18 @@ pub struct Splicer {
     /// The proxy's socket facing the client, and the one facing the server.
     inbound: SockKey,
     outbound: SockKey,
+    /// Relayed totals of each direction (client to upstream, upstream to client).
+    up: AtomicU64,
+    down: AtomicU64,
+    state: AtomicU32,
 }
 
 impl Splicer {
-    /// Allows the connection onto the kernel-only path if both of the proxy's sockets are
-    /// paired with workloads on this node (so both ends are local workloads); `None`
-    /// otherwise (a remote or non-mesh destination, a full SOCKHASH).
-    pub async fn attach(
-        maps: &Arc<Maps>,
-        client: &TcpStream,
-        upstream: &TcpStream,
-    ) -> Option<Splicer> {
+    /// A candidate for the kernel-only path if the client is a workload paired with the
+    /// proxy's socket (`None` otherwise: a full SOCKHASH, the short-circuit off for it). The
+    /// path is allowed once the upstream socket is paired too, checked now and after the
+    /// proxy's writes, so the copy never waits for it.
+    pub fn attach(maps: &Arc<Maps>, client: &TcpStream, upstream: &TcpStream) -> Option<Splicer> {
         let addrs = |s: &TcpStream| -> Option<(SocketAddr, SocketAddr)> {
             Some((s.local_addr().ok()?, s.peer_addr().ok()?))
         };
@@ -56,25 +62,57 @@ impl Splicer {
         if !maps.paired(&inbound) {
             return None;
         }
-        let mut waits = PAIRING_WAIT.iter();
-        while !maps.paired(&outbound) {
-            tokio::time::sleep(*waits.next()?).await;
-        }
         let s = Splicer {
             maps: Arc::clone(maps),
             inbound,
             outbound,
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            state: AtomicU32::new(0),
         };
-        // Nothing relayed yet: the copy loop starts after this.
-        if let Err(e) = s
-            .maps
-            .set_splice(&inbound, &outbound, 0)
-            .and_then(|()| s.maps.set_splice(&outbound, &inbound, 0))
-        {
-            debug!(error = %e, "MESH_SPLICE is full; the connection stays on the proxy's path");
-            return None; // Drop removes whatever was written
-        }
+        s.try_activate();
         Some(s)
+    }
+
+    /// If the upstream socket is paired now, publishes both directions' relayed totals (the
+    /// counts never run ahead of what was written, so a late start is safe) and returns true.
+    fn try_activate(&self) -> bool {
+        let checks = self.state.load(Ordering::Relaxed);
+        if checks == ACTIVE {
+            return true;
+        }
+        if checks == NEVER {
+            return false;
+        }
+        if !self.maps.paired(&self.outbound) {
+            let next = if checks + 1 >= PAIRING_CHECKS {
+                NEVER
+            } else {
+                checks + 1
+            };
+            self.state.store(next, Ordering::Relaxed);
+            return false;
+        }
+        let (up, down) = (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        );
+        match self
+            .maps
+            .set_splice(&self.inbound, &self.outbound, up)
+            .and_then(|()| self.maps.set_splice(&self.outbound, &self.inbound, down))
+        {
+            Ok(()) => {
+                self.state.store(ACTIVE, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                debug!(error = %e, "MESH_SPLICE is full; the connection stays on the proxy's path");
+                self.take_back();
+                self.state.store(NEVER, Ordering::Relaxed);
+                false
+            }
+        }
     }
 
     /// Takes the counts of bytes the client and the server sent on the kernel-only path, in
@@ -96,15 +134,25 @@ impl Splicer {
 
 impl Relay for Splicer {
     fn relayed(&self, to_upstream: bool, total: u64) {
-        let (from, to) = if to_upstream {
-            (&self.inbound, &self.outbound)
+        let (count, from, to) = if to_upstream {
+            (&self.up, &self.inbound, &self.outbound)
         } else {
-            (&self.outbound, &self.inbound)
+            (&self.down, &self.outbound, &self.inbound)
         };
-        // A failed update leaves the older, smaller total: the kernel then keeps this
-        // direction on the proxy's path, which is always safe.
-        if let Err(e) = self.maps.set_splice(from, to, total) {
-            debug!(error = %e, "could not publish the relayed byte count");
+        count.store(total, Ordering::Relaxed);
+        match self.state.load(Ordering::Relaxed) {
+            // Publishes this total along with the other direction's.
+            s if s < NEVER => {
+                self.try_activate();
+            }
+            ACTIVE => {
+                // A failed update leaves the older, smaller total: the kernel then keeps this
+                // direction on the proxy's path, which is always safe.
+                if let Err(e) = self.maps.set_splice(from, to, total) {
+                    debug!(error = %e, "could not publish the relayed byte count");
+                }
+            }
+            _ => {}
         }
     }
 }
