@@ -27,6 +27,8 @@ use std::{
 };
 
 use nix::sys::socket::{MsgFlags, recv, send};
+
+use super::rechecked::Rechecked;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
     net::{
@@ -62,6 +64,24 @@ pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
     send(fd, buf, flags).map_err(io::Error::from)
+}
+
+impl Direct for TcpStream {
+    fn recv_now(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        Some(recv_now(self.as_raw_fd(), buf))
+    }
+    fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>> {
+        Some(send_now(self.as_raw_fd(), buf))
+    }
+}
+
+impl<T: Direct> Direct for &mut T {
+    fn recv_now(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        (**self).recv_now(buf)
+    }
+    fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>> {
+        (**self).send_now(buf)
+    }
 }
 
 impl Direct for TcpReadHalf<'_> {
@@ -164,7 +184,8 @@ where
     Ok(progress.snapshot())
 }
 
-/// Copies until end of stream, then half-closes the writer.
+/// Copies until end of stream, then half-closes the writer. With `recheck` both ends ask
+/// their sockets directly when readiness is slow to come (`Rechecked`).
 async fn one_way<R, W>(
     r: &mut R,
     w: &mut W,
@@ -177,22 +198,15 @@ where
     R: AsyncRead + Unpin + Direct,
     W: AsyncWrite + Unpin + Direct,
 {
+    let (mut r, mut w) = (Rechecked::new(r, recheck), Rechecked::new(w, recheck));
     let mut buf = vec![0u8; buffer];
     let mut relayed = 0u64;
     loop {
-        let n = if recheck {
-            read_rechecked(r, &mut buf).await?
-        } else {
-            r.read(&mut buf).await?
-        };
+        let n = r.read(&mut buf).await?;
         if n == 0 {
             return w.shutdown().await;
         }
-        if recheck {
-            write_all_rechecked(w, &buf[..n]).await?;
-        } else {
-            w.write_all(&buf[..n]).await?;
-        }
+        w.write_all(&buf[..n]).await?;
         // A no-op on a TcpStream; a tunnel stream (HTTP/2 DATA frames) may hold bytes until
         // flushed, and a request/response peer would wait for them forever.
         w.flush().await?;
@@ -202,60 +216,6 @@ where
             r.relayed(to_upstream, relayed);
         }
     }
-}
-
-/// True if a direct attempt found nothing to do (or could not be made): keep waiting.
-fn would_block(r: &Option<io::Result<usize>>) -> bool {
-    match r {
-        None => true,
-        Some(Err(e)) => e.kind() == io::ErrorKind::WouldBlock,
-        Some(Ok(_)) => false,
-    }
-}
-
-/// A read that asks the socket directly after [`RECHECK`], then after twice as long, up to
-/// [`RECHECK_IDLE_MAX`] (an idle connection costs a syscall per second per direction).
-async fn read_rechecked<R: AsyncRead + Unpin + Direct>(
-    r: &mut R,
-    buf: &mut [u8],
-) -> io::Result<usize> {
-    let mut wait = RECHECK;
-    loop {
-        if let Ok(done) = tokio::time::timeout(wait, r.read(buf)).await {
-            return done;
-        }
-        let now = r.recv_now(buf);
-        if !would_block(&now) {
-            return now.unwrap_or(Ok(0));
-        }
-        wait = (wait * 2).min(RECHECK_IDLE_MAX);
-    }
-}
-
-async fn write_all_rechecked<W: AsyncWrite + Unpin + Direct>(
-    w: &mut W,
-    mut buf: &[u8],
-) -> io::Result<()> {
-    while !buf.is_empty() {
-        let n = match tokio::time::timeout(RECHECK, w.write(buf)).await {
-            Ok(done) => done?,
-            Err(_) => {
-                let now = w.send_now(buf);
-                if would_block(&now) {
-                    continue;
-                }
-                now.unwrap_or(Ok(0))?
-            }
-        };
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "the peer accepts no more bytes",
-            ));
-        }
-        buf = &buf[n..];
-    }
-    Ok(())
 }
 
 /// Closes with RST instead of FIN, so the peer sees the failure rather than a clean end.
@@ -359,7 +319,7 @@ mod tests {
         let mut w = NeverReady {
             sends: std::cell::Cell::new(0),
         };
-        write_all_rechecked(&mut w, &[1u8; 1000]).await?;
+        Rechecked::new(&mut w, true).write_all(&[1u8; 1000]).await?;
         // Left after each: 500, 250, 125, 62, 31, 15, 7, 3, 1, 0: ten direct sends.
         assert_eq!(w.sends.get(), 10);
         Ok(())

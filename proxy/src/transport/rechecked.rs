@@ -1,7 +1,7 @@
 //! A TCP stream whose reads and writes do not depend on readiness alone, for the sockets of
 //! connections the proxy terminates (HTTP, through hyper) when the sk_msg short-circuit is on.
 //!
-//! The same backstop as the L4 copy loop's (`transport::copy`, whose module comment has the
+//! The backstop the L4 copy loop uses too (`transport::copy`, whose module comment has the
 //! measurement): a short-circuit socket can hold bytes (or room to write) without a readiness
 //! event ever coming, so a read or write that has waited [`RECHECK`] asks the socket directly
 //! with MSG_DONTWAIT; an idle read asks again after twice as long, up to [`RECHECK_IDLE_MAX`]
@@ -11,7 +11,6 @@
 use std::{
     future::Future,
     io,
-    os::fd::AsRawFd,
     pin::Pin,
     task::{Context, Poll},
     time::Duration,
@@ -23,7 +22,7 @@ use tokio::{
     time::Sleep,
 };
 
-use super::copy::{RECHECK, RECHECK_IDLE_MAX, recv_now, send_now};
+use super::copy::{Direct, RECHECK, RECHECK_IDLE_MAX};
 
 /// One direction's wait for readiness: the timer that ends it, and how long the next is.
 struct Wait {
@@ -65,8 +64,8 @@ impl Wait {
     }
 }
 
-/// See the module comment. `recheck` false: a plain delegate. Generic only so a test can put
-/// a socket whose readiness never comes under it.
+/// See the module comment. `recheck` false: a plain delegate. Over a whole stream (HTTP), over
+/// either half of one (the copy loop), or over a tunnel stream, which has no socket to ask.
 pub struct Rechecked<T = TcpStream> {
     inner: T,
     recheck: bool,
@@ -85,7 +84,7 @@ impl<T> Rechecked<T> {
     }
 }
 
-impl<T: AsyncRead + AsRawFd + Unpin> AsyncRead for Rechecked<T> {
+impl<T: AsyncRead + Direct + Unpin> AsyncRead for Rechecked<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -100,25 +99,26 @@ impl<T: AsyncRead + AsRawFd + Unpin> AsyncRead for Rechecked<T> {
             if !this.recheck || !this.read.expired(cx) {
                 return Poll::Pending;
             }
-            let fd = this.inner.as_raw_fd();
-            match recv_now(fd, buf.initialize_unfilled()) {
-                Ok(n) => {
+            match this.inner.recv_now(buf.initialize_unfilled()) {
+                Some(Ok(n)) => {
                     buf.advance(n);
                     this.read.reset();
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing there, or no socket to ask (a tunnel stream).
+                None => this.read.back_off(RECHECK_IDLE_MAX),
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     this.read.back_off(RECHECK_IDLE_MAX);
                     // Loop: poll the stream again (registers for readiness) and arm the
                     // next, longer timer.
                 }
-                Err(e) => return Poll::Ready(Err(e)),
+                Some(Err(e)) => return Poll::Ready(Err(e)),
             }
         }
     }
 }
 
-impl<T: AsyncWrite + AsRawFd + Unpin> AsyncWrite for Rechecked<T> {
+impl<T: AsyncWrite + Direct + Unpin> AsyncWrite for Rechecked<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -133,14 +133,15 @@ impl<T: AsyncWrite + AsRawFd + Unpin> AsyncWrite for Rechecked<T> {
             if !this.recheck || !this.write.expired(cx) {
                 return Poll::Pending;
             }
-            match send_now(this.inner.as_raw_fd(), buf) {
-                Ok(n) => {
+            match this.inner.send_now(buf) {
+                Some(Ok(n)) => {
                     this.write.reset();
                     return Poll::Ready(Ok(n));
                 }
                 // Writes keep asking every RECHECK: a writer is waiting on us.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+                None => {}
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Some(Err(e)) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -207,9 +208,12 @@ mod tests {
     /// wake anyone), over a real socket: what a lost wake-up looks like from the runtime.
     struct NeverReady(TcpStream);
 
-    impl AsRawFd for NeverReady {
-        fn as_raw_fd(&self) -> std::os::fd::RawFd {
-            self.0.as_raw_fd()
+    impl Direct for NeverReady {
+        fn recv_now(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+            self.0.recv_now(buf)
+        }
+        fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>> {
+            self.0.send_now(buf)
         }
     }
 
