@@ -178,14 +178,10 @@ fn splice_target(cfg: &Config, flow: &Flow, receiver: &SockKey, size: u32) -> Re
             return Err(FLOW_TCP_NO_PEER);
         }
     }
-    if cfg.queue_limit != 0 {
-        let queued = queue_len(cfg, far.sk);
-        if u64::from(queued) + u64::from(size) > u64::from(cfg.queue_limit) {
-            return Err(FLOW_TCP_BACKPRESSURE);
-        }
-        if memory_tight(cfg, flow.sk) {
-            return Err(FLOW_TCP_MEMORY);
-        }
+    if cfg.queue_limit != 0
+        && let Some(reason) = memory_rules(cfg, flow.sk, queue_len(cfg, far.sk), size)
+    {
+        return Err(reason);
     }
     Ok(target)
 }
@@ -216,11 +212,8 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         return Some(FLOW_TCP_NO_PEER);
     };
     let queued = queue_len(cfg, receiver.sk);
-    if cfg.queue_limit != 0 && u64::from(queued) + u64::from(size) > u64::from(cfg.queue_limit) {
-        return Some(FLOW_TCP_BACKPRESSURE);
-    }
-    if memory_tight(cfg, flow.sk) {
-        return Some(FLOW_TCP_MEMORY);
+    if let Some(reason) = memory_rules(cfg, flow.sk, queued, size) {
+        return Some(reason);
     }
     // Only workloads' writes: the proxy writes what it read, up to a whole buffer at once,
     // so its small writes mean there is little to send; and the direction into a workload
@@ -321,6 +314,20 @@ fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
     }
     // SAFETY: as above; the helper copies size_of::<T>() bytes into a local.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(offset)) as *const T) }.ok()
+}
+
+/// The memory rules every redirect obeys, on either path: the receiver's queue (`queued`
+/// bytes) may not pass `Config::queue_limit` (backpressure), and the machine's TCP memory must
+/// not be tight (`memory_tight`, read through the sender's socket). `None`: this message may go.
+#[inline(always)]
+fn memory_rules(cfg: &Config, sender_sk: u64, queued: u32, size: u32) -> Option<u32> {
+    if cfg.queue_limit != 0 && u64::from(queued) + u64::from(size) > u64::from(cfg.queue_limit) {
+        return Some(FLOW_TCP_BACKPRESSURE);
+    }
+    if memory_tight(cfg, sender_sk) {
+        return Some(FLOW_TCP_MEMORY);
+    }
+    None
 }
 
 /// True if `may_resume` can ever say yes for this direction.
