@@ -249,6 +249,15 @@ pub struct Flow {
     /// `tcp_sock.write_seq` when the socket registered (its `snd_nxt` at establishment: no
     /// payload had been queued). `write_seq - seq0` is what it has sent over TCP.
     pub seq0: u32,
+    /// Proxy sockets only: 0, or how full this socket's last redirected message left its
+    /// receiver's queue, in sixteenths of `Config::queue_limit`, when that was 12 (3/4) or
+    /// more (at most 16). The proxy reads it after each write and pauses before the next one,
+    /// longer the fuller the queue (the only way to slow a redirect down: the kernel gives a
+    /// redirected write no flow control), so that a fast writer into a slower workload stays
+    /// on the short-circuit instead of reaching the limit and leaving for TCP for good.
+    pub held: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
 }
 
 /// Value of `MESH_SPLICE`, keyed by a proxy socket that receives a workload's bytes (written
@@ -346,8 +355,11 @@ pub mod counter {
     pub const MSG_DIRECT: u32 = 27;
     /// Bytes of those messages.
     pub const MSG_DIRECT_BYTES: u32 = 28;
+    /// The proxy's redirected writes that left their receiving workload with more than 3/4
+    /// of the queue limit unread: the proxy pauses before its next write (`Flow::held`).
+    pub const MSG_PROXY_HELD: u32 = 29;
     /// Number of counters.
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -380,6 +392,7 @@ pub mod counter {
         "splice_started",
         "msg_direct",
         "msg_direct_bytes",
+        "msg_proxy_held",
     ];
 }
 
@@ -423,7 +436,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 11 * 4);
-        assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);
         assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);

@@ -20,7 +20,9 @@
 //! queues without limit); TCP's machine-wide memory is past half of `tcp_mem`'s low
 //! threshold (`memory_tight`); or it turns out to be a workload's stream of small writes,
 //! which TCP carries faster (`Config::small_streak`, off by default). On TCP the receiver's
-//! window holds the sender back as usual.
+//! window holds the sender back as usual. Before that, a proxy socket's direction is held
+//! back by the proxy itself: past 3/4 of the limit its message still goes but `Flow::held`
+//! asks the proxy to pause (see `policy`).
 
 use crate::key::sock_key;
 
@@ -40,6 +42,10 @@ use crate::maps::{MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, 
 /// The only verdict this program gives: a message is either redirected (the helper set the
 /// target) or takes the TCP path. It never drops.
 pub const PASS: u32 = SK_PASS;
+
+/// From this fill level of a workload's queue (in sixteenths of `Config::queue_limit`: 3/4)
+/// the proxy's writes into it ask for a pause (`Flow::held`).
+const HELD_FROM: u64 = 12;
 
 /// `sk_user_data` keeps flags in its low bits (`SK_USER_DATA_NOCOPY`, `_BPF`, `_PSOCK`,
 /// include/net/sock.h); the pointer is the rest.
@@ -178,8 +184,17 @@ fn splice_target(cfg: &Config, flow: &Flow, receiver: &SockKey, size: u32) -> Re
             return Err(FLOW_TCP_NO_PEER);
         }
     }
+    // Direct writes may fill only half the far queue: when this direction leaves, the proxy
+    // relays what then reaches it into the same queue, and it needs room to do that on the
+    // short-circuit (paced, see `policy`) rather than meet the limit at once and leave for TCP.
     if cfg.queue_limit != 0
-        && let Some(reason) = memory_rules(cfg, flow.sk, queue_len(cfg, far.sk), size)
+        && let Some(reason) = memory_rules(
+            cfg,
+            flow.sk,
+            queue_len(cfg, far.sk),
+            size,
+            cfg.queue_limit / 2,
+        )
     {
         return Err(reason);
     }
@@ -212,8 +227,23 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         return Some(FLOW_TCP_NO_PEER);
     };
     let queued = queue_len(cfg, receiver.sk);
-    if let Some(reason) = memory_rules(cfg, flow.sk, queued, size) {
+    if let Some(reason) = memory_rules(cfg, flow.sk, queued, size, cfg.queue_limit) {
         return Some(reason);
+    }
+    // The proxy's writes into a workload that reads more slowly: past 3/4 of the limit this
+    // message still goes, and the proxy, which reads the fill level after each write, pauses
+    // before its next one, longer the fuller the queue. A redirect has no flow control of its own; without the pause the proxy
+    // reaches the limit within milliseconds and the direction leaves for TCP for good (a
+    // proxy direction never comes back: its receiver is a workload, which may be blocked in
+    // `tcp_recvmsg` where redirected bytes are invisible). The limit still holds if the
+    // workload stops reading altogether.
+    if flow.proxy != 0 && cfg.queue_limit != 0 {
+        // In sixteenths of the limit; memory_rules above keeps it at 16 or below.
+        let fill = (u64::from(queued) + u64::from(size)) * 16 / u64::from(cfg.queue_limit);
+        flow.held = if fill >= HELD_FROM { fill as u32 } else { 0 };
+        if flow.held != 0 {
+            count(counter::MSG_PROXY_HELD, 1);
+        }
     }
     // Only workloads' writes: the proxy writes what it read, up to a whole buffer at once,
     // so its small writes mean there is little to send; and the direction into a workload
@@ -317,11 +347,12 @@ fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
 }
 
 /// The memory rules every redirect obeys, on either path: the receiver's queue (`queued`
-/// bytes) may not pass `Config::queue_limit` (backpressure), and the machine's TCP memory must
+/// bytes) may not pass `limit` (backpressure; `Config::queue_limit`, half of it for direct
+/// writes), and the machine's TCP memory must
 /// not be tight (`memory_tight`, read through the sender's socket). `None`: this message may go.
 #[inline(always)]
-fn memory_rules(cfg: &Config, sender_sk: u64, queued: u32, size: u32) -> Option<u32> {
-    if cfg.queue_limit != 0 && u64::from(queued) + u64::from(size) > u64::from(cfg.queue_limit) {
+fn memory_rules(cfg: &Config, sender_sk: u64, queued: u32, size: u32, limit: u32) -> Option<u32> {
+    if limit != 0 && u64::from(queued) + u64::from(size) > u64::from(limit) {
         return Some(FLOW_TCP_BACKPRESSURE);
     }
     if memory_tight(cfg, sender_sk) {

@@ -695,8 +695,13 @@ async fn serve(cfg: &Config, workload_cg: &Path, proxy_cg: &Path) -> u8 {
         OrigDstSource::Ebpf(maps) if cfg.kernel_path => Some(Arc::clone(maps)),
         _ => None,
     };
+    let short_circuit = match &orig_dst {
+        OrigDstSource::Ebpf(maps) if cfg.sockmap => Some(Arc::clone(maps)),
+        _ => None,
+    };
     let outbound = Arc::new(Outbound {
         kernel_path,
+        short_circuit,
         discovery: Arc::clone(&discovery),
         http,
         mesh: cfg.mesh.clone(),

@@ -801,6 +801,11 @@ fn kernel_metric(
             Some(("path", "kernel_only")),
             "sk_msg bytes, by path",
         ),
+        "msg_proxy_held" => (
+            "ebpf_proxy_writes_held",
+            None,
+            "Redirected proxy writes after which the proxy paused: the receiving workload had more than 3/4 of the queue limit unread",
+        ),
         "flow_insert_failed" => (
             "ebpf_sockhash_inserts",
             Some(("result", "flow_table_full")),

@@ -39,7 +39,7 @@ use crate::{
         counted::Counted,
         orig_dst::OrigDstSource,
         rechecked::Rechecked,
-        splice::Splicer,
+        splice::{Pacer, Splicer},
     },
 };
 
@@ -75,6 +75,9 @@ pub struct Outbound {
     /// The kernel-only path for authorized same-node opaque TCP (`intercept.kernel_path`),
     /// through these maps; None when off.
     pub kernel_path: Option<Arc<crate::ebpf::Maps>>,
+    /// The short-circuit's maps when it is on (the copy pauses when sk_msg says a workload
+    /// falls behind, `transport::splice::Pacer`); None when off.
+    pub short_circuit: Option<Arc<crate::ebpf::Maps>>,
 }
 
 /// What a connection to a service is handled as, after detection.
@@ -516,6 +519,16 @@ async fn copy_both(
         Some(maps) => Splicer::attach(maps, &client, &upstream),
         None => None,
     };
+    // Without a splicer the per-hop short-circuit still needs the copy's pauses.
+    let pacer = match (&splicer, &ob.short_circuit) {
+        (None, Some(maps)) => Pacer::attach(maps, &client, &upstream),
+        _ => None,
+    };
+    let relay: Option<&dyn copy::Relay> = match (&splicer, &pacer) {
+        (Some(s), _) => Some(s),
+        (None, Some(p)) => Some(p),
+        (None, None) => None,
+    };
     let generation = ob.discovery.snapshot().generation;
     let copied = {
         let copy = copy::bidirectional(
@@ -523,7 +536,7 @@ async fn copy_both(
             &mut upstream,
             ob.copy_buffer,
             ob.recheck_io,
-            splicer.as_ref().map(|s| s as &dyn copy::Relay),
+            relay,
             progress,
         );
         match &splicer {

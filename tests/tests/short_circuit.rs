@@ -466,6 +466,72 @@ fn truly_blocking_waitall_request_response_never_stalls() -> Result<()> {
     Ok(())
 }
 
+/// The proxy's writes into a workload that reads more slowly than the proxy writes are paced
+/// (sk_msg flags them past 3/4 of the queue limit, the copy pauses), so that direction stays
+/// on the short-circuit: before, it met the limit within milliseconds and took TCP for good,
+/// and the connection's later request/response traffic lost the short-circuit on that hop.
+/// Per-hop path (`--kernel-path off`), so every message of the request/response phase is
+/// counted as redirected (4 per round: client to proxy to server and back).
+#[test]
+fn a_reader_slower_than_the_proxy_keeps_its_hop_on_the_short_circuit() -> Result<()> {
+    require!();
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/py/slow_reader.py");
+    const ROUNDS: u64 = 200;
+    let opts = ProxyOptions {
+        extra_args: vec!["--kernel-path".into(), "off".into()],
+        ..ProxyOptions::default()
+    };
+    let p = Pair::new(&opts, false)?;
+    let go = p.node.scratch.join("go");
+    let port = PORT.to_string();
+    let mut cmd = p.server_pod.command("/usr/bin/python3");
+    cmd.args([SCRIPT, "serve", &port, &go.display().to_string()]);
+    let mut server = Background::spawn(cmd, p.node.scratch.join("slow_server.out"))?;
+    server.wait_for("listening")?;
+    let mut cmd = p.client.command("/usr/bin/python3");
+    cmd.args([SCRIPT, "connect", &p.server_pod.ipv4.to_string(), &port]);
+    let client = Background::spawn(cmd, p.node.scratch.join("slow_client.out"))?;
+    server.wait_for("streamed")?;
+    let held = p.counter("msg_proxy_held")?;
+    let redirected = p.counter("msg_redirected")?;
+    std::fs::write(&go, b"")?;
+    let deadline = Instant::now() + LIMIT;
+    while !client.output().contains("ok") {
+        ensure!(
+            Instant::now() < deadline,
+            "client did not finish: {}",
+            client.output()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    server.wait_for("ok")?;
+    let rounds = p.counter("msg_redirected")? - redirected;
+    println!(
+        "proxy writes held: {held}; messages redirected during {ROUNDS} request/response rounds: {rounds}"
+    );
+    ensure!(
+        client.output().contains(&format!("ok {ROUNDS}")),
+        "client: {}",
+        client.output()
+    );
+    ensure!(
+        server.output().contains(&format!("ok {ROUNDS}")),
+        "server: {}",
+        server.output()
+    );
+    ensure!(
+        held >= 1,
+        "the reader kept up with the proxy (no write was held), so this run tested nothing: {}",
+        p.node.proxy_warnings()
+    );
+    ensure!(
+        rounds >= 4 * ROUNDS,
+        "only {rounds} of the {} request/response messages were redirected: a direction left the short-circuit",
+        4 * ROUNDS
+    );
+    Ok(())
+}
+
 #[test]
 fn iperf3_bidir_through_the_proxy_at_every_write_size() -> Result<()> {
     require!();

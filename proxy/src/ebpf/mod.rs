@@ -141,6 +141,9 @@ pub struct Maps {
     peers: HashMap<MapData, SockKey, SockKey>,
     /// Bytes sent on the kernel-only path past each proxy socket (`MESH_DIRECT`).
     direct: std::sync::Mutex<HashMap<MapData, SockKey, u64>>,
+    /// Read only: each registered socket's sending direction (`MESH_FLOWS`), for the pause
+    /// sk_msg asks of the proxy's writes (`Flow::held`).
+    flows: HashMap<MapData, SockKey, Flow>,
     /// Network namespace cookie of the proxy's sockets, the first part of their keys.
     proxy_netns: u64,
 }
@@ -300,6 +303,7 @@ impl Datapath {
         let splice = take_hash(&mut ebpf, map::SPLICE)?;
         let peers = take_hash(&mut ebpf, map::PEERS)?;
         let direct = take_hash(&mut ebpf, map::DIRECT)?;
+        let flows = take_hash(&mut ebpf, map::FLOWS)?;
 
         info!(
             pin_dir = %cfg.pin_dir.display(),
@@ -323,6 +327,7 @@ impl Datapath {
                 splice: std::sync::Mutex::new(splice),
                 peers,
                 direct: std::sync::Mutex::new(direct),
+                flows,
                 proxy_netns: plan.proxy_netns,
             },
         ))
@@ -404,6 +409,14 @@ impl Maps {
             sock_key(self.proxy_netns, inbound.0, inbound.1)?,
             sock_key(self.proxy_netns, outbound.0, outbound.1)?,
         ))
+    }
+
+    /// Whether the proxy's last write on socket `key` was redirected into a workload that has
+    /// more than 3/4 of the queue limit unread: the proxy should pause before its next one.
+    /// `None` if the socket has no flow (it is not on the short-circuit).
+    /// The value is `Flow::held`: 0, or the queue's fill level in sixteenths of the limit.
+    pub fn held(&self, key: &SockKey) -> Option<u32> {
+        self.flows.get(key, 0).ok().map(|f| f.held)
     }
 
     /// True if sock_ops paired the proxy socket `key` with a workload socket on this node.

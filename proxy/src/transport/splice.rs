@@ -18,13 +18,17 @@ use std::{
         Arc,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use proxy_common::SockKey;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::{ebpf::Maps, transport::copy::Relay};
+use crate::{
+    ebpf::Maps,
+    transport::copy::{self, Relay},
+};
 
 /// How many of the proxy's writes may find its upstream socket not (yet) paired with a
 /// workload before the connection is taken for one that never will be (a destination off
@@ -47,6 +51,9 @@ pub struct Splicer {
     up: AtomicU64,
     down: AtomicU64,
     state: AtomicU32,
+    /// The pause sk_msg asks for when a workload falls behind (also while bytes still pass
+    /// through the proxy, which is when it matters: the first bytes, or after a memory rule).
+    pacer: Pacer,
 }
 
 impl Splicer {
@@ -66,6 +73,7 @@ impl Splicer {
             maps: Arc::clone(maps),
             inbound,
             outbound,
+            pacer: Pacer::new(maps, inbound, outbound),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             state: AtomicU32::new(0),
@@ -133,7 +141,7 @@ impl Splicer {
 }
 
 impl Relay for Splicer {
-    fn relayed(&self, to_upstream: bool, total: u64) {
+    fn relayed(&self, to_upstream: bool, total: u64) -> Option<Duration> {
         let (count, from, to) = if to_upstream {
             (&self.up, &self.inbound, &self.outbound)
         } else {
@@ -154,11 +162,77 @@ impl Relay for Splicer {
             }
             _ => {}
         }
+        self.pacer.held(to_upstream)
     }
 }
 
 impl Drop for Splicer {
     fn drop(&mut self) {
         self.take_back();
+    }
+}
+
+/// The per-hop short-circuit's pause: after each write the copy asks sk_msg's verdict on it
+/// (`Flow::held` of the proxy socket written to, one map lookup) and pauses if the workload
+/// behind that socket has more than 3/4 of the queue limit unread (see `copy::held_pause`).
+pub struct Pacer {
+    maps: Arc<Maps>,
+    inbound: SockKey,
+    outbound: SockKey,
+    /// Per direction (to upstream, to client): lookups that found no flow before any did, or
+    /// `u32::MAX` once one did. A socket that is not on the short-circuit (a destination off
+    /// this node, a full SOCKHASH) stops being asked after [`PAIRING_CHECKS`] writes.
+    misses: [AtomicU32; 2],
+}
+
+impl Pacer {
+    fn new(maps: &Arc<Maps>, inbound: SockKey, outbound: SockKey) -> Pacer {
+        Pacer {
+            maps: Arc::clone(maps),
+            inbound,
+            outbound,
+            misses: [AtomicU32::new(0), AtomicU32::new(0)],
+        }
+    }
+
+    /// For a connection whose copy is not a `Splicer` (the kernel-only path off): `None` if
+    /// the sockets' keys cannot be had.
+    pub fn attach(maps: &Arc<Maps>, client: &TcpStream, upstream: &TcpStream) -> Option<Pacer> {
+        let addrs = |s: &TcpStream| -> Option<(SocketAddr, SocketAddr)> {
+            Some((s.local_addr().ok()?, s.peer_addr().ok()?))
+        };
+        let (inbound, outbound) = maps.proxy_keys(addrs(client)?, addrs(upstream)?)?;
+        Some(Pacer::new(maps, inbound, outbound))
+    }
+
+    /// The pause the last write towards upstream (or the client) asked for, if any.
+    fn held(&self, to_upstream: bool) -> Option<Duration> {
+        let (misses, written) = if to_upstream {
+            (&self.misses[0], &self.outbound)
+        } else {
+            (&self.misses[1], &self.inbound)
+        };
+        let seen = misses.load(Ordering::Relaxed);
+        if seen != u32::MAX && seen >= PAIRING_CHECKS {
+            return None;
+        }
+        match self.maps.held(written) {
+            Some(level) => {
+                misses.store(u32::MAX, Ordering::Relaxed);
+                copy::held_pause(level)
+            }
+            None => {
+                if seen != u32::MAX {
+                    misses.store(seen + 1, Ordering::Relaxed);
+                }
+                None
+            }
+        }
+    }
+}
+
+impl Relay for Pacer {
+    fn relayed(&self, to_upstream: bool, _total: u64) -> Option<Duration> {
+        self.held(to_upstream)
     }
 }
