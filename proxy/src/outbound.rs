@@ -579,21 +579,27 @@ async fn copy_both(
 }
 
 /// Returns once a configuration reload after `generation` no longer authorizes `source` to
-/// reach `to` (checked once a second; pending forever while it stays authorized).
+/// reach `to` (checked at each reload; pending forever while it stays authorized).
 async fn denied_after_reload(
     ob: &Outbound,
     source: Option<&WorkloadSpec>,
     to: SocketAddr,
-    mut generation: u64,
+    generation: u64,
 ) {
+    let mut installed = ob.discovery.subscribe();
+    // A reload between the copy's start and this subscription is seen here.
+    let mut seen = generation;
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = ob.discovery.snapshot().generation;
-        if now != generation {
-            generation = now;
+        let now = *installed.borrow_and_update();
+        if now != seen {
+            seen = now;
             if !authorized(ob, source, to) {
                 return;
             }
+        }
+        if installed.changed().await.is_err() {
+            // The catalog is gone (the proxy is stopping): nothing will deny this any more.
+            return std::future::pending().await;
         }
     }
 }

@@ -126,6 +126,9 @@ pub struct Discovery {
     /// cgroups are off (iptables mode, unit tests).
     cgroup_root: Option<PathBuf>,
     cgroups: std::sync::Mutex<CgroupIndex>,
+    /// The generation of the snapshot just installed, for tasks that act on reloads
+    /// (`subscribe`).
+    installed: tokio::sync::watch::Sender<u64>,
 }
 
 /// cgroup id (inode number of the cgroup directory, which is what
@@ -188,6 +191,7 @@ impl Discovery {
             next_generation: AtomicU64::new(1),
             cgroup_root: None,
             cgroups: std::sync::Mutex::new(CgroupIndex::default()),
+            installed: tokio::sync::watch::Sender::new(0),
         };
         d.apply(catalog);
         d
@@ -269,7 +273,14 @@ impl Discovery {
             Ok(mut g) => *g = next,
             Err(poisoned) => *poisoned.into_inner() = next,
         }
+        self.installed.send_replace(generation);
         generation
+    }
+
+    /// Wakes its holder when a new snapshot is installed (its value: that generation). One
+    /// shared channel instead of a timer per task that watches for reloads.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.installed.subscribe()
     }
 }
 
@@ -406,6 +417,18 @@ mod tests {
         assert!(d.lookup(sa("10.96.0.11:80")).is_none());
         let b = t.and_then(|t| t.service.balancer(80).map(|b| b.endpoints()[0].addr));
         assert_eq!(b, Some(sa("10.0.0.1:8080")));
+    }
+
+    #[test]
+    fn subscribers_see_each_installed_generation() {
+        let d = Discovery::new(Catalog::default());
+        let mut rx = d.subscribe();
+        assert_eq!(*rx.borrow_and_update(), d.snapshot().generation);
+        assert!(!rx.has_changed().unwrap_or(true));
+        let g = d.apply(Catalog::default());
+        assert!(rx.has_changed().unwrap_or(false));
+        assert_eq!(*rx.borrow_and_update(), g);
+        assert_eq!(d.snapshot().generation, g);
     }
 
     #[test]
