@@ -129,8 +129,32 @@ pub struct Config {
     pub off_sock_prot: u32,
     pub off_proto_memory_allocated: u32,
     pub off_proto_sysctl_mem: u32,
-    /// Explicit padding to a multiple of 8 bytes; always 0.
+    /// Explicit padding; always 0.
     pub _pad: u32,
+    /// Ports whose connections stay off the short-circuit (host order; 0: unused slot): a
+    /// workload connecting to one of them (its original destination port) and a workload
+    /// server listening on one are never registered, so their sockets keep the kernel's own
+    /// TCP receive path (see `intercept.sockmap_exclude_ports`).
+    pub sockmap_exclude_ports: [u16; SOCKMAP_EXCLUDE_PORTS_MAX],
+}
+
+/// How many ports `Config::sockmap_exclude_ports` holds.
+pub const SOCKMAP_EXCLUDE_PORTS_MAX: usize = 8;
+
+impl Config {
+    /// True if connections on `port` stay off the short-circuit.
+    #[inline(always)]
+    pub fn sockmap_excluded(&self, port: u32) -> bool {
+        let mut i = 0;
+        while i < SOCKMAP_EXCLUDE_PORTS_MAX {
+            let p = u32::from(self.sockmap_exclude_ports[i]);
+            if p != 0 && p == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
 }
 
 // === original destination ===
@@ -435,7 +459,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 11 * 4);
+        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8);
         assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);

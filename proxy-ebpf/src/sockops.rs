@@ -90,7 +90,8 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             if MESH_ORIG_DST.insert(orig_key(&key), orig, 0).is_ok() {
                 count(counter::ORIG_DST_RECORDED, 1);
             }
-            if sockmap && !carried_early_data(ctx, op) {
+            // orig.port: the port the workload asked for (a service's, or its server's).
+            if sockmap && !cfg.sockmap_excluded(orig.port) && !carried_early_data(ctx, op) {
                 let peer = key.reversed_in(cfg.proxy_netns);
                 if register(ctx, key, side) {
                     let _ = MESH_PEERS.insert(key, peer, 0);
@@ -99,7 +100,8 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             }
         }
         (Side::Workload, _) => {
-            // PASSIVE_ESTABLISHED: a server socket. Only pair it if the proxy connected to it.
+            // PASSIVE_ESTABLISHED: a server socket. Only pair it if the proxy connected to it
+            // (and then the proxy's side already checked the excluded ports).
             let plain = key.without_netns();
             // SAFETY: only tested for presence.
             if !sockmap || unsafe { MESH_EXPECT.get(plain) }.is_none() {
@@ -118,7 +120,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
         (Side::Proxy, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) => {
             // The proxy's upstream connect. If the server is a workload on this node, its
             // PASSIVE_ESTABLISHED will find this and complete the pair.
-            if !sockmap || carried_early_data(ctx, op) {
+            if !sockmap || cfg.sockmap_excluded(key.remote_port) || carried_early_data(ctx, op) {
                 return;
             }
             if register(ctx, key, side) {
@@ -126,9 +128,14 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             }
         }
         (Side::Proxy, _) => {
-            // An accepted connection. Only those on the redirect port come from workloads;
-            // the client's ACTIVE_ESTABLISHED already wrote our PEERS entry.
+            // An accepted connection. Only those on the redirect port come from workloads, and
+            // only those whose client registered (its ACTIVE_ESTABLISHED, which ran before
+            // this, wrote our PEERS entry; not for an excluded port or a full map).
             if !sockmap || key.local_port != cfg.redirect_port || carried_early_data(ctx, op) {
+                return;
+            }
+            // SAFETY: only tested for presence.
+            if unsafe { MESH_PEERS.get(key) }.is_none() {
                 return;
             }
             register(ctx, key, side);

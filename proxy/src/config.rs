@@ -199,6 +199,9 @@ pub struct InterceptSection {
     /// With the short-circuit on: authorized same-node opaque TCP connections go workload to
     /// workload in the kernel, without the proxy in the data path (default true).
     pub kernel_path: Option<bool>,
+    /// Ports whose connections stay off the short-circuit (at most 8): the port a workload
+    /// connects to, or a workload server's port.
+    pub sockmap_exclude_ports: Option<Vec<u16>>,
     /// Intercept only declared workloads' cgroups (and their descendants), not everything
     /// below the workload cgroup parent.
     pub workloads_only: Option<bool>,
@@ -242,6 +245,7 @@ pub struct Overrides {
     pub sockmap_queue_limit: Option<u32>,
     pub sockmap_small_streak: Option<u32>,
     pub kernel_path: Option<bool>,
+    pub sockmap_exclude_ports: Vec<u16>,
     pub workloads_only: Option<bool>,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<String>,
@@ -556,6 +560,9 @@ pub struct Config {
     pub short_circuit: ShortCircuit,
     /// The kernel-only path for authorized same-node opaque TCP (needs `sockmap`).
     pub kernel_path: bool,
+    /// Ports whose connections stay off the short-circuit (sorted, at most
+    /// `proxy_common::SOCKMAP_EXCLUDE_PORTS_MAX`).
+    pub sockmap_exclude_ports: Vec<u16>,
     /// Only declared workloads' cgroups are intercepted (`MESH_WORKLOADS`).
     pub workloads_only: bool,
     pub exclude_ports: Vec<u16>,
@@ -1085,6 +1092,27 @@ impl Config {
             ));
         }
 
+        let mut sockmap_exclude_ports = intercept.sockmap_exclude_ports.unwrap_or_default();
+        sockmap_exclude_ports.extend(o.sockmap_exclude_ports);
+        if let Some(p) = sockmap_exclude_ports.iter().find(|p| **p == 0) {
+            return Err(invalid(
+                "intercept.sockmap_exclude_ports",
+                p,
+                "port 0 is not a port a connection can use",
+                "remove 0 from the list",
+            ));
+        }
+        sockmap_exclude_ports.sort_unstable();
+        sockmap_exclude_ports.dedup();
+        if sockmap_exclude_ports.len() > proxy_common::SOCKMAP_EXCLUDE_PORTS_MAX {
+            return Err(invalid(
+                "intercept.sockmap_exclude_ports",
+                sockmap_exclude_ports.len(),
+                "more ports than the kernel programs check (8)",
+                "list at most 8 ports, or turn the short-circuit off (sockmap = false)",
+            ));
+        }
+
         let mut cidr_text = intercept.exclude_cidrs.unwrap_or_default();
         cidr_text.extend(o.exclude_cidrs);
         let exclude_cidrs = cidr_text
@@ -1317,6 +1345,7 @@ impl Config {
             sockmap,
             short_circuit,
             kernel_path: sockmap && o.kernel_path.or(intercept.kernel_path).unwrap_or(true),
+            sockmap_exclude_ports,
             workloads_only,
             exclude_ports,
             exclude_cidrs,
@@ -1397,6 +1426,7 @@ impl Config {
                 "sockmap_small_write": self.short_circuit.small_write,
                 "sockmap_small_streak": self.short_circuit.small_streak,
                 "kernel_path": self.kernel_path,
+                "sockmap_exclude_ports": self.sockmap_exclude_ports,
                 "workloads_only": self.workloads_only,
                 "exclude_ports": self.exclude_ports,
                 "exclude_cidrs": self.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -1726,6 +1756,20 @@ mod tests {
                 let _ = resolve(s);
             }
         }
+    }
+
+    #[test]
+    fn sockmap_exclude_ports_are_checked_and_merged() -> Result<(), ConfigError> {
+        let base = "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nsockmap = true\n";
+        let c = resolve(&format!("{base}sockmap_exclude_ports = [5432, 22, 5432]\n"))?;
+        assert_eq!(c.sockmap_exclude_ports, vec![22, 5432]);
+        let zero = resolve(&format!("{base}sockmap_exclude_ports = [0]\n"));
+        assert!(zero.is_err_and(|e| e.to_string().contains("sockmap_exclude_ports")));
+        let nine = resolve(&format!(
+            "{base}sockmap_exclude_ports = [1, 2, 3, 4, 5, 6, 7, 8, 9]\n"
+        ));
+        assert!(nine.is_err_and(|e| e.to_string().contains("at most 8")));
+        Ok(())
     }
 
     #[test]

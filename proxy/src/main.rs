@@ -184,6 +184,13 @@ struct ConfigArgs {
     /// connection back when a reload denies it) [default: on].
     #[arg(long, value_enum, value_name = "ON|OFF")]
     kernel_path: Option<OnOff>,
+    /// With --sockmap on: connections to this port (the port the workload connects to, or a
+    /// workload server's port) stay off the short-circuit, their sockets on the kernel's own
+    /// TCP receive path. For programs that read and write one socket from two blocking
+    /// threads, which the short-circuit's receive path can fail with a spurious EAGAIN
+    /// (ARCHITECTURE.md, "Kernel facts"). Repeatable, at most 8.
+    #[arg(long = "sockmap-exclude-port", value_name = "PORT")]
+    sockmap_exclude_ports: Vec<u16>,
     /// Intercept only declared workloads' cgroups ([[workload]] or Kubernetes pods), not
     /// every process below the workload cgroup parent [default: off].
     #[arg(long, value_enum)]
@@ -308,6 +315,7 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
         }),
         sockmap: args.sockmap.map(|s| matches!(s, OnOff::On)),
         kernel_path: args.kernel_path.map(|s| matches!(s, OnOff::On)),
+        sockmap_exclude_ports: args.sockmap_exclude_ports.clone(),
         sockmap_queue_limit: args.sockmap_queue_limit,
         sockmap_small_streak: args.sockmap_small_streak,
         sockmap_policy: args.sockmap_policy.map(|p| {

@@ -229,6 +229,7 @@ fn order_run(
             tfo,
             bytes: 4096,
             max_write: 512,
+            io: "poll",
         },
     )
 }
@@ -240,6 +241,9 @@ struct Load {
     tfo: bool,
     bytes: u64,
     max_write: u32,
+    /// meshtest `--io` on both ends: "poll" (event-driven, what most programs do) or
+    /// "blocking" (a reader and a writer thread on one blocking socket).
+    io: &'static str,
 }
 
 fn order_load(p: &mut Pair, load: &Load) -> Result<()> {
@@ -250,6 +254,7 @@ fn order_load(p: &mut Pair, load: &Load) -> Result<()> {
         tfo,
         bytes,
         max_write,
+        io,
     } = *load;
     let (delay, bytes, max_write) = (
         delay_ms.to_string(),
@@ -263,7 +268,7 @@ fn order_load(p: &mut Pair, load: &Load) -> Result<()> {
         "--read-delay-ms",
         &delay,
         "--io",
-        "poll",
+        io,
     ];
     if tfo {
         server.push("--tfo");
@@ -283,7 +288,7 @@ fn order_load(p: &mut Pair, load: &Load) -> Result<()> {
         "--read-delay-ms",
         &delay,
         "--io",
-        "poll",
+        io,
     ];
     if tfo {
         client.push("--tfo");
@@ -433,11 +438,50 @@ fn small_write_streams_can_be_sent_to_tcp_and_stay_in_order() -> Result<()> {
             tfo: false,
             bytes: 1 << 20,
             max_write: 64,
+            io: "poll",
         },
     )?;
     ensure!(
         p.counter("msg_passed_small_writes")? > 0,
         "no stream of 64-byte writes was moved to TCP"
+    );
+    Ok(())
+}
+
+/// Programs that read and write one socket from two blocking threads can get a spurious
+/// EAGAIN from the short-circuit's receive path (a kernel behaviour; ARCHITECTURE.md, "Kernel
+/// facts"), so an operator keeps their port off it: `--sockmap-exclude-port`. Here every
+/// connection of such a program on that port works, and none of its sockets entered the
+/// SOCKHASH. (The same load on a short-circuited port fails most connections on this kernel;
+/// `meshtest order --io blocking`, `"eagain"` in its output.)
+#[test]
+fn blocking_full_duplex_programs_work_on_a_port_kept_off_the_short_circuit() -> Result<()> {
+    require!();
+    let port = PORT.to_string();
+    let mut p = Pair::new(
+        &ProxyOptions {
+            extra_args: vec!["--sockmap-exclude-port".into(), port],
+            ..ProxyOptions::default()
+        },
+        false,
+    )?;
+    let inserted = p.counter("sockhash_inserted")?;
+    order_load(
+        &mut p,
+        &Load {
+            connections: 100,
+            concurrency: 10,
+            delay_ms: 0,
+            tfo: false,
+            bytes: 64 << 10,
+            max_write: 512,
+            io: "blocking",
+        },
+    )?;
+    let added = p.counter("sockhash_inserted")? - inserted;
+    ensure!(
+        added == 0,
+        "{added} sockets of connections to an excluded port entered the SOCKHASH"
     );
     Ok(())
 }

@@ -667,6 +667,14 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
         off_proto_memory_allocated: k.proto_memory_allocated,
         off_proto_sysctl_mem: k.proto_sysctl_mem,
         _pad: 0,
+        sockmap_exclude_ports: {
+            // config.rs allows at most SOCKMAP_EXCLUDE_PORTS_MAX.
+            let mut ports = [0u16; proxy_common::SOCKMAP_EXCLUDE_PORTS_MAX];
+            for (slot, p) in ports.iter_mut().zip(&cfg.sockmap_exclude_ports) {
+                *slot = *p;
+            }
+            ports
+        },
     };
     {
         let m = ebpf
