@@ -858,6 +858,31 @@ pub enum ConfigError {
     },
 }
 
+/// A port list from the file plus the command line: no port 0, sorted, no repeats, and at
+/// most `max.0` ports (else the error `max.1`, with the fix `max.2`).
+fn port_list(
+    field: &'static str,
+    mut ports: Vec<u16>,
+    more: Vec<u16>,
+    max: (usize, &'static str, &'static str),
+) -> Result<Vec<u16>, ConfigError> {
+    ports.extend(more);
+    if let Some(p) = ports.iter().find(|p| **p == 0) {
+        return Err(invalid(
+            field,
+            p,
+            "port 0 is not a port a connection can use",
+            "remove 0 from the list",
+        ));
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.len() > max.0 {
+        return Err(invalid(field, ports.len(), max.1, max.2));
+    }
+    Ok(ports)
+}
+
 pub(crate) fn invalid(
     field: &'static str,
     value: impl fmt::Display,
@@ -1071,47 +1096,26 @@ impl Config {
             ));
         }
 
-        let mut exclude_ports = intercept.exclude_ports.unwrap_or_default();
-        exclude_ports.extend(o.exclude_ports);
-        if let Some(p) = exclude_ports.iter().find(|p| **p == 0) {
-            return Err(invalid(
-                "intercept.exclude_ports",
-                p,
-                "port 0 is not a destination port",
-                "remove 0 from the list",
-            ));
-        }
-        exclude_ports.sort_unstable();
-        exclude_ports.dedup();
-        if exclude_ports.len() > 1024 {
-            return Err(invalid(
-                "intercept.exclude_ports",
-                exclude_ports.len(),
+        let exclude_ports = port_list(
+            "intercept.exclude_ports",
+            intercept.exclude_ports.unwrap_or_default(),
+            o.exclude_ports,
+            (
+                1024,
                 "more ports than the kernel map holds (1024)",
                 "exclude fewer ports",
-            ));
-        }
-
-        let mut sockmap_exclude_ports = intercept.sockmap_exclude_ports.unwrap_or_default();
-        sockmap_exclude_ports.extend(o.sockmap_exclude_ports);
-        if let Some(p) = sockmap_exclude_ports.iter().find(|p| **p == 0) {
-            return Err(invalid(
-                "intercept.sockmap_exclude_ports",
-                p,
-                "port 0 is not a port a connection can use",
-                "remove 0 from the list",
-            ));
-        }
-        sockmap_exclude_ports.sort_unstable();
-        sockmap_exclude_ports.dedup();
-        if sockmap_exclude_ports.len() > proxy_common::SOCKMAP_EXCLUDE_PORTS_MAX {
-            return Err(invalid(
-                "intercept.sockmap_exclude_ports",
-                sockmap_exclude_ports.len(),
+            ),
+        )?;
+        let sockmap_exclude_ports = port_list(
+            "intercept.sockmap_exclude_ports",
+            intercept.sockmap_exclude_ports.unwrap_or_default(),
+            o.sockmap_exclude_ports,
+            (
+                proxy_common::SOCKMAP_EXCLUDE_PORTS_MAX,
                 "more ports than the kernel programs check (8)",
                 "list at most 8 ports, or turn the short-circuit off (sockmap = false)",
-            ));
-        }
+            ),
+        )?;
 
         let mut cidr_text = intercept.exclude_cidrs.unwrap_or_default();
         cidr_text.extend(o.exclude_cidrs);
