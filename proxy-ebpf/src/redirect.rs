@@ -396,6 +396,9 @@ fn queue_len(cfg: &Config, sk: u64) -> u32 {
 #[inline(always)]
 fn leave(ctx: &SkMsgContext, flow: &mut Flow, reason: u32, size: u32) {
     flow.state = reason;
+    // On TCP the receiver's window paces the proxy; a fill level left from the last
+    // redirected write would make it pause after every write from now on.
+    flow.held = 0;
     count(reason, 1);
     passed(size);
     if !resumable(flow) {
