@@ -129,8 +129,12 @@ pub struct Config {
     pub off_sock_prot: u32,
     pub off_proto_memory_allocated: u32,
     pub off_proto_sysctl_mem: u32,
-    /// Explicit padding; always 0.
-    pub _pad: u32,
+    /// Kernel memory one redirected message holds besides its bytes: `bpf_tcp_ingress`
+    /// allocates a `struct sk_msg` (712 bytes on 6.18, a kmalloc-1k object) for every message
+    /// it queues, and charges only the bytes to TCP's accounting. The queue limit counts it
+    /// per message, so a stream of tiny writes cannot pin sixteen times its bytes in slab.
+    /// 0: not counted (the naive policy).
+    pub msg_cost: u32,
     /// Ports whose connections stay off the short-circuit (host order; 0: unused slot): a
     /// workload connecting to one of them (its original destination port) and a workload
     /// server listening on one are never registered, so their sockets keep the kernel's own
@@ -280,8 +284,15 @@ pub struct Flow {
     /// redirected write no flow control), so that a fast writer into a slower workload stays
     /// on the short-circuit instead of reaching the limit and leaving for TCP for good.
     pub held: u32,
-    /// Explicit padding; always 0.
-    pub _pad: u32,
+    /// The largest message this socket redirected since `q_msgs` was last reset.
+    pub q_max: u32,
+    /// Messages and bytes this socket redirected to its current receiver since its queue was
+    /// last seen empty (or since the receiver changed). With the queue's length `Q` they bound
+    /// how many of those messages still wait there: at most `Q` of their bytes do, so at
+    /// least `(q_bytes - Q) / q_max` of them were read whole. The queue limit charges each
+    /// one `Config::msg_cost` (redirect.rs, `queued_cost`).
+    pub q_msgs: u64,
+    pub q_bytes: u64,
 }
 
 /// Value of `MESH_SPLICE`, keyed by a proxy socket that receives a workload's bytes (written
@@ -460,7 +471,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8);
-        assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4 + 4 + 4);
+        assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4 + 4 + 4 + 8 + 8);
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);
         assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);

@@ -15,9 +15,10 @@
 //!   only when its receiver is the proxy and has consumed every TCP-path byte (`may_resume`).
 //!
 //! A direction leaves when: the peer is not in the SOCKHASH (yet); the peer's queue would go
-//! past `Config::queue_limit` (the kernel charges ingress bytes only against the machine-wide
-//! `tcp_mem`, never the receiver's buffer: without this a sender that outruns its reader
-//! queues without limit); TCP's machine-wide memory is past half of `tcp_mem`'s low
+//! past `Config::queue_limit`, counting a `struct sk_msg` per message (the kernel charges
+//! ingress bytes only against the machine-wide `tcp_mem`, never the receiver's buffer, and
+//! the structs not at all: without this a sender that outruns its reader queues without
+//! limit; see `queued_cost`); TCP's machine-wide memory is past half of `tcp_mem`'s low
 //! threshold (`memory_tight`); or it turns out to be a workload's stream of small writes,
 //! which TCP carries faster (`Config::small_streak`, off by default). On TCP the receiver's
 //! window holds the sender back as usual. Before that, a proxy socket's direction is held
@@ -82,8 +83,11 @@ pub fn handle(ctx: &SkMsgContext) {
                 {
                     if flow.state != FLOW_DIRECT {
                         flow.state = FLOW_DIRECT;
+                        // A new receiver: none of this socket's messages wait there yet.
+                        forget_queued(flow);
                         count(counter::SPLICE_STARTED, 1);
                     }
+                    note_queued(flow, size);
                     count_direct(receiver, size);
                     count(counter::MSG_DIRECT, 1);
                     count(counter::MSG_DIRECT_BYTES, u64::from(size));
@@ -114,6 +118,9 @@ pub fn handle(ctx: &SkMsgContext) {
         }
         flow.state = FLOW_REDIRECT;
         flow.streak = 0;
+        // The proxy has read every byte this socket sent (`may_resume`), so none of its
+        // messages waits in the proxy's queue; it may have been sending to the far workload.
+        forget_queued(flow);
         count(counter::FLOW_RESUMED, 1);
     }
     let Some(mut peer) = peer else {
@@ -126,6 +133,7 @@ pub fn handle(ctx: &SkMsgContext) {
     }
     let ret = MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
     if ret == i64::from(SK_PASS) {
+        note_queued(flow, size);
         flow.redirected_bytes += u64::from(size);
         count(counter::MSG_REDIRECTED, 1);
         count(counter::MSG_REDIRECTED_BYTES, u64::from(size));
@@ -149,7 +157,12 @@ pub fn handle(ctx: &SkMsgContext) {
 /// after ours and cannot be waiting in `tcp_recvmsg`, which does not look at the psock list.
 /// Once switched, only the memory rules of `policy` apply.
 #[inline(always)]
-fn splice_target(cfg: &Config, flow: &Flow, receiver: &SockKey, size: u32) -> Result<SockKey, u32> {
+fn splice_target(
+    cfg: &Config,
+    flow: &mut Flow,
+    receiver: &SockKey,
+    size: u32,
+) -> Result<SockKey, u32> {
     if cfg.off_tcp_write_seq == 0 || flow.sk == 0 {
         return Err(FLOW_TCP_NO_PEER);
     }
@@ -187,16 +200,20 @@ fn splice_target(cfg: &Config, flow: &Flow, receiver: &SockKey, size: u32) -> Re
     // Direct writes may fill only half the far queue: when this direction leaves, the proxy
     // relays what then reaches it into the same queue, and it needs room to do that on the
     // short-circuit (paced, see `policy`) rather than meet the limit at once and leave for TCP.
-    if cfg.queue_limit != 0
-        && let Some(reason) = memory_rules(
-            cfg,
-            flow.sk,
-            queue_len(cfg, far.sk),
-            size,
-            cfg.queue_limit / 2,
-        )
-    {
-        return Err(reason);
+    // Before the switch none of this socket's messages is in the far queue yet.
+    if cfg.queue_limit != 0 {
+        let queued = queue_len(cfg, far.sk);
+        let cost = if flow.state == FLOW_DIRECT {
+            if queued == 0 {
+                forget_queued(flow);
+            }
+            queued_cost(cfg, flow, queued, size)
+        } else {
+            queued_cost(cfg, &Flow::default(), queued, size)
+        };
+        if let Some(reason) = memory_rules(cfg, flow.sk, cost, cfg.queue_limit / 2) {
+            return Err(reason);
+        }
     }
     Ok(target)
 }
@@ -227,7 +244,11 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         return Some(FLOW_TCP_NO_PEER);
     };
     let queued = queue_len(cfg, receiver.sk);
-    if let Some(reason) = memory_rules(cfg, flow.sk, queued, size, cfg.queue_limit) {
+    if queued == 0 {
+        forget_queued(flow);
+    }
+    let cost = queued_cost(cfg, flow, queued, size);
+    if let Some(reason) = memory_rules(cfg, flow.sk, cost, cfg.queue_limit) {
         return Some(reason);
     }
     // The proxy's writes into a workload that reads more slowly: past 3/4 of the limit this
@@ -239,7 +260,7 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
     // workload stops reading altogether.
     if flow.proxy != 0 && cfg.queue_limit != 0 {
         // In sixteenths of the limit; memory_rules above keeps it at 16 or below.
-        let fill = (u64::from(queued) + u64::from(size)) * 16 / u64::from(cfg.queue_limit);
+        let fill = cost * 16 / u64::from(cfg.queue_limit);
         flow.held = if fill >= HELD_FROM { fill as u32 } else { 0 };
         if flow.held != 0 {
             count(counter::MSG_PROXY_HELD, 1);
@@ -300,7 +321,7 @@ fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> b
         return false;
     }
     let queued = queue_len(cfg, receiver.sk);
-    u64::from(queued) + u64::from(size) <= u64::from(cfg.queue_limit / 2)
+    queued_cost(cfg, &Flow::default(), queued, size) <= u64::from(cfg.queue_limit / 2)
         && !memory_tight(cfg, flow.sk)
 }
 
@@ -346,19 +367,67 @@ fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(offset)) as *const T) }.ok()
 }
 
-/// The memory rules every redirect obeys, on either path: the receiver's queue (`queued`
-/// bytes) may not pass `limit` (backpressure; `Config::queue_limit`, half of it for direct
-/// writes), and the machine's TCP memory must
+/// The memory rules every redirect obeys, on either path: what the receiver's queue would
+/// hold with this message (`cost`, from `queued_cost`) may not pass `limit` (backpressure;
+/// `Config::queue_limit`, half of it for direct writes), and the machine's TCP memory must
 /// not be tight (`memory_tight`, read through the sender's socket). `None`: this message may go.
 #[inline(always)]
-fn memory_rules(cfg: &Config, sender_sk: u64, queued: u32, size: u32, limit: u32) -> Option<u32> {
-    if limit != 0 && u64::from(queued) + u64::from(size) > u64::from(limit) {
+fn memory_rules(cfg: &Config, sender_sk: u64, cost: u64, limit: u32) -> Option<u32> {
+    if limit != 0 && cost > u64::from(limit) {
         return Some(FLOW_TCP_BACKPRESSURE);
     }
     if memory_tight(cfg, sender_sk) {
         return Some(FLOW_TCP_MEMORY);
     }
     None
+}
+
+/// Kernel memory the receiver's queue would hold with this message: its `queued` bytes, this
+/// message, and a `struct sk_msg` (`Config::msg_cost`) for this message and for each of this
+/// socket's earlier ones that may still wait there. `bpf_tcp_ingress` allocates one per
+/// redirected message and charges only the bytes to TCP's accounting (and `msg_tot_len`):
+/// without this a stream of 64-byte writes into a reader that fell behind pinned 3.7 GB of
+/// kmalloc-1k slab across 100 connections while TCP's count showed 230 MB.
+///
+/// The count is a bound from what this socket knows (the queue does not count its messages):
+/// at most `queued` bytes of its `q_msgs` messages since the last reset can still wait, each
+/// at most `q_max` bytes, and a message is read whole or partly, so at least
+/// `(q_bytes - queued) / q_max` of them are gone. Exact for a stream of equal writes,
+/// pessimistic for mixed sizes; reset whenever the queue is seen empty.
+#[inline(always)]
+fn queued_cost(cfg: &Config, flow: &Flow, queued: u32, size: u32) -> u64 {
+    let mut waiting = flow.q_msgs;
+    let queued64 = u64::from(queued);
+    if flow.q_max != 0 && flow.q_bytes > queued64 {
+        let gone = (flow.q_bytes - queued64) / u64::from(flow.q_max);
+        waiting = waiting.saturating_sub(gone);
+    }
+    // Capped so the product fits in 64 bits without a 128-bit multiply (which BPF lacks).
+    let waiting = if waiting > u64::from(u32::MAX - 1) {
+        u64::from(u32::MAX - 1)
+    } else {
+        waiting
+    };
+    queued64 + u64::from(size) + (waiting + 1).wrapping_mul(u64::from(cfg.msg_cost))
+}
+
+/// This socket's message of `size` bytes was queued at its receiver.
+#[inline(always)]
+fn note_queued(flow: &mut Flow, size: u32) {
+    flow.q_msgs = flow.q_msgs.saturating_add(1);
+    flow.q_bytes = flow.q_bytes.saturating_add(u64::from(size));
+    if size > flow.q_max {
+        flow.q_max = size;
+    }
+}
+
+/// None of this socket's messages waits at its receiver (the queue was seen empty, or the
+/// receiver changed).
+#[inline(always)]
+fn forget_queued(flow: &mut Flow) {
+    flow.q_msgs = 0;
+    flow.q_bytes = 0;
+    flow.q_max = 0;
 }
 
 /// True if `may_resume` can ever say yes for this direction.

@@ -190,7 +190,8 @@ pub struct InterceptSection {
     pub sockmap: Option<bool>,
     /// "adaptive" (default) or "naive" (every message redirected, no bound: for the bench).
     pub sockmap_policy: Option<String>,
-    /// Bytes that may wait unread in one socket's short-circuit queue.
+    /// Kernel memory (bytes plus a struct per message) that may wait unread in one socket's
+    /// short-circuit queue.
     pub sockmap_queue_limit: Option<u32>,
     /// Writes smaller than this count as small for the small-write stream rule.
     pub sockmap_small_write: Option<u32>,
@@ -271,8 +272,9 @@ pub enum Mode {
 /// naive policy: every message redirected, nothing bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShortCircuit {
-    /// Bytes that may wait unread in one socket's short-circuit queue before its sender's
-    /// direction moves to TCP, where the receive window holds the sender back.
+    /// Kernel memory (bytes plus a struct per message) that may wait unread in one socket's
+    /// short-circuit queue before its sender's direction moves to TCP, where the receive
+    /// window holds the sender back.
     pub queue_limit: u32,
     /// Writes below this size are "small".
     pub small_write: u32,

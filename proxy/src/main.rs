@@ -170,8 +170,9 @@ struct ConfigArgs {
     /// redirected, unbounded: only for measuring) [default: adaptive].
     #[arg(long, value_enum)]
     sockmap_policy: Option<PolicyArg>,
-    /// Bytes that may wait unread in one socket's short-circuit queue before its sender moves
-    /// to TCP [default: 4194304].
+    /// Kernel memory that may wait unread in one socket's short-circuit queue before its
+    /// sender moves to TCP: the bytes plus the kernel's struct per message (1 KiB here)
+    /// [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     sockmap_queue_limit: Option<u32>,
     /// Small writes in a row (each finding the receiver with unread bytes) that move a

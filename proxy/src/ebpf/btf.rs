@@ -30,6 +30,21 @@ pub struct KernelOffsets {
     /// `struct proto::sysctl_mem` (`long *`, the tcp_mem thresholds in pages).
     pub proto_memory_allocated: u32,
     pub proto_sysctl_mem: u32,
+    /// `sizeof(struct sk_msg)`: what `bpf_tcp_ingress` allocates for every redirected message.
+    pub sk_msg_size: u32,
+}
+
+impl KernelOffsets {
+    /// Kernel memory one redirected message holds besides its bytes: its `struct sk_msg`, as
+    /// the kmalloc size class that serves it (powers of two, and 96 and 192).
+    pub fn msg_cost(&self) -> u32 {
+        match self.sk_msg_size {
+            0 => 0,
+            65..=96 => 96,
+            129..=192 => 192,
+            n => n.checked_next_power_of_two().unwrap_or(u32::MAX).max(8),
+        }
+    }
 }
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -104,6 +119,7 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
             .ok_or(Malformed("sock_common offset overflows"))?,
         proto_memory_allocated: btf.offset("proto", "memory_allocated")?,
         proto_sysctl_mem: btf.offset("proto", "sysctl_mem")?,
+        sk_msg_size: btf.struct_size("sk_msg")?,
     })
 }
 
@@ -261,16 +277,23 @@ impl<'a> Btf<'a> {
         Ok(tail.get(..end).unwrap_or_default())
     }
 
-    fn offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
-        let mut found = None;
+    fn find_struct(&self, strukt: &str) -> Result<Type, BtfError> {
         for &at in &self.starts {
             let ty = self.type_at(at)?;
             if ty.kind == STRUCT && self.name(ty.name_off)? == strukt.as_bytes() {
-                found = Some(ty);
-                break;
+                return Ok(ty);
             }
         }
-        let ty = found.ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        Err(BtfError::NoStruct(strukt.into()))
+    }
+
+    /// `sizeof(struct strukt)` (a STRUCT record's third word is its size in bytes).
+    fn struct_size(&self, strukt: &str) -> Result<u32, BtfError> {
+        Ok(self.find_struct(strukt)?.size_or_type)
+    }
+
+    fn offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let ty = self.find_struct(strukt)?;
         let path = || format!("struct {strukt}::{member}");
         let mut seen = HashSet::from([ty.at]);
         let (bits, bitfield) = self
@@ -590,6 +613,28 @@ mod tests {
         for off in [k.tcp_write_seq, k.tcp_copied_seq] {
             assert!(off > k.sock_user_data && off < 4096, "{k:?}");
         }
+        // A struct sk_msg holds MAX_MSG_FRAGS + 2 scatterlist entries: hundreds of bytes.
+        assert!((256..4096).contains(&k.sk_msg_size), "{k:?}");
+        assert!(k.msg_cost() >= k.sk_msg_size, "{k:?}");
+    }
+
+    #[test]
+    fn msg_cost_is_the_kmalloc_class() {
+        let cost = |sk_msg_size| {
+            KernelOffsets {
+                sk_msg_size,
+                ..KernelOffsets::default()
+            }
+            .msg_cost()
+        };
+        assert_eq!(cost(0), 0);
+        assert_eq!(cost(5), 8);
+        assert_eq!(cost(80), 96);
+        assert_eq!(cost(100), 128);
+        assert_eq!(cost(150), 192);
+        assert_eq!(cost(712), 1024);
+        assert_eq!(cost(1024), 1024);
+        assert_eq!(cost(u32::MAX), u32::MAX);
     }
 
     #[test]

@@ -666,7 +666,12 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
         off_sock_prot: k.sock_prot,
         off_proto_memory_allocated: k.proto_memory_allocated,
         off_proto_sysctl_mem: k.proto_sysctl_mem,
-        _pad: 0,
+        // The naive policy bounds nothing, so it counts nothing either.
+        msg_cost: if cfg.short_circuit.is_naive() {
+            0
+        } else {
+            k.msg_cost()
+        },
         sockmap_exclude_ports: {
             // config.rs allows at most SOCKMAP_EXCLUDE_PORTS_MAX.
             let mut ports = [0u16; proxy_common::SOCKMAP_EXCLUDE_PORTS_MAX];
