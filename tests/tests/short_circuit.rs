@@ -138,6 +138,23 @@ impl PeakTcpMem {
     }
 }
 
+/// Waits for an `order` client whose reader paused: every byte must arrive in order once it
+/// reads again, and the queue limit must have held a message back meanwhile.
+fn finishes_intact_after_backpressure(p: &Pair, child: &Background) -> Result<()> {
+    let deadline = Instant::now() + LIMIT;
+    while !child.output().contains("\"ok\"") {
+        ensure!(Instant::now() < deadline, "client did not finish");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.output();
+    ensure!(out.contains("\"ok\":true"), "client: {out}");
+    ensure!(
+        p.counter("msg_passed_backpressure")? >= 1,
+        "no message was held back by the queue limit"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_reader_that_stops_holds_the_sender_back_and_loses_nothing() -> Result<()> {
     require!();
@@ -197,18 +214,7 @@ fn a_reader_that_stops_holds_the_sender_back_and_loses_nothing() -> Result<()> {
         "machine-wide TCP memory at {mem} bytes while one reader was paused"
     );
     // Then every byte arrives, in order, once the reader resumes.
-    let deadline = Instant::now() + LIMIT;
-    while !child.output().contains("\"ok\"") {
-        ensure!(Instant::now() < deadline, "client did not finish");
-        thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.output();
-    ensure!(out.contains("\"ok\":true"), "client: {out}");
-    ensure!(
-        p.counter("msg_passed_backpressure")? >= 1,
-        "no message was held back by the queue limit"
-    );
-    Ok(())
+    finishes_intact_after_backpressure(&p, &child)
 }
 
 /// Kernel slab the kernel cannot reclaim (`/proc/meminfo` "SUnreclaim"), in bytes.
@@ -296,18 +302,7 @@ fn tiny_writes_into_a_reader_that_stops_keep_kernel_memory_bounded() -> Result<(
         "unreclaimable slab grew by {} MiB while {CONNS} readers paused: the queue limit does not bound the kernel's per-message structs",
         grew >> 20
     );
-    let deadline = Instant::now() + LIMIT;
-    while !child.output().contains("\"ok\"") {
-        ensure!(Instant::now() < deadline, "client did not finish");
-        thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.output();
-    ensure!(out.contains("\"ok\":true"), "client: {out}");
-    ensure!(
-        p.counter("msg_passed_backpressure")? >= 1,
-        "no message was held back by the queue limit"
-    );
-    Ok(())
+    finishes_intact_after_backpressure(&p, &child)
 }
 
 /// Both directions write sequence-checked bytes immediately after connect()/accept(), while
