@@ -284,15 +284,32 @@ pub struct Flow {
     /// redirected write no flow control), so that a fast writer into a slower workload stays
     /// on the short-circuit instead of reaching the limit and leaving for TCP for good.
     pub held: u32,
-    /// The largest message this socket redirected since `q_msgs` was last reset.
-    pub q_max: u32,
-    /// Messages and bytes this socket redirected to its current receiver since its queue was
-    /// last seen empty (or since the receiver changed). With the queue's length `Q` they bound
-    /// how many of those messages still wait there: at most `Q` of their bytes do, so at
-    /// least `(q_bytes - Q) / q_max` of them were read whole. The queue limit charges each
-    /// one `Config::msg_cost` (redirect.rs, `queued_cost`).
-    pub q_msgs: u64,
-    pub q_bytes: u64,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+    /// This socket's messages that may still wait at its peer (the per-hop short-circuit:
+    /// the proxy, or for a proxy socket the workload) and at the far workload (the
+    /// kernel-only path). Kept per receiver and across changes of path: a direction that
+    /// leaves the kernel-only path and comes back must still count what it left unread there.
+    pub to_peer: Queued,
+    pub to_far: Queued,
+}
+
+/// What one sender knows of its messages in one receiver's short-circuit queue (`Flow`).
+/// The queue counts bytes (`msg_tot_len`) but not messages, and the kernel holds a
+/// `struct sk_msg` per message (`Config::msg_cost`); with the queue's length `Q` these bound
+/// how many of the sender's messages still wait there: at most `Q` of their bytes do, so at
+/// least `(bytes - Q) / max` of them were read whole (proxy-ebpf/src/redirect.rs,
+/// `queued_cost`). Reset only when the queue is seen empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Queued {
+    /// The largest of those messages.
+    pub max: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+    /// Messages and bytes sent to this receiver since its queue was last seen empty.
+    pub msgs: u64,
+    pub bytes: u64,
 }
 
 /// Value of `MESH_SPLICE`, keyed by a proxy socket that receives a workload's bytes (written
@@ -471,7 +488,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8);
-        assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4 + 4 + 4 + 8 + 8);
+        assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);
+        assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4 + 4 + 4 + 2 * 24);
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);
         assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);

@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Config, FLOW_DIRECT, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER,
-    FLOW_TCP_SMALL_WRITES, Flow, SockKey, counter,
+    FLOW_TCP_SMALL_WRITES, Flow, Queued, SockKey, counter,
 };
 
 use crate::maps::{MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, config, count};
@@ -83,11 +83,9 @@ pub fn handle(ctx: &SkMsgContext) {
                 {
                     if flow.state != FLOW_DIRECT {
                         flow.state = FLOW_DIRECT;
-                        // A new receiver: none of this socket's messages wait there yet.
-                        forget_queued(flow);
                         count(counter::SPLICE_STARTED, 1);
                     }
-                    note_queued(flow, size);
+                    note_queued(&mut flow.to_far, size);
                     count_direct(receiver, size);
                     count(counter::MSG_DIRECT, 1);
                     count(counter::MSG_DIRECT_BYTES, u64::from(size));
@@ -118,9 +116,6 @@ pub fn handle(ctx: &SkMsgContext) {
         }
         flow.state = FLOW_REDIRECT;
         flow.streak = 0;
-        // The proxy has read every byte this socket sent (`may_resume`), so none of its
-        // messages waits in the proxy's queue; it may have been sending to the far workload.
-        forget_queued(flow);
         count(counter::FLOW_RESUMED, 1);
     }
     let Some(mut peer) = peer else {
@@ -133,7 +128,7 @@ pub fn handle(ctx: &SkMsgContext) {
     }
     let ret = MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
     if ret == i64::from(SK_PASS) {
-        note_queued(flow, size);
+        note_queued(&mut flow.to_peer, size);
         flow.redirected_bytes += u64::from(size);
         count(counter::MSG_REDIRECTED, 1);
         count(counter::MSG_REDIRECTED_BYTES, u64::from(size));
@@ -200,17 +195,14 @@ fn splice_target(
     // Direct writes may fill only half the far queue: when this direction leaves, the proxy
     // relays what then reaches it into the same queue, and it needs room to do that on the
     // short-circuit (paced, see `policy`) rather than meet the limit at once and leave for TCP.
-    // Before the switch none of this socket's messages is in the far queue yet.
+    // The far queue may still hold this socket's direct messages from an earlier stay on
+    // this path (`to_far` is kept across leaving and coming back).
     if cfg.queue_limit != 0 {
         let queued = queue_len(cfg, far.sk);
-        let cost = if flow.state == FLOW_DIRECT {
-            if queued == 0 {
-                forget_queued(flow);
-            }
-            queued_cost(cfg, flow, queued, size)
-        } else {
-            queued_cost(cfg, &Flow::default(), queued, size)
-        };
+        if queued == 0 {
+            forget_queued(&mut flow.to_far);
+        }
+        let cost = queued_cost(cfg, &flow.to_far, queued, size);
         if let Some(reason) = memory_rules(cfg, flow.sk, cost, cfg.queue_limit / 2) {
             return Err(reason);
         }
@@ -245,9 +237,9 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
     };
     let queued = queue_len(cfg, receiver.sk);
     if queued == 0 {
-        forget_queued(flow);
+        forget_queued(&mut flow.to_peer);
     }
-    let cost = queued_cost(cfg, flow, queued, size);
+    let cost = queued_cost(cfg, &flow.to_peer, queued, size);
     if let Some(reason) = memory_rules(cfg, flow.sk, cost, cfg.queue_limit) {
         return Some(reason);
     }
@@ -321,7 +313,7 @@ fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> b
         return false;
     }
     let queued = queue_len(cfg, receiver.sk);
-    queued_cost(cfg, &Flow::default(), queued, size) <= u64::from(cfg.queue_limit / 2)
+    queued_cost(cfg, &flow.to_peer, queued, size) <= u64::from(cfg.queue_limit / 2)
         && !memory_tight(cfg, flow.sk)
 }
 
@@ -384,22 +376,23 @@ fn memory_rules(cfg: &Config, sender_sk: u64, cost: u64, limit: u32) -> Option<u
 
 /// Kernel memory the receiver's queue would hold with this message: its `queued` bytes, this
 /// message, and a `struct sk_msg` (`Config::msg_cost`) for this message and for each of this
-/// socket's earlier ones that may still wait there. `bpf_tcp_ingress` allocates one per
-/// redirected message and charges only the bytes to TCP's accounting (and `msg_tot_len`):
-/// without this a stream of 64-byte writes into a reader that fell behind pinned 3.7 GB of
-/// kmalloc-1k slab across 100 connections while TCP's count showed 230 MB.
+/// socket's earlier ones that may still wait there (`q`, this socket's record for that
+/// receiver). `bpf_tcp_ingress` allocates one per redirected message and charges only the
+/// bytes to TCP's accounting (and `msg_tot_len`): without this a stream of 64-byte writes
+/// into a reader that fell behind pinned 3.7 GB of kmalloc-1k slab across 100 connections
+/// while TCP's count showed 230 MB.
 ///
 /// The count is a bound from what this socket knows (the queue does not count its messages):
-/// at most `queued` bytes of its `q_msgs` messages since the last reset can still wait, each
-/// at most `q_max` bytes, and a message is read whole or partly, so at least
-/// `(q_bytes - queued) / q_max` of them are gone. Exact for a stream of equal writes,
-/// pessimistic for mixed sizes; reset whenever the queue is seen empty.
+/// at most `queued` bytes of its `q.msgs` messages can still wait, each at most `q.max`
+/// bytes, and a message is read whole or partly, so at least `(q.bytes - queued) / q.max` of
+/// them are gone. Exact for a stream of equal writes, pessimistic for mixed sizes, and it
+/// corrects itself as the queue drains; reset when the queue is seen empty.
 #[inline(always)]
-fn queued_cost(cfg: &Config, flow: &Flow, queued: u32, size: u32) -> u64 {
-    let mut waiting = flow.q_msgs;
+fn queued_cost(cfg: &Config, q: &Queued, queued: u32, size: u32) -> u64 {
+    let mut waiting = q.msgs;
     let queued64 = u64::from(queued);
-    if flow.q_max != 0 && flow.q_bytes > queued64 {
-        let gone = (flow.q_bytes - queued64) / u64::from(flow.q_max);
+    if q.max != 0 && q.bytes > queued64 {
+        let gone = (q.bytes - queued64) / u64::from(q.max);
         waiting = waiting.saturating_sub(gone);
     }
     // Capped so the product fits in 64 bits without a 128-bit multiply (which BPF lacks).
@@ -411,23 +404,20 @@ fn queued_cost(cfg: &Config, flow: &Flow, queued: u32, size: u32) -> u64 {
     queued64 + u64::from(size) + (waiting + 1).wrapping_mul(u64::from(cfg.msg_cost))
 }
 
-/// This socket's message of `size` bytes was queued at its receiver.
+/// This socket's message of `size` bytes was queued at the receiver `q` describes.
 #[inline(always)]
-fn note_queued(flow: &mut Flow, size: u32) {
-    flow.q_msgs = flow.q_msgs.saturating_add(1);
-    flow.q_bytes = flow.q_bytes.saturating_add(u64::from(size));
-    if size > flow.q_max {
-        flow.q_max = size;
+fn note_queued(q: &mut Queued, size: u32) {
+    q.msgs = q.msgs.saturating_add(1);
+    q.bytes = q.bytes.saturating_add(u64::from(size));
+    if size > q.max {
+        q.max = size;
     }
 }
 
-/// None of this socket's messages waits at its receiver (the queue was seen empty, or the
-/// receiver changed).
+/// The receiver's queue was seen empty: none of this socket's messages waits there.
 #[inline(always)]
-fn forget_queued(flow: &mut Flow) {
-    flow.q_msgs = 0;
-    flow.q_bytes = 0;
-    flow.q_max = 0;
+fn forget_queued(q: &mut Queued) {
+    *q = Queued::default();
 }
 
 /// True if `may_resume` can ever say yes for this direction.
