@@ -313,7 +313,15 @@ fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> b
         return false;
     }
     let queued = queue_len(cfg, receiver.sk);
-    queued_cost(cfg, &flow.to_peer, queued, size) <= u64::from(cfg.queue_limit / 2)
+    // An empty queue holds none of this socket's messages, whatever its record (which only
+    // `policy` resets) still counts: with mixed sizes that bound stays pessimistic, and
+    // would otherwise keep the direction on TCP long after the proxy caught up.
+    let record = if queued == 0 {
+        Queued::default()
+    } else {
+        flow.to_peer
+    };
+    queued_cost(cfg, &record, queued, size) <= u64::from(cfg.queue_limit / 2)
         && !memory_tight(cfg, flow.sk)
 }
 
