@@ -198,11 +198,7 @@ fn splice_target(
     // The far queue may still hold this socket's direct messages from an earlier stay on
     // this path (`to_far` is kept across leaving and coming back).
     if cfg.queue_limit != 0 {
-        let queued = queue_len(cfg, far.sk);
-        if queued == 0 {
-            forget_queued(&mut flow.to_far);
-        }
-        let cost = queued_cost(cfg, &flow.to_far, queued, size);
+        let cost = settle_cost(cfg, &mut flow.to_far, queue_len(cfg, far.sk), size);
         if let Some(reason) = memory_rules(cfg, flow.sk, cost, cfg.queue_limit / 2) {
             return Err(reason);
         }
@@ -236,10 +232,7 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         return Some(FLOW_TCP_NO_PEER);
     };
     let queued = queue_len(cfg, receiver.sk);
-    if queued == 0 {
-        forget_queued(&mut flow.to_peer);
-    }
-    let cost = queued_cost(cfg, &flow.to_peer, queued, size);
+    let cost = settle_cost(cfg, &mut flow.to_peer, queued, size);
     if let Some(reason) = memory_rules(cfg, flow.sk, cost, cfg.queue_limit) {
         return Some(reason);
     }
@@ -313,15 +306,7 @@ fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> b
         return false;
     }
     let queued = queue_len(cfg, receiver.sk);
-    // An empty queue holds none of this socket's messages, whatever its record (which only
-    // `policy` resets) still counts: with mixed sizes that bound stays pessimistic, and
-    // would otherwise keep the direction on TCP long after the proxy caught up.
-    let record = if queued == 0 {
-        Queued::default()
-    } else {
-        flow.to_peer
-    };
-    queued_cost(cfg, &record, queued, size) <= u64::from(cfg.queue_limit / 2)
+    queued_cost(cfg, &flow.to_peer, queued, size) <= u64::from(cfg.queue_limit / 2)
         && !memory_tight(cfg, flow.sk)
 }
 
@@ -393,11 +378,12 @@ fn memory_rules(cfg: &Config, sender_sk: u64, cost: u64, limit: u32) -> Option<u
 /// The count is a bound from what this socket knows (the queue does not count its messages):
 /// at most `queued` bytes of its `q.msgs` messages can still wait, each at most `q.max`
 /// bytes, and a message is read whole or partly, so at least `(q.bytes - queued) / q.max` of
-/// them are gone. Exact for a stream of equal writes, pessimistic for mixed sizes, and it
-/// corrects itself as the queue drains; reset when the queue is seen empty.
+/// them are gone; an empty queue holds none of them, whatever the record still counts (with
+/// mixed sizes it stays pessimistic until `settle_cost` resets it). Exact for a stream of
+/// equal writes, and it corrects itself as the queue drains.
 #[inline(always)]
 fn queued_cost(cfg: &Config, q: &Queued, queued: u32, size: u32) -> u64 {
-    let mut waiting = q.msgs;
+    let mut waiting = if queued == 0 { 0 } else { q.msgs };
     let queued64 = u64::from(queued);
     if q.max != 0 && q.bytes > queued64 {
         let gone = (q.bytes - queued64) / u64::from(q.max);
@@ -422,10 +408,14 @@ fn note_queued(q: &mut Queued, size: u32) {
     }
 }
 
-/// The receiver's queue was seen empty: none of this socket's messages waits there.
+/// `queued_cost` for a sender about to judge a message, which also starts its record for
+/// that receiver afresh when the queue is seen empty (none of its messages waits there).
 #[inline(always)]
-fn forget_queued(q: &mut Queued) {
-    *q = Queued::default();
+fn settle_cost(cfg: &Config, q: &mut Queued, queued: u32, size: u32) -> u64 {
+    if queued == 0 {
+        *q = Queued::default();
+    }
+    queued_cost(cfg, q, queued, size)
 }
 
 /// True if `may_resume` can ever say yes for this direction.
