@@ -140,6 +140,13 @@ pub struct Config {
     /// server listening on one are never registered, so their sockets keep the kernel's own
     /// TCP receive path (see `intercept.sockmap_exclude_ports`).
     pub sockmap_exclude_ports: [u16; SOCKMAP_EXCLUDE_PORTS_MAX],
+    /// A workload direction that has met the queue limit this many times asks to leave the
+    /// SOCKHASH (`Flow::detach`): its reader (the proxy) cannot keep up with it on the
+    /// short-circuit, where a sender is never made to wait, and every stay on the TCP path
+    /// still pays for sk_msg. 0: never (the naive policy).
+    pub detach_after: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
 }
 
 /// How many ports `Config::sockmap_exclude_ports` holds.
@@ -256,6 +263,17 @@ pub const FLOW_TCP_MEMORY: u32 = counter::MSG_PASSED_MEMORY_PRESSURE;
 /// `Flow::state`: this workload's bytes go straight to the workload at the far end of the
 /// proxy (the kernel-only path, `MESH_SPLICE`), skipping the proxy. Not a counter index.
 pub const FLOW_DIRECT: u32 = 0x100;
+/// `Flow::state` of a proxy socket, written by the proxy (never by sk_msg): the proxy will
+/// never again redirect into the workload behind this socket, which asked to leave the
+/// SOCKHASH (`Flow::detach`). Like every proxy direction on TCP, it does not come back.
+pub const FLOW_TCP_DETACHING: u32 = 0x200;
+
+/// `Flow::detach`: the workload's direction has met the queue limit `Config::detach_after`
+/// times; it asks to leave the SOCKHASH so its socket is plain TCP again.
+pub const DETACH_WANTED: u16 = 1;
+/// `Flow::detach`: nothing can reach the workload's short-circuit queue any more and that
+/// queue is empty: the proxy may remove the socket from the SOCKHASH without losing a byte.
+pub const DETACH_READY: u16 = 2;
 
 /// Value of `MESH_FLOWS`: the sending direction of one registered socket.
 #[repr(C)]
@@ -284,8 +302,15 @@ pub struct Flow {
     /// redirected write no flow control), so that a fast writer into a slower workload stays
     /// on the short-circuit instead of reaching the limit and leaving for TCP for good.
     pub held: u32,
-    /// Explicit padding; always 0.
-    pub _pad: u32,
+    /// Workload sockets only: how many times this direction met the queue limit and left
+    /// for TCP (saturating). At `Config::detach_after` it asks to leave the SOCKHASH
+    /// (`detach`).
+    pub pressure: u16,
+    /// Workload sockets only, written by this socket's sk_msg: `DETACH_WANTED` once it asks
+    /// to leave the SOCKHASH for plain TCP, `DETACH_READY` once leaving is safe (the proxy
+    /// stopped redirecting into it, `FLOW_TCP_DETACHING`, and its own queue is empty). The
+    /// proxy reads it and removes the socket (see proxy-ebpf/src/redirect.rs, `detach`).
+    pub detach: u16,
     /// This socket's messages that may still wait at its peer (the per-hop short-circuit:
     /// the proxy, or for a proxy socket the workload) and at the far workload (the
     /// kernel-only path). Kept per receiver and across changes of path: a direction that
@@ -410,8 +435,14 @@ pub mod counter {
     /// The proxy's redirected writes that left their receiving workload with more than 3/4
     /// of the queue limit unread: the proxy pauses before its next write (`Flow::held`).
     pub const MSG_PROXY_HELD: u32 = 29;
+    /// Workload directions that met the queue limit `Config::detach_after` times and asked
+    /// to leave the SOCKHASH.
+    pub const DETACH_WANTED: u32 = 30;
+    /// Of those, directions that found leaving safe (the proxy had stopped redirecting into
+    /// them and their queue was empty); the proxy then removes the socket.
+    pub const DETACH_READY: u32 = 31;
     /// Number of counters.
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 32;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -445,6 +476,8 @@ pub mod counter {
         "msg_direct",
         "msg_direct_bytes",
         "msg_proxy_held",
+        "detach_wanted",
+        "detach_ready",
     ];
 }
 
@@ -487,9 +520,15 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8);
+        assert_eq!(
+            size_of::<Config>(),
+            8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8 + 2 * 4
+        );
         assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);
-        assert_eq!(size_of::<Flow>(), 4 + 4 + 8 + 8 + 4 + 4 + 4 + 4 + 2 * 24);
+        assert_eq!(
+            size_of::<Flow>(),
+            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 2 * 24
+        );
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);
         assert_eq!(size_of::<OrigKey>(), 4 * 4 + 16 + 16);

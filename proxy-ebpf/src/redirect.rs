@@ -34,8 +34,9 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use proxy_common::{
-    Config, FLOW_DIRECT, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER,
-    FLOW_TCP_SMALL_WRITES, Flow, Queued, SockKey, counter,
+    Config, DETACH_READY, DETACH_WANTED, FLOW_DIRECT, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE,
+    FLOW_TCP_DETACHING, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER, FLOW_TCP_SMALL_WRITES, Flow, Queued,
+    SockKey, counter,
 };
 
 use crate::maps::{MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, config, count};
@@ -73,6 +74,11 @@ pub fn handle(ctx: &SkMsgContext) {
     };
     // SAFETY: the value is copied out at once.
     let peer = (unsafe { MESH_PEERS.get(key) }).copied();
+    if flow.detach != 0 && detach(cfg, flow, peer.as_ref()) {
+        passed(size);
+        stop_judging(ctx);
+        return;
+    }
     if flow.proxy == 0
         && let Some(receiver) = peer.as_ref()
     {
@@ -111,6 +117,13 @@ pub fn handle(ctx: &SkMsgContext) {
             passed(size);
             if !resumable(flow) {
                 stop_judging(ctx);
+            } else if let Some(peer) = peer.as_ref() {
+                // On TCP `streak` counts the messages that found the proxy still behind.
+                flow.streak = flow.streak.saturating_add(1);
+                if flow.streak >= RESUME_TRIES {
+                    flow.streak = 0;
+                    note_pressure(cfg, flow, peer);
+                }
             }
             return;
         }
@@ -123,6 +136,9 @@ pub fn handle(ctx: &SkMsgContext) {
         return;
     };
     if let Some(reason) = policy(cfg, flow, &peer, size) {
+        if reason == FLOW_TCP_BACKPRESSURE {
+            note_pressure(cfg, flow, &peer);
+        }
         leave(ctx, flow, reason, size);
         return;
     }
@@ -418,10 +434,88 @@ fn settle_cost(cfg: &Config, q: &mut Queued, queued: u32, size: u32) -> u64 {
     queued_cost(cfg, q, queued, size)
 }
 
+/// Messages in a row that a workload's direction sends over TCP finding the proxy still
+/// behind (`may_resume` says no) that count as meeting the queue limit once
+/// (`note_pressure`). A direction that went to TCP before its pair was complete (its first
+/// bytes, written right after connect) and whose writer never lets the proxy catch up
+/// otherwise stays there for good, paying for sk_msg on every message: measured with 100
+/// connections of 64 B writes, 96 % of messages. Request/response finds the proxy caught up
+/// at its next request.
+const RESUME_TRIES: u32 = 256;
+
+/// A workload's direction (per hop, into the proxy) met the queue limit once more. At
+/// `Config::detach_after` times it asks to leave the SOCKHASH (`Flow::detach`): the proxy
+/// cannot drain it as fast as it writes, and a redirect never makes a writer wait (only
+/// TCP's window does), so such a writer burns the CPU the proxy needs, then meets the limit
+/// and goes on over TCP through `tcp_bpf_sendmsg`, which still pays for sk_msg (a copy into
+/// an `sk_msg`, this program, `tcp_bpf_push`). Not for a connection the proxy has opened to
+/// the kernel-only path (`MESH_SPLICE` of its socket): the far workload could then write
+/// straight into this socket's queue, which the proxy cannot stop (see `detach`).
+#[inline(always)]
+fn note_pressure(cfg: &Config, flow: &mut Flow, peer: &SockKey) {
+    if flow.proxy != 0 || cfg.detach_after == 0 {
+        return;
+    }
+    flow.pressure = flow.pressure.saturating_add(1);
+    // SAFETY: only tested for presence.
+    if flow.detach == 0
+        && u32::from(flow.pressure) >= cfg.detach_after
+        && unsafe { MESH_SPLICE.get(peer) }.is_none()
+    {
+        flow.detach = DETACH_WANTED;
+        count(counter::DETACH_WANTED, 1);
+    }
+}
+
+/// For a workload socket that asked to leave the SOCKHASH: true once leaving is safe, and
+/// from then on its messages take the TCP path without this program judging them, until the
+/// proxy removes the socket (the program then no longer runs for it at all).
+///
+/// Removing a socket from the SOCKHASH drops its psock, and with it every message still
+/// queued in the psock's ingress list, unread (the "silently discarded"), and a
+/// redirect already on its way into it fails. So it is safe only once nothing can be
+/// redirected into this socket any more and its queue is empty:
+/// - the only socket that redirects into it is its peer, the proxy's socket, and the proxy
+///   marks that one `FLOW_TCP_DETACHING` (a proxy direction on TCP never comes back), from
+///   the same task that writes on it and never while one of its writes is under way, so once
+///   we see the mark no redirect into us is pending or will come (the kernel-only path,
+///   whose far workload could also write here, is never asked for: `note_pressure`);
+/// - then the queue can only shrink, and we read it empty (`msg_tot_len`).
+///
+/// A reader in `tcp_bpf_recvmsg` when the socket leaves keeps its psock reference until it
+/// returns and then reads the TCP queue, where every later byte is: nothing is reordered
+/// (psock bytes are older than TCP bytes from the mark on).
+#[inline(always)]
+fn detach(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> bool {
+    if flow.detach == DETACH_READY {
+        return true;
+    }
+    if flow.detach != DETACH_WANTED || flow.proxy != 0 {
+        return false;
+    }
+    let Some(peer) = peer else { return false };
+    // SAFETY: the value is copied out at once.
+    let Some(receiver) = (unsafe { MESH_FLOWS.get(peer) }).copied() else {
+        return false;
+    };
+    if receiver.proxy == 0 || receiver.state != FLOW_TCP_DETACHING {
+        return false;
+    }
+    if cfg.off_psock_msg_len == 0 || queue_len(cfg, flow.sk) != 0 {
+        return false;
+    }
+    flow.detach = DETACH_READY;
+    if flow.state == FLOW_REDIRECT {
+        flow.state = FLOW_TCP_BACKPRESSURE;
+    }
+    count(counter::DETACH_READY, 1);
+    true
+}
+
 /// True if `may_resume` can ever say yes for this direction.
 #[inline(always)]
 fn resumable(flow: &Flow) -> bool {
-    flow.proxy == 0 && flow.state != FLOW_TCP_SMALL_WRITES
+    flow.proxy == 0 && flow.state != FLOW_TCP_SMALL_WRITES && flow.detach != DETACH_READY
 }
 
 /// For a direction on TCP for good: the verdict (pass) applies to the next 4 GiB without

@@ -106,6 +106,7 @@ pub struct Metrics {
     pub duration: Family<ConnLabels, Histogram>,
     /// Connections that carried bytes on the kernel-only path.
     pub kernel_path: Counter,
+    pub detached: Counter,
     /// Sums over every label set of the TCP families, for /debug/summary (cheaper than
     /// walking the families, whose label sets grow with workloads and services).
     sums: ConnSums,
@@ -257,6 +258,7 @@ impl Metrics {
             bytes: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
             kernel_path: Counter::default(),
+            detached: Counter::default(),
             sums: ConnSums::default(),
             http_requests: Family::default(),
             http_latency: Family::new_with_constructor(latency_histogram),
@@ -303,6 +305,11 @@ impl Metrics {
             "tcp_kernel_path_connections",
             "Connections whose workloads sent bytes to each other on the kernel-only path, the proxy out of the data path",
             m.kernel_path.clone(),
+        );
+        r.register(
+            "tcp_short_circuit_detached_sockets",
+            "Workload sockets (a connection's client or server) that left the short-circuit for plain TCP because they kept writing faster than the proxy could read",
+            m.detached.clone(),
         );
         r.register_with_unit(
             "tcp_connection_duration",
@@ -411,6 +418,11 @@ impl Metrics {
     /// Counts a connection that carried bytes on the kernel-only path.
     pub fn kernel_path_connection(&self) {
         self.kernel_path.inc();
+    }
+
+    /// Counts workload sockets that left the SOCKHASH (`Pacer::detached`).
+    pub fn detached_sockets(&self, n: u64) {
+        self.detached.inc_by(n);
     }
 
     /// Counts an outbound connection the proxy closed or reset, by reason.
@@ -805,6 +817,16 @@ fn kernel_metric(
             "ebpf_proxy_writes_held",
             None,
             "Redirected proxy writes after which the proxy paused: the receiving workload had more than 3/4 of the queue limit unread",
+        ),
+        "detach_wanted" => (
+            "ebpf_detach",
+            Some(("step", "wanted")),
+            "Workload sockets that met the queue limit often enough to leave the SOCKHASH, by step: asked, then found it safe",
+        ),
+        "detach_ready" => (
+            "ebpf_detach",
+            Some(("step", "ready")),
+            "Workload sockets that met the queue limit often enough to leave the SOCKHASH, by step: asked, then found it safe",
         ),
         "flow_insert_failed" => (
             "ebpf_sockhash_inserts",

@@ -556,6 +556,11 @@ async fn copy_both(
         }
         s.take_back();
     }
+    if let Some(n) = pacer.as_ref().map(Pacer::detached)
+        && n > 0
+    {
+        ob.metrics.detached_sockets(n);
+    }
     match copied {
         Some(Ok(_)) => {
             let t = progress.snapshot();

@@ -548,6 +548,57 @@ fn small_write_streams_can_be_sent_to_tcp_and_stay_in_order() -> Result<()> {
     Ok(())
 }
 
+/// Writers that keep the proxy behind on the per-hop short-circuit (many connections of
+/// small writes, both directions at once, on two CPUs) leave the SOCKHASH for plain TCP:
+/// each asks (`detach_wanted`), finds it safe once the proxy stops redirecting into it and
+/// its own queue is empty (`detach_ready`), and the proxy removes it, counted in
+/// `mesh_tcp_short_circuit_detached_sockets_total`. Every byte of every connection, both
+/// ways, arrives once and in order across the move (removing a socket whose queue still held
+/// bytes would drop them, and a redirect still on its way into it would fail).
+#[test]
+fn writers_that_outrun_the_proxy_leave_the_sockhash_and_lose_nothing() -> Result<()> {
+    require!();
+    let opts = ProxyOptions {
+        extra_args: vec!["--kernel-path".into(), "off".into()],
+        ..ProxyOptions::default()
+    };
+    let mut p = Pair::new(&opts, true)?;
+    order_load(
+        &mut p,
+        &Load {
+            connections: 40,
+            concurrency: 20,
+            delay_ms: 0,
+            tfo: false,
+            bytes: 16 << 20,
+            max_write: 1024,
+            io: "poll",
+        },
+    )?;
+    let (wanted, ready) = (p.counter("detach_wanted")?, p.counter("detach_ready")?);
+    ensure!(
+        ready > 0 && ready <= wanted,
+        "no client socket left the SOCKHASH ({wanted} asked, {ready} found it safe): the test would not show a loss"
+    );
+    let mut cmd = p.node.node_command("curl");
+    cmd.args(["-s", "--max-time", "10", "http://127.0.0.1:15020/metrics"]);
+    let metrics =
+        String::from_utf8_lossy(&run_bounded(cmd, Duration::from_secs(20))?.stdout).into_owned();
+    let detached = tests::metric_sum(
+        &metrics,
+        "mesh_tcp_short_circuit_detached_sockets_total",
+        &[],
+    );
+    println!(
+        "{wanted} workload sockets asked to leave the SOCKHASH, {ready} found it safe, {detached} removed"
+    );
+    ensure!(
+        detached >= 1.0 && detached <= ready as f64,
+        "the proxy counts {detached} detached sockets for {ready} ready to leave"
+    );
+    Ok(())
+}
+
 /// Programs that read and write one socket from two blocking threads can get a spurious
 /// EAGAIN from the short-circuit's receive path (a kernel behaviour; ARCHITECTURE.md, "Kernel
 /// facts"), so an operator keeps their port off it: `--sockmap-exclude-port`. Here every

@@ -125,12 +125,16 @@ enum ConnectLink {
     Pinned(PinnedLink),
 }
 
+/// `BPF_EXIST` (include/uapi/linux/bpf.h): a map update that only replaces an existing entry.
+const BPF_EXIST: u64 = 2;
+
 /// Handles the connection path uses; cheap to share between tasks.
 pub struct Maps {
     /// Behind a lock because taking an entry deletes it, and aya's delete takes `&mut`.
     orig_dst: std::sync::Mutex<HashMap<MapData, OrigKey, OrigDst>>,
     counters: PerCpuArray<MapData, u64>,
-    socks: SockHash<MapData, SockKey>,
+    /// Behind a lock for aya's `&mut` delete (`detach`).
+    socks: std::sync::Mutex<SockHash<MapData, SockKey>>,
     /// Declared workloads' cgroup ids (`intercept.workloads_only`); written by the proxy's
     /// sync task, behind a lock because aya's writes take `&mut`.
     workloads: std::sync::Mutex<HashMap<MapData, u64, u32>>,
@@ -141,9 +145,11 @@ pub struct Maps {
     peers: HashMap<MapData, SockKey, SockKey>,
     /// Bytes sent on the kernel-only path past each proxy socket (`MESH_DIRECT`).
     direct: std::sync::Mutex<HashMap<MapData, SockKey, u64>>,
-    /// Read only: each registered socket's sending direction (`MESH_FLOWS`), for the pause
-    /// sk_msg asks of the proxy's writes (`Flow::held`).
-    flows: HashMap<MapData, SockKey, Flow>,
+    /// Each registered socket's sending direction (`MESH_FLOWS`): read for the pause sk_msg
+    /// asks of the proxy's writes (`Flow::held`) and a workload's wish to leave the SOCKHASH
+    /// (`Flow::detach`); written only to mark a proxy socket `FLOW_TCP_DETACHING`. Behind a
+    /// lock for aya's `&mut` writes.
+    flows: std::sync::Mutex<HashMap<MapData, SockKey, Flow>>,
     /// Network namespace cookie of the proxy's sockets, the first part of their keys.
     proxy_netns: u64,
 }
@@ -322,12 +328,12 @@ impl Datapath {
             Maps {
                 orig_dst: std::sync::Mutex::new(orig_dst),
                 counters,
-                socks,
+                socks: std::sync::Mutex::new(socks),
                 workloads: std::sync::Mutex::new(workloads),
                 splice: std::sync::Mutex::new(splice),
                 peers,
                 direct: std::sync::Mutex::new(direct),
-                flows,
+                flows: std::sync::Mutex::new(flows),
                 proxy_netns: plan.proxy_netns,
             },
         ))
@@ -416,7 +422,46 @@ impl Maps {
     /// `None` if the socket has no flow (it is not on the short-circuit).
     /// The value is `Flow::held`: 0, or the queue's fill level in sixteenths of the limit.
     pub fn held(&self, key: &SockKey) -> Option<u32> {
-        self.flows.get(key, 0).ok().map(|f| f.held)
+        self.flow(key).map(|f| f.held)
+    }
+
+    /// The `MESH_FLOWS` entry of socket `key`, if it is registered.
+    fn flow(&self, key: &SockKey) -> Option<Flow> {
+        let map = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key, 0).ok()
+    }
+
+    /// The workload socket sock_ops paired with proxy socket `key`, if any.
+    pub fn peer(&self, key: &SockKey) -> Option<SockKey> {
+        self.peers.get(key, 0).ok()
+    }
+
+    /// `Flow::detach` of workload socket `key`: `None` if it is not registered (any more).
+    pub fn detach_state(&self, key: &SockKey) -> Option<u16> {
+        self.flow(key).map(|f| f.detach)
+    }
+
+    /// Marks proxy socket `key` `FLOW_TCP_DETACHING`: its sk_msg never redirects again, so
+    /// the workload behind it may leave the SOCKHASH once its queue is empty. The caller must
+    /// not be writing on that socket meanwhile (sk_msg updates the same entry under the
+    /// socket's lock; the copy writes and calls this from one task). False if the socket is
+    /// not registered (any more): it closed, or never was.
+    pub fn quiesce(&self, key: &SockKey) -> bool {
+        let mut map = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(mut flow) = map.get(key, 0) else {
+            return false;
+        };
+        flow.state = proxy_common::FLOW_TCP_DETACHING;
+        flow.held = 0;
+        // BPF_EXIST: never re-create the entry of a socket whose close callback just removed it.
+        map.insert(key, flow, BPF_EXIST).is_ok()
+    }
+
+    /// Removes workload socket `key` from the SOCKHASH (its sk_msg said it is safe:
+    /// `DETACH_READY`). The kernel drops its psock and the socket is plain TCP again.
+    pub fn detach(&self, key: &SockKey) -> bool {
+        let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        socks.remove(key).is_ok()
     }
 
     /// True if sock_ops paired the proxy socket `key` with a workload socket on this node.
@@ -482,7 +527,8 @@ impl Maps {
     /// Sockets in the SOCKHASH now, counted by walking its keys. Costs one syscall per
     /// entry, so it runs at scrape time on the admin thread, never on the data path.
     pub fn sockhash_entries(&self) -> usize {
-        self.socks.keys().filter(Result::is_ok).count()
+        let socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
+        socks.keys().filter(Result::is_ok).count()
     }
 
     pub fn counters(&self) -> Result<Vec<u64>, aya::maps::MapError> {
@@ -680,6 +726,8 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
             }
             ports
         },
+        detach_after: cfg.short_circuit.detach_after,
+        _pad: 0,
     };
     {
         let m = ebpf

@@ -130,10 +130,11 @@ impl Progress {
 /// direction over only when nothing of it is left in the proxy. It answers whether the
 /// write went into a short-circuited workload that is falling behind.
 pub trait Relay: Sync {
-    /// `to_upstream`: the client-to-upstream direction; `total`: its bytes relayed so far.
-    /// Returns how long the copy should pause before its next write in that direction (see
-    /// [`held_pause`]).
-    fn relayed(&self, to_upstream: bool, total: u64) -> Option<Duration>;
+    /// `to_upstream`: the client-to-upstream direction; `total`: its bytes relayed so far;
+    /// `waited`: the write found the socket full and waited for room (TCP's window or the
+    /// socket's memory: the reader behind it, not the proxy, set the pace). Returns how long
+    /// the copy should pause before its next write in that direction (see [`held_pause`]).
+    fn relayed(&self, to_upstream: bool, total: u64, waited: bool) -> Option<Duration>;
 }
 
 /// How long the copy pauses after a write that sk_msg redirected into a workload whose queue
@@ -272,6 +273,9 @@ pub async fn bidirectional(
         Some(r) => (Some((r, true)), Some((r, false))),
         None => (None, None),
     };
+    // Both directions in this one task, never spawned apart: `Pacer` relies on it (it marks
+    // the socket towards the client from the other direction's `relayed`, which must not run
+    // while a write towards the client is under way).
     tokio::try_join!(
         one_way(&mut cr, &mut uw, buffer, recheck, up, &progress.to_upstream),
         one_way(&mut ur, &mut cw, buffer, recheck, down, &progress.to_client),
@@ -335,8 +339,9 @@ where
         w.flush().await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
         relayed += n as u64;
+        let waited = w.take_write_blocked();
         if let Some((r, to_upstream)) = relay
-            && let Some(d) = r.relayed(to_upstream, relayed)
+            && let Some(d) = r.relayed(to_upstream, relayed, waited)
         {
             pause(d).await;
         }

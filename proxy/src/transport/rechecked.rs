@@ -71,6 +71,8 @@ pub struct Rechecked<T = TcpStream> {
     recheck: bool,
     read: Wait,
     write: Wait,
+    /// A write found the stream full (returned Pending) since `take_write_blocked`.
+    write_blocked: bool,
 }
 
 impl<T> Rechecked<T> {
@@ -80,7 +82,14 @@ impl<T> Rechecked<T> {
             recheck,
             read: Wait::new(),
             write: Wait::new(),
+            write_blocked: false,
         }
+    }
+
+    /// True if a write had to wait for room since the last call: the receiver, not the
+    /// writer, set the pace.
+    pub fn take_write_blocked(&mut self) -> bool {
+        std::mem::take(&mut self.write_blocked)
     }
 }
 
@@ -130,6 +139,7 @@ impl<T: AsyncWrite + Direct + Unpin> AsyncWrite for Rechecked<T> {
                 this.write.reset();
                 return Poll::Ready(r);
             }
+            this.write_blocked = true;
             if !this.recheck || !this.write.expired(cx) {
                 return Poll::Pending;
             }

@@ -15,13 +15,13 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use proxy_common::SockKey;
+use proxy_common::{DETACH_READY, DETACH_WANTED, SockKey};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -141,7 +141,7 @@ impl Splicer {
 }
 
 impl Relay for Splicer {
-    fn relayed(&self, to_upstream: bool, total: u64) -> Option<Duration> {
+    fn relayed(&self, to_upstream: bool, total: u64, _waited: bool) -> Option<Duration> {
         let (count, from, to) = if to_upstream {
             (&self.up, &self.inbound, &self.outbound)
         } else {
@@ -172,9 +172,36 @@ impl Drop for Splicer {
     }
 }
 
+/// How many bytes of a workload's direction the proxy relays between two looks at whether
+/// the workload's socket asked to leave the SOCKHASH (`Flow::detach`): a map lookup per look.
+/// Only a writer that keeps the proxy behind asks, so the look comes soon after.
+const DETACH_CHECK_BYTES: u64 = 64 * 1024;
+
+/// Looks at `Flow::detach` before a workload may leave: 1 MiB of it relayed at
+/// [`DETACH_CHECK_BYTES`], so a short burst that met the limit does not take a connection
+/// off the short-circuit.
+const CALM_LOOKS: u32 = 16;
+
+/// `Detach::phase`: watching; the proxy's socket towards the workload is marked
+/// `FLOW_TCP_DETACHING`; finished (detached, or nothing to do any more).
+const WATCHING: u8 = 0;
+const QUIESCED: u8 = 1;
+const FINISHED: u8 = 2;
+
 /// The per-hop short-circuit's pause: after each write the copy asks sk_msg's verdict on it
 /// (`Flow::held` of the proxy socket written to, one map lookup) and pauses if the workload
 /// behind that socket has more than 3/4 of the queue limit unread (see `copy::held_pause`).
+///
+/// It also takes a workload's socket (the client's or the server's) out of the SOCKHASH when
+/// that socket asks to (`Flow::detach`: its writes keep meeting the queue limit;
+/// proxy-ebpf/src/redirect.rs, `note_pressure` and `detach`) and the proxy itself is what
+/// holds it back (after 1 MiB of it relayed, none of its writes ever paced or waiting for
+/// room; `Detach::downstream_slow`): first it marks the proxy's
+/// socket towards that workload `FLOW_TCP_DETACHING` so nothing more is redirected into it,
+/// then, once the workload's sk_msg has seen its own queue empty (`DETACH_READY`), it
+/// removes the workload's socket. Both happen in [`Relay::relayed`] for the workload's
+/// direction, which the copy calls from the task that also writes towards that workload
+/// (`copy::bidirectional`), so no write on the marked socket is under way when it is marked.
 pub struct Pacer {
     maps: Arc<Maps>,
     inbound: SockKey,
@@ -183,6 +210,29 @@ pub struct Pacer {
     /// `u32::MAX` once one did. A socket that is not on the short-circuit (a destination off
     /// this node, a full SOCKHASH) stops being asked after [`PAIRING_CHECKS`] writes.
     misses: [AtomicU32; 2],
+    /// The client's socket, then the server's: each may leave the SOCKHASH.
+    detach: [Detach; 2],
+}
+
+/// One workload socket of a connection that may leave the SOCKHASH.
+#[derive(Default)]
+struct Detach {
+    /// The workload's socket (the peer of the proxy's socket facing it), once looked up.
+    workload: OnceLock<SockKey>,
+    /// Relayed bytes of its direction at which to look at `Flow::detach` next.
+    next_check: AtomicU64,
+    phase: AtomicU8,
+    done: AtomicBool,
+    /// A write of its bytes was ever paced (sk_msg found the reader's queue 3/4 full) or had
+    /// to wait for room: the reader on the other side holds this workload back, not the
+    /// proxy, and plain TCP would not make it faster. Such a workload never leaves, so a
+    /// stream into a slow reader keeps the short-circuit for what follows (request/response
+    /// after it keeps its latency gain; test
+    /// `a_reader_slower_than_the_proxy_keeps_its_hop_on_the_short_circuit`). Measured: a
+    /// window (leaving after 1 MiB relayed without such a write) let that test's client leave.
+    downstream_slow: AtomicBool,
+    /// Looks so far: a workload leaves only after [`CALM_LOOKS`].
+    looks: AtomicU32,
 }
 
 impl Pacer {
@@ -192,6 +242,71 @@ impl Pacer {
             inbound,
             outbound,
             misses: [AtomicU32::new(0), AtomicU32::new(0)],
+            detach: [Detach::default(), Detach::default()],
+        }
+    }
+
+    /// How many of the connection's workload sockets (0 to 2) left the SOCKHASH.
+    pub fn detached(&self) -> u64 {
+        self.detach
+            .iter()
+            .filter(|d| d.done.load(Ordering::Relaxed))
+            .count() as u64
+    }
+
+    /// After a write of a workload's direction (`total` bytes of it relayed so far; the
+    /// client's if `from_client`): moves that workload's socket out of the SOCKHASH when it
+    /// asks to (see the type's comment).
+    fn watch_detach(&self, from_client: bool, total: u64) {
+        let (d, facing) = if from_client {
+            (&self.detach[0], &self.inbound)
+        } else {
+            (&self.detach[1], &self.outbound)
+        };
+        let phase = d.phase.load(Ordering::Relaxed);
+        if phase == FINISHED || total < d.next_check.load(Ordering::Relaxed) {
+            return;
+        }
+        d.next_check
+            .store(total.saturating_add(DETACH_CHECK_BYTES), Ordering::Relaxed);
+        let workload = match d.workload.get() {
+            Some(k) => *k,
+            None => match self.maps.peer(facing) {
+                Some(k) => *d.workload.get_or_init(|| k),
+                None => {
+                    // Not paired: that side is not on the short-circuit.
+                    d.phase.store(FINISHED, Ordering::Relaxed);
+                    return;
+                }
+            },
+        };
+        let looks = d.looks.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let proxy_bound = looks >= CALM_LOOKS && !d.downstream_slow.load(Ordering::Relaxed);
+        match (self.maps.detach_state(&workload), phase) {
+            // Only while it keeps meeting the limit with the proxy's writes of its bytes
+            // going out freely: then the proxy's speed is what holds it back.
+            (Some(DETACH_WANTED), WATCHING) if !proxy_bound => {}
+            (Some(DETACH_WANTED), WATCHING) => {
+                let next = if self.maps.quiesce(facing) {
+                    QUIESCED
+                } else {
+                    FINISHED // the proxy's socket is gone: the connection is ending
+                };
+                d.phase.store(next, Ordering::Relaxed);
+            }
+            (Some(DETACH_READY), _) => {
+                if self.maps.detach(&workload) {
+                    d.done.store(true, Ordering::Relaxed);
+                    debug!(
+                        client = from_client,
+                        "a workload socket left the SOCKHASH for plain TCP"
+                    );
+                }
+                d.phase.store(FINISHED, Ordering::Relaxed);
+            }
+            // Closed (its close callback removed the entry): nothing left to do.
+            (None, _) => d.phase.store(FINISHED, Ordering::Relaxed),
+            _ => {}
         }
     }
 
@@ -232,7 +347,15 @@ impl Pacer {
 }
 
 impl Relay for Pacer {
-    fn relayed(&self, to_upstream: bool, _total: u64) -> Option<Duration> {
-        self.held(to_upstream)
+    fn relayed(&self, to_upstream: bool, total: u64, waited: bool) -> Option<Duration> {
+        let pause = self.held(to_upstream);
+        // The workload whose bytes these are is held back by the reader on the other side
+        // (a paced or waiting write), not by the proxy's speed: leaving would not help it.
+        let d = &self.detach[usize::from(!to_upstream)];
+        if waited || pause.is_some() {
+            d.downstream_slow.store(true, Ordering::Relaxed);
+        }
+        self.watch_detach(to_upstream, total);
+        pause
     }
 }
