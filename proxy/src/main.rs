@@ -171,8 +171,9 @@ struct ConfigArgs {
     #[arg(long, value_enum)]
     sockmap_policy: Option<PolicyArg>,
     /// Kernel memory that may wait unread in one socket's short-circuit queue before its
-    /// sender moves to TCP: the bytes plus the kernel's struct per message (1 KiB here)
-    /// [default: 4194304].
+    /// sender moves to TCP: the bytes plus the kernel's struct per message (1 KiB here).
+    /// A workload that meets it twice because the proxy cannot keep up leaves the
+    /// short-circuit for plain TCP (per hop) [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     sockmap_queue_limit: Option<u32>,
     /// Small writes in a row (each finding the receiver with unread bytes) that move a
