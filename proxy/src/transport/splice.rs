@@ -264,7 +264,12 @@ impl Pacer {
             (&self.detach[1], &self.outbound)
         };
         let phase = d.phase.load(Ordering::Relaxed);
-        if phase == FINISHED || total < d.next_check.load(Ordering::Relaxed) {
+        // Once marked, every write looks: the workload is found ready at its next message,
+        // and left registered with its proxy direction on TCP it would be exposed to the
+        // kernel's spurious EAGAIN for blocking readers (ARCHITECTURE.md, "Kernel facts")
+        // until it closes, e.g. if its stream ended before the next 64 KiB.
+        if phase == FINISHED || (phase == WATCHING && total < d.next_check.load(Ordering::Relaxed))
+        {
             return;
         }
         d.next_check
