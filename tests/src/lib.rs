@@ -674,6 +674,14 @@ impl Node {
         c
     }
 
+    /// The proxy's Prometheus text from its admin port, fetched with curl in the node.
+    pub fn admin_metrics(&self) -> Result<String> {
+        let mut cmd = self.node_command("curl");
+        cmd.args(["-s", "--max-time", "10", "http://127.0.0.1:15020/metrics"]);
+        let out = run_bounded(cmd, Duration::from_secs(20))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Removes everything this node created. Also run by Drop.
     pub fn cleanup(&mut self) {
         if self.cleaned {

@@ -98,13 +98,6 @@ allow = ["spiffe://cluster.local/ns/kp/sa/{allowed}"]
         self.node.counter(name)
     }
 
-    fn metrics(&self) -> Result<String> {
-        let mut cmd = self.node.node_command("curl");
-        cmd.args(["-s", "--max-time", "10", "http://127.0.0.1:15020/metrics"]);
-        let out = run_bounded(cmd, Duration::from_secs(20))?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
     fn serve(&self, program: &str, args: &[&str], ready: &str, name: &str) -> Result<Background> {
         let mut cmd = self.server.command(program);
         cmd.args(args);
@@ -274,7 +267,7 @@ fn every_size_arrives_intact_on_the_kernel_path_and_the_metrics_count_it() -> Re
         "only {direct} of {payload} request/response bytes went workload to workload"
     );
     // The proxy never copied those bytes, yet counts them, and says which connections.
-    let metrics = kp.metrics()?;
+    let metrics = kp.node.admin_metrics()?;
     let kernel_only = metric_sum(
         &metrics,
         "mesh_ebpf_msg_bytes_total",

@@ -580,10 +580,7 @@ fn writers_that_outrun_the_proxy_leave_the_sockhash_and_lose_nothing() -> Result
         ready > 0 && ready <= wanted,
         "no client socket left the SOCKHASH ({wanted} asked, {ready} found it safe): the test would not show a loss"
     );
-    let mut cmd = p.node.node_command("curl");
-    cmd.args(["-s", "--max-time", "10", "http://127.0.0.1:15020/metrics"]);
-    let metrics =
-        String::from_utf8_lossy(&run_bounded(cmd, Duration::from_secs(20))?.stdout).into_owned();
+    let metrics = p.node.admin_metrics()?;
     let detached = tests::metric_sum(
         &metrics,
         "mesh_tcp_short_circuit_detached_sockets_total",

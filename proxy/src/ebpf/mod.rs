@@ -145,11 +145,13 @@ pub struct Maps {
     peers: HashMap<MapData, SockKey, SockKey>,
     /// Bytes sent on the kernel-only path past each proxy socket (`MESH_DIRECT`).
     direct: std::sync::Mutex<HashMap<MapData, SockKey, u64>>,
-    /// Each registered socket's sending direction (`MESH_FLOWS`): read for the pause sk_msg
-    /// asks of the proxy's writes (`Flow::held`) and a workload's wish to leave the SOCKHASH
-    /// (`Flow::detach`); written only to mark a proxy socket `FLOW_TCP_DETACHING`. Behind a
-    /// lock for aya's `&mut` writes.
-    flows: std::sync::Mutex<HashMap<MapData, SockKey, Flow>>,
+    /// Each registered socket's sending direction (`MESH_FLOWS`), read for the pause sk_msg
+    /// asks of the proxy's writes (`Flow::held`, after every write: no lock) and a
+    /// workload's wish to leave the SOCKHASH (`Flow::detach`).
+    flows: HashMap<MapData, SockKey, Flow>,
+    /// A second handle on `MESH_FLOWS` (opened from its pin), behind a lock for aya's `&mut`
+    /// writes: only to mark a proxy socket `FLOW_TCP_DETACHING`, rarely.
+    flows_write: std::sync::Mutex<HashMap<MapData, SockKey, Flow>>,
     /// Network namespace cookie of the proxy's sockets, the first part of their keys.
     proxy_netns: u64,
 }
@@ -310,6 +312,9 @@ impl Datapath {
         let peers = take_hash(&mut ebpf, map::PEERS)?;
         let direct = take_hash(&mut ebpf, map::DIRECT)?;
         let flows = take_hash(&mut ebpf, map::FLOWS)?;
+        let flows_write = MapData::from_pin(pins.map_path(map::FLOWS))
+            .and_then(|m| HashMap::try_from(aya::maps::Map::HashMap(m)))
+            .map_err(map_err(map::FLOWS, "open pinned"))?;
 
         info!(
             pin_dir = %cfg.pin_dir.display(),
@@ -333,7 +338,8 @@ impl Datapath {
                 splice: std::sync::Mutex::new(splice),
                 peers,
                 direct: std::sync::Mutex::new(direct),
-                flows: std::sync::Mutex::new(flows),
+                flows,
+                flows_write: std::sync::Mutex::new(flows_write),
                 proxy_netns: plan.proxy_netns,
             },
         ))
@@ -427,8 +433,7 @@ impl Maps {
 
     /// The `MESH_FLOWS` entry of socket `key`, if it is registered.
     fn flow(&self, key: &SockKey) -> Option<Flow> {
-        let map = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(key, 0).ok()
+        self.flows.get(key, 0).ok()
     }
 
     /// The workload socket sock_ops paired with proxy socket `key`, if any.
@@ -447,7 +452,7 @@ impl Maps {
     /// socket's lock; the copy writes and calls this from one task). False if the socket is
     /// not registered (any more): it closed, or never was.
     pub fn quiesce(&self, key: &SockKey) -> bool {
-        let mut map = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.flows_write.lock().unwrap_or_else(|e| e.into_inner());
         let Ok(mut flow) = map.get(key, 0) else {
             return false;
         };
