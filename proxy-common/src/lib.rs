@@ -49,8 +49,10 @@ pub mod map {
     pub const WORKLOADS: &str = "MESH_WORKLOADS";
     pub const SPLICE: &str = "MESH_SPLICE";
     pub const DIRECT: &str = "MESH_DIRECT";
+    pub const LISTEN: &str = "MESH_LISTEN";
     /// Every map.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
+        LISTEN,
         WORKLOADS,
         SPLICE,
         DIRECT,
@@ -82,6 +84,16 @@ pub const FLAG_KERNEL_LOG: u32 = 2;
 /// `Config::flags`: only tasks in a declared workload's cgroup (or below it) are intercepted
 /// (`MESH_WORKLOADS`); the rest of the workload cgroup parent connects directly.
 pub const FLAG_WORKLOADS_ONLY: u32 = 4;
+/// `Config::flags`: the sock_ops programs register blocking workload sockets too. Off by
+/// default: a blocking reader on a SOCKHASH socket can get a spurious EAGAIN from the kernel
+/// (`tcp_bpf_recvmsg`; ARCHITECTURE.md, "Kernel facts"), so blocking clients (by their file's
+/// mode at connect) and servers behind a blocking listener (by its mode when the connection
+/// arrives, `MESH_LISTEN`) stay on plain TCP.
+pub const FLAG_SOCKMAP_BLOCKING: u32 = 8;
+
+/// `O_NONBLOCK` in `struct file::f_flags` (include/uapi/asm-generic/fcntl.h; the value on
+/// x86 and arm64, the architectures the proxy is built for).
+pub const O_NONBLOCK: u32 = 0o4000;
 
 /// The single entry of `MESH_CONFIG`, written by the proxy before it attaches anything.
 /// A zeroed entry (the state right after load) means "not configured": nothing is redirected.
@@ -145,8 +157,13 @@ pub struct Config {
     /// short-circuit, where a sender is never made to wait, and every stay on the TCP path
     /// still pays for sk_msg. 0: never (the naive policy).
     pub detach_after: u32,
-    /// Explicit padding; always 0.
-    pub _pad: u32,
+    /// Byte offsets of `sk_socket` in `struct sock`, `file` in `struct socket` and `f_flags`
+    /// in `struct file`: through them sock_ops reads whether a workload's socket is blocking
+    /// (no `O_NONBLOCK`), and leaves blocking ones off the short-circuit unless
+    /// `FLAG_SOCKMAP_BLOCKING`. 0: unknown; every socket counts as non-blocking.
+    pub off_sock_socket: u32,
+    pub off_socket_file: u32,
+    pub off_file_flags: u32,
 }
 
 /// How many ports `Config::sockmap_exclude_ports` holds.
@@ -350,6 +367,22 @@ pub struct Splice {
     pub relayed: u64,
 }
 
+/// Key of `MESH_LISTEN`: a workload's listening port in its network namespace. A server socket
+/// is accepted long after sock_ops registers it (it has no file yet at PASSIVE_ESTABLISHED),
+/// so whether it is blocking is judged by its listener's mode when the connection arrives,
+/// through the listener's address recorded at `listen()` (`BPF_SOCK_OPS_TCP_LISTEN_CB`).
+/// One port is one entry: the last `listen()` on it decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    /// Network namespace cookie.
+    pub netns: u64,
+    /// Listening port, host order.
+    pub port: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+}
+
 /// Normalises an IPv6 address that is v4-mapped (`::ffff:a.b.c.d`) to its IPv4 form.
 /// Returns the family and the address in the `[u32; 4]` layout used by the keys.
 /// A server listening on `::` accepts IPv4 clients on AF_INET6 sockets: without this the two
@@ -441,8 +474,12 @@ pub mod counter {
     /// Of those, directions that found leaving safe (the proxy had stopped redirecting into
     /// them and their queue was empty); the proxy then removes the socket.
     pub const DETACH_READY: u32 = 31;
+    /// Workload sockets left off the SOCKHASH because they are blocking (a client by its
+    /// own mode at connect, a server by its listener's when the connection arrives): a blocking reader
+    /// there can get a spurious EAGAIN (`Config::flags`, `FLAG_SOCKMAP_BLOCKING`).
+    pub const SOCKHASH_SKIPPED_BLOCKING: u32 = 32;
     /// Number of counters.
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 33;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -478,6 +515,7 @@ pub mod counter {
         "msg_proxy_held",
         "detach_wanted",
         "detach_ready",
+        "sockhash_skipped_blocking",
     ];
 }
 
@@ -522,8 +560,9 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             size_of::<Config>(),
-            8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8 + 2 * 4
+            8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8 + 4 * 4
         );
+        assert_eq!(size_of::<ListenKey>(), 8 + 4 + 4);
         assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);
         assert_eq!(
             size_of::<Flow>(),

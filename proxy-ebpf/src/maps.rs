@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
-use proxy_common::{Config, Flow, OrigDst, OrigKey, SockKey, Splice, counter};
+use proxy_common::{Config, Flow, ListenKey, OrigDst, OrigKey, SockKey, Splice, counter};
 
 /// LPM tries must be created without preallocation (the kernel refuses otherwise).
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -59,6 +59,14 @@ pub static MESH_PEERS: LruHashMap<SockKey, SockKey> = LruHashMap::with_max_entri
 /// Entries for servers on other nodes are never consumed; LRU ages them out.
 #[map]
 pub static MESH_EXPECT: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Kernel address (`struct sock *`) of a workload's listening socket, by namespace and port:
+/// written by the workload's sock_ops on TCP_LISTEN, read on PASSIVE_ESTABLISHED (the
+/// accepted socket has no file yet, so the server is judged by its listener's mode), removed
+/// by the listener's own close callback. LRU ages out the rest. Listeners that called
+/// `listen()` before the proxy attached are not here: their servers are registered.
+#[map]
+pub static MESH_LISTEN: LruHashMap<ListenKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// The sending direction of every registered socket: redirected or on the TCP path for good
 /// (and why), and its short-circuit byte count. Written when sock_ops registers the socket,

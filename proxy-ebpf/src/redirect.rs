@@ -360,7 +360,7 @@ fn memory_tight(cfg: &Config, sk: u64) -> bool {
 /// (probe reads never fault: a wrong or stale address reads an error or a wrong number, and
 /// every use here only steers the policy; the redirect itself goes through the SOCKHASH).
 #[inline(always)]
-fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
+pub(crate) fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
     if base == 0 {
         return None;
     }

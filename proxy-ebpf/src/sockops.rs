@@ -14,6 +14,14 @@
 //! A socket that already carried payload when it became established (TCP Fast Open data in
 //! the SYN) is not registered: its first bytes took the TCP path and redirecting later bytes
 //! would overtake them.
+//!
+//! Nor is a blocking workload socket (unless `FLAG_SOCKMAP_BLOCKING`): once in a SOCKHASH its
+//! `recvmsg` is `tcp_bpf_recvmsg`, which returns EAGAIN to a blocking reader woken with
+//! nothing in its psock queue (by the ACK of its own FIN, by write space, by a state change)
+//! instead of waiting on. A client is judged by its own file at ACTIVE_ESTABLISHED (connect
+//! runs in its process, so the file is there). An accepted socket has no file until
+//! `accept()`, after PASSIVE_ESTABLISHED, so a server is judged by its listener's mode at
+//! that moment (the listener's address is recorded at `listen()`: TCP_LISTEN, `MESH_LISTEN`).
 
 use core::ptr::read_volatile;
 
@@ -23,17 +31,22 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock_ops,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_probe_read_kernel},
     programs::SockOpsContext,
 };
-use proxy_common::{FLAG_SOCKMAP, Flow, OrigKey, SockKey, counter};
+use proxy_common::{
+    Config, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, Flow, ListenKey, O_NONBLOCK, OrigKey, SockKey,
+    counter,
+};
 
 use crate::maps::{
-    MESH_DIRECT, MESH_EXPECT, MESH_FLOWS, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS, MESH_SOCKS,
-    MESH_SPLICE, config, count,
+    MESH_DIRECT, MESH_EXPECT, MESH_FLOWS, MESH_LISTEN, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS,
+    MESH_SOCKS, MESH_SPLICE, config, count,
 };
+use crate::redirect::read_kernel;
 
 /// Which cgroup the program is attached to.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -53,14 +66,36 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
+        && op != BPF_SOCK_OPS_TCP_LISTEN_CB
     {
         return;
     }
     let Some(key) = own_key(ctx) else { return };
     let Some(cfg) = config() else { return };
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        // Remember the listener, to ask its file for its mode when a connection arrives:
+        // programs often make it non-blocking only after listen() (Rust's std, Java's
+        // ServerSocketChannel), and may switch it later. The close callback removes it.
+        let sk = socket_address(ctx);
+        if side == Side::Workload && cfg.flags & FLAG_SOCKMAP != 0 && sk != 0 {
+            let _ = MESH_LISTEN.insert(listen_key(&key), sk, 0);
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        return;
+    }
     if op == BPF_SOCK_OPS_STATE_CB {
         // arg 1 is the new state. Sockets leave MESH_SOCKS by themselves when they close
         // (the kernel unlinks them); the side tables are ours to clean.
+        if ctx.arg(1) == BPF_TCP_CLOSE && ctx.arg(0) == BPF_TCP_LISTEN {
+            // A listener (arg 0 is the old state). Only its own entry: another socket may
+            // listen on the port now (SO_REUSEPORT).
+            let lk = listen_key(&key);
+            // SAFETY: the value is copied out at once.
+            if unsafe { MESH_LISTEN.get(lk) }.copied() == Some(socket_address(ctx)) {
+                let _ = MESH_LISTEN.remove(lk);
+            }
+            return;
+        }
         if ctx.arg(1) == BPF_TCP_CLOSE {
             let _ = MESH_PEERS.remove(key);
             let _ = MESH_FLOWS.remove(key);
@@ -91,7 +126,11 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
                 count(counter::ORIG_DST_RECORDED, 1);
             }
             // orig.port: the port the workload asked for (a service's, or its server's).
-            if sockmap && !cfg.sockmap_excluded(orig.port) && !carried_early_data(ctx, op) {
+            if sockmap
+                && !cfg.sockmap_excluded(orig.port)
+                && !carried_early_data(ctx, op)
+                && !kept_off_as_blocking(cfg, is_blocking(cfg, socket_address(ctx)))
+            {
                 let peer = key.reversed_in(cfg.proxy_netns);
                 if register(ctx, key, side) {
                     let _ = MESH_PEERS.insert(key, peer, 0);
@@ -109,6 +148,16 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             }
             let _ = MESH_EXPECT.remove(plain);
             if carried_early_data(ctx, op) {
+                return;
+            }
+            // The listener's mode now: the accepted socket has no file yet. A listener that
+            // listened before the proxy attached is unknown, and its server registered.
+            // SAFETY: the value is copied out at once.
+            let listener = unsafe { MESH_LISTEN.get(listen_key(&key)) }.copied();
+            let blocking = listener.is_some_and(|sk| is_blocking(cfg, sk));
+            if kept_off_as_blocking(cfg, blocking) {
+                // The proxy's socket stays registered without a peer: its sk_msg passes
+                // (no peer) and stops judging after its first message.
                 return;
             }
             let peer = key.reversed_in(cfg.proxy_netns);
@@ -195,6 +244,46 @@ fn socket_address(ctx: &SockOpsContext) -> u64 {
     }
     // SAFETY: the source is a live local; the helper copies its 8 bytes.
     unsafe { bpf_probe_read_kernel(core::ptr::from_ref(&sk).cast::<u64>()) }.unwrap_or(0)
+}
+
+/// True if the socket at kernel address `sk` has a file without `O_NONBLOCK`
+/// (`sk->sk_socket->file->f_flags`, offsets from the kernel's BTF). False when unknown: no
+/// offsets, no `struct socket` or file yet (an accepted socket before `accept()`), a failed
+/// read.
+#[inline(always)]
+fn is_blocking(cfg: &Config, sk: u64) -> bool {
+    if cfg.off_sock_socket == 0 || cfg.off_socket_file == 0 || cfg.off_file_flags == 0 {
+        return false;
+    }
+    let Some(socket) = read_kernel::<u64>(sk, cfg.off_sock_socket) else {
+        return false;
+    };
+    let Some(file) = read_kernel::<u64>(socket, cfg.off_socket_file) else {
+        return false;
+    };
+    match read_kernel::<u32>(file, cfg.off_file_flags) {
+        Some(flags) => flags & O_NONBLOCK == 0,
+        None => false,
+    }
+}
+
+/// True (and counted) if a workload socket judged `blocking` stays off the SOCKHASH.
+#[inline(always)]
+fn kept_off_as_blocking(cfg: &Config, blocking: bool) -> bool {
+    if blocking && cfg.flags & FLAG_SOCKMAP_BLOCKING == 0 {
+        count(counter::SOCKHASH_SKIPPED_BLOCKING, 1);
+        return true;
+    }
+    false
+}
+
+#[inline(always)]
+fn listen_key(key: &SockKey) -> ListenKey {
+    ListenKey {
+        netns: key.netns,
+        port: key.local_port,
+        _pad: 0,
+    }
 }
 
 /// True if payload already moved before the socket was established (TCP Fast Open).

@@ -203,6 +203,9 @@ pub struct InterceptSection {
     /// Ports whose connections stay off the short-circuit (at most 8): the port a workload
     /// connects to, or a workload server's port.
     pub sockmap_exclude_ports: Option<Vec<u16>>,
+    /// With the short-circuit on: register blocking workload sockets too (default false:
+    /// a blocking reader there can get a spurious EAGAIN from the kernel).
+    pub sockmap_blocking_sockets: Option<bool>,
     /// Intercept only declared workloads' cgroups (and their descendants), not everything
     /// below the workload cgroup parent.
     pub workloads_only: Option<bool>,
@@ -247,6 +250,7 @@ pub struct Overrides {
     pub sockmap_small_streak: Option<u32>,
     pub kernel_path: Option<bool>,
     pub sockmap_exclude_ports: Vec<u16>,
+    pub sockmap_blocking_sockets: Option<bool>,
     pub workloads_only: Option<bool>,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<String>,
@@ -576,6 +580,8 @@ pub struct Config {
     /// Ports whose connections stay off the short-circuit (sorted, at most
     /// `proxy_common::SOCKMAP_EXCLUDE_PORTS_MAX`).
     pub sockmap_exclude_ports: Vec<u16>,
+    /// Blocking workload sockets are registered too (`proxy_common::FLAG_SOCKMAP_BLOCKING`).
+    pub sockmap_blocking_sockets: bool,
     /// Only declared workloads' cgroups are intercepted (`MESH_WORKLOADS`).
     pub workloads_only: bool,
     pub exclude_ports: Vec<u16>,
@@ -1363,6 +1369,10 @@ impl Config {
             short_circuit,
             kernel_path: sockmap && o.kernel_path.or(intercept.kernel_path).unwrap_or(true),
             sockmap_exclude_ports,
+            sockmap_blocking_sockets: o
+                .sockmap_blocking_sockets
+                .or(intercept.sockmap_blocking_sockets)
+                .unwrap_or(false),
             workloads_only,
             exclude_ports,
             exclude_cidrs,
@@ -1444,6 +1454,7 @@ impl Config {
                 "sockmap_small_streak": self.short_circuit.small_streak,
                 "kernel_path": self.kernel_path,
                 "sockmap_exclude_ports": self.sockmap_exclude_ports,
+                "sockmap_blocking_sockets": self.sockmap_blocking_sockets,
                 "workloads_only": self.workloads_only,
                 "exclude_ports": self.exclude_ports,
                 "exclude_cidrs": self.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),

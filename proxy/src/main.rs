@@ -193,6 +193,13 @@ struct ConfigArgs {
     /// (ARCHITECTURE.md, "Kernel facts"). Repeatable, at most 8.
     #[arg(long = "sockmap-exclude-port", value_name = "PORT")]
     sockmap_exclude_ports: Vec<u16>,
+    /// With --sockmap on: register blocking workload sockets too (clients blocking at connect,
+    /// servers whose listener was blocking at listen()). Off by default: a blocking reader on
+    /// the short-circuit can get a spurious EAGAIN from the kernel (ARCHITECTURE.md, "Kernel
+    /// facts"), so such sockets stay on plain TCP; non-blocking (event-driven) programs keep
+    /// the short-circuit [default: off].
+    #[arg(long, value_enum, value_name = "ON|OFF")]
+    sockmap_blocking_sockets: Option<OnOff>,
     /// Intercept only declared workloads' cgroups ([[workload]] or Kubernetes pods), not
     /// every process below the workload cgroup parent [default: off].
     #[arg(long, value_enum)]
@@ -318,6 +325,9 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
         sockmap: args.sockmap.map(|s| matches!(s, OnOff::On)),
         kernel_path: args.kernel_path.map(|s| matches!(s, OnOff::On)),
         sockmap_exclude_ports: args.sockmap_exclude_ports.clone(),
+        sockmap_blocking_sockets: args
+            .sockmap_blocking_sockets
+            .map(|s| matches!(s, OnOff::On)),
         sockmap_queue_limit: args.sockmap_queue_limit,
         sockmap_small_streak: args.sockmap_small_streak,
         sockmap_policy: args.sockmap_policy.map(|p| {

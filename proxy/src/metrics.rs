@@ -743,6 +743,11 @@ fn kernel_metric(
             Some(("result", "skipped_early_data")),
             "SOCKHASH insertions, by result",
         ),
+        "sockhash_skipped_blocking" => (
+            "ebpf_sockhash_inserts",
+            Some(("result", "skipped_blocking")),
+            "SOCKHASH insertions, by result",
+        ),
         "msg_redirected" => (
             "ebpf_msg",
             Some(("path", "redirected")),

@@ -73,9 +73,10 @@ def serve(port, mode):
     listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("::", port))
+    # Before listen(): a blocking listener's connections stay off the short-circuit.
+    listener.settimeout(TIMEOUT)
     listener.listen(8)
     print("listening", flush=True)
-    listener.settimeout(TIMEOUT)
     conn, _ = listener.accept()
     conn.settimeout(TIMEOUT)
     if mode == "read":

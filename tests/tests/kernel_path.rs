@@ -52,8 +52,15 @@ impl Kp {
     }
 
     fn start(&mut self) -> Result<()> {
+        self.start_with(&[])
+    }
+
+    /// `start` with more proxy flags.
+    fn start_with(&mut self, extra: &[&str]) -> Result<()> {
+        let mut extra_args = vec!["--config".into(), self.config.display().to_string()];
+        extra_args.extend(extra.iter().map(|a| a.to_string()));
         let opts = ProxyOptions {
-            extra_args: vec!["--config".into(), self.config.display().to_string()],
+            extra_args,
             ..ProxyOptions::default()
         };
         self.node.start_proxy(&opts)
@@ -168,7 +175,9 @@ fn result_line(bg: &Background) -> Result<String> {
 fn every_size_arrives_intact_on_the_kernel_path_and_the_metrics_count_it() -> Result<()> {
     require!();
     let mut kp = Kp::new(true)?;
-    kp.start()?;
+    // rr is a blocking program (recv with MSG_WAITALL, no half-close, which is safe on the
+    // short-circuit); blocking sockets stay off it unless allowed.
+    kp.start_with(&["--sockmap-blocking-sockets", "on"])?;
     let _server = kp.serve(
         &kp.node.bins.meshtest.display().to_string(),
         &["rr-serve", "--listen", &format!("[::]:{PORT}")],

@@ -32,6 +32,11 @@ pub struct KernelOffsets {
     pub proto_sysctl_mem: u32,
     /// `sizeof(struct sk_msg)`: what `bpf_tcp_ingress` allocates for every redirected message.
     pub sk_msg_size: u32,
+    /// Byte offsets of `struct sock::sk_socket`, `struct socket::file` and
+    /// `struct file::f_flags`: whether a workload's socket is blocking.
+    pub sock_socket: u32,
+    pub socket_file: u32,
+    pub file_flags: u32,
 }
 
 impl KernelOffsets {
@@ -120,6 +125,9 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         proto_memory_allocated: btf.offset("proto", "memory_allocated")?,
         proto_sysctl_mem: btf.offset("proto", "sysctl_mem")?,
         sk_msg_size: btf.struct_size("sk_msg")?,
+        sock_socket: btf.offset("sock", "sk_socket")?,
+        socket_file: btf.offset("socket", "file")?,
+        file_flags: btf.offset("file", "f_flags")?,
     })
 }
 
@@ -612,6 +620,9 @@ mod tests {
         // copied_seq in every layout so far (only checked loosely: both inside tcp_sock).
         for off in [k.tcp_write_seq, k.tcp_copied_seq] {
             assert!(off > k.sock_user_data && off < 4096, "{k:?}");
+        }
+        for off in [k.sock_socket, k.socket_file, k.file_flags] {
+            assert!(off > 0 && off < 1024, "{k:?}");
         }
         // A struct sk_msg holds MAX_MSG_FRAGS + 2 scatterlist entries: hundreds of bytes.
         assert!((256..4096).contains(&k.sk_msg_size), "{k:?}");

@@ -28,8 +28,8 @@ use aya::{
     },
 };
 use proxy_common::{
-    AF_INET, AF_INET6, FLAG_KERNEL_LOG, FLAG_SOCKMAP, FLAG_WORKLOADS_ONLY, Flow, OrigDst, OrigKey,
-    SockKey, Splice, counter, map, program,
+    AF_INET, AF_INET6, FLAG_KERNEL_LOG, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, FLAG_WORKLOADS_ONLY,
+    Flow, OrigDst, OrigKey, SockKey, Splice, counter, map, program,
 };
 use tracing::{info, warn};
 
@@ -706,6 +706,11 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
                 FLAG_WORKLOADS_ONLY
             } else {
                 0
+            }
+            | if cfg.sockmap_blocking_sockets {
+                FLAG_SOCKMAP_BLOCKING
+            } else {
+                0
             },
         queue_limit: cfg.short_circuit.queue_limit,
         small_msg: cfg.short_circuit.small_write,
@@ -732,7 +737,9 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
             ports
         },
         detach_after: cfg.short_circuit.detach_after,
-        _pad: 0,
+        off_sock_socket: k.sock_socket,
+        off_socket_file: k.socket_file,
+        off_file_flags: k.file_flags,
     };
     {
         let m = ebpf

@@ -284,13 +284,45 @@ fn read_stream(s: &mut Conn, seed: u64, limit: Option<u64>) -> Result<(u64, bool
 
 // === server ===
 
-fn serve(listen: SocketAddr, greet: u64, poll: bool) -> Result<()> {
+/// A listener in blocking or poll mode. Poll mode makes it non-blocking as event-driven
+/// servers do, which is also what the proxy's sock_ops judges an accepted socket by (the
+/// listener's mode when the connection arrives): a blocking listener's connections stay off
+/// the short-circuit (unless the proxy runs with `--sockmap-blocking-sockets on`).
+fn listener(listen: SocketAddr, poll: bool) -> Result<TcpListener> {
     let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    if poll {
+        l.set_nonblocking(true)
+            .context("O_NONBLOCK on the listener")?;
+    }
+    Ok(l)
+}
+
+/// The next connection; on a non-blocking listener, waits for it in poll(2). The accepted
+/// socket is blocking either way (`accept4` without `SOCK_NONBLOCK`): `Conn` sets its mode.
+fn accept(l: &TcpListener) -> io::Result<TcpStream> {
+    loop {
+        match l.accept() {
+            Ok((s, _)) => return Ok(s),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(io::Error::from(e)),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve(listen: SocketAddr, greet: u64, poll: bool) -> Result<()> {
+    let l = listener(listen, poll)?;
     println!("listening {}", l.local_addr()?);
     std::io::stdout().flush()?;
     let out = Arc::new(Mutex::new(()));
-    for conn in l.incoming() {
-        let Ok(s) = conn else { continue };
+    loop {
+        let Ok(s) = accept(&l) else { continue };
         let out = Arc::clone(&out);
         thread::spawn(move || {
             let peer = peer_name(&s);
@@ -305,7 +337,6 @@ fn serve(listen: SocketAddr, greet: u64, poll: bool) -> Result<()> {
             let _ = std::io::stdout().flush();
         });
     }
-    Ok(())
 }
 
 fn serve_one(s: &mut Conn, greet: u64) -> Result<(u64, bool, u64)> {
@@ -345,8 +376,12 @@ struct ClientArgs {
 }
 
 fn client_one(a: &ClientArgs, seed: u64) -> Result<(u64, u64)> {
-    let s = TcpStream::connect_timeout(&a.connect, IO_TIMEOUT)
-        .with_context(|| format!("connect {}", a.connect))?;
+    let s = if a.poll {
+        connect(a.connect, false, true)?
+    } else {
+        TcpStream::connect_timeout(&a.connect, IO_TIMEOUT)
+            .with_context(|| format!("connect {}", a.connect))?
+    };
     let mut s = Conn::new(s, a.poll)?;
     if a.expect_greet > 0 {
         let (got, ok) = read_stream(&mut s, GREET_SEED, Some(a.expect_greet))?;
@@ -428,8 +463,8 @@ where
     println!("listening {}", l.local_addr()?);
     io::stdout().flush()?;
     let handle = Arc::new(handle);
-    for conn in l.incoming() {
-        let Ok(s) = conn else { continue };
+    loop {
+        let Ok(s) = accept(&l) else { continue };
         let handle = Arc::clone(&handle);
         thread::spawn(move || {
             let peer = peer_name(&s);
@@ -439,7 +474,6 @@ where
             let _ = out.flush();
         });
     }
-    Ok(())
 }
 
 /// Runs `one(i)` for every i in 0..n on at most `concurrency` threads at once; returns the
@@ -613,11 +647,15 @@ fn write_random(
     Ok(())
 }
 
-/// Blocking connect with no timeouts. With `tfo`, sets TCP_FASTOPEN_CONNECT first: connect()
-/// then returns at once and the first write goes out in the SYN once the client holds a Fast
-/// Open cookie from this server (the first connection only asks for one).
-fn connect_blocking(addr: SocketAddr, tfo: bool) -> Result<TcpStream> {
-    if !tfo {
+/// Connect with no timeouts, in blocking or poll mode. Poll mode connects the way
+/// event-driven programs do: a non-blocking socket from the start (`SOCK_NONBLOCK`), the
+/// handshake waited for in poll(2). That matters beyond style: the proxy's sock_ops judges a
+/// client by its socket's mode when the connection is established, and keeps blocking ones
+/// off the short-circuit. With `tfo`, sets TCP_FASTOPEN_CONNECT first: connect() then
+/// returns at once and the first write goes out in the SYN once the client holds a Fast Open
+/// cookie from this server (the first connection only asks for one).
+fn connect(addr: SocketAddr, tfo: bool, poll_mode: bool) -> Result<TcpStream> {
+    if !tfo && !poll_mode {
         return TcpStream::connect(addr).with_context(|| format!("connect {addr}"));
     }
     let family = if addr.is_ipv4() {
@@ -625,17 +663,39 @@ fn connect_blocking(addr: SocketAddr, tfo: bool) -> Result<TcpStream> {
     } else {
         AddressFamily::Inet6
     };
-    let fd = socket::socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::Tcp,
-    )
-    .context("socket")?;
-    socket::setsockopt(&fd, sockopt::TcpFastOpenConnect, &true)
-        .context("TCP_FASTOPEN_CONNECT (Linux 4.11 or later)")?;
-    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
-        .with_context(|| format!("connect {addr}"))?;
+    let flags = if poll_mode {
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK
+    } else {
+        SockFlag::SOCK_CLOEXEC
+    };
+    let fd =
+        socket::socket(family, SockType::Stream, flags, SockProtocol::Tcp).context("socket")?;
+    if tfo {
+        socket::setsockopt(&fd, sockopt::TcpFastOpenConnect, &true)
+            .context("TCP_FASTOPEN_CONNECT (Linux 4.11 or later)")?;
+    }
+    match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) => {}
+        Err(Errno::EINPROGRESS) if poll_mode => {
+            let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+            let ms = u16::try_from(IO_TIMEOUT.as_millis()).unwrap_or(u16::MAX);
+            loop {
+                match poll(&mut fds, PollTimeout::from(ms)) {
+                    Ok(0) => bail!("connect {addr}: timed out after {IO_TIMEOUT:?}"),
+                    Ok(_) => break,
+                    Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e).with_context(|| format!("connect {addr}: poll")),
+                }
+            }
+            let err = socket::getsockopt(&fd, sockopt::SocketError)
+                .with_context(|| format!("connect {addr}: SO_ERROR"))?;
+            if err != 0 {
+                return Err(io::Error::from_raw_os_error(err))
+                    .with_context(|| format!("connect {addr}"));
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("connect {addr}")),
+    }
     Ok(TcpStream::from(fd))
 }
 
@@ -769,7 +829,7 @@ fn order_client(a: &OrderArgs) -> Result<OrderSummary> {
 fn order_one(a: &OrderArgs, index: u64, up: &AtomicU64) -> (Verdict, u64, u64) {
     let seed = a.seed.wrapping_add(index);
     let what = |v: String| format!("conn {index} seed {seed}: {v}");
-    let conn = connect_blocking(a.connect, a.tfo)
+    let conn = connect(a.connect, a.tfo, a.poll)
         .and_then(|s| Conn::duplex(s, a.poll).context("socket setup"));
     let (mut reader, mut writer) = match conn {
         Ok(rw) => rw,
@@ -901,7 +961,7 @@ fn order_serve(
     tfo: bool,
     poll: bool,
 ) -> Result<()> {
-    let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    let l = listener(listen, poll)?;
     if tfo {
         set_tcp_fastopen(&l, TFO_QUEUE).context("TCP_FASTOPEN on the listener")?;
     }
@@ -1034,7 +1094,7 @@ fn rr_client(a: &RrArgs) -> Result<RrSummary> {
 /// Runs the requests of connection `index`; returns the first mismatch, which ends the
 /// connection (after one the stream is out of step).
 fn rr_exchange(a: &RrArgs, index: u64, c: &mut RrCounts) -> Result<Option<String>> {
-    let s = connect_blocking(a.connect, false)?;
+    let s = connect(a.connect, false, false)?;
     let size = a.size as usize;
     let mut reply = vec![0u8; size];
     for req in 0..a.requests {
