@@ -21,13 +21,19 @@
 //! Every socket (client and server) has TCP_NODELAY set, so each message leaves when it is
 //! written: the figures are those of the path between the pods, not of Nagle's algorithm.
 //! One thread per connection on both sides keeps the code obvious; see `STACK_SIZE`.
+//!
+//! Every socket is non-blocking from its creation (the listener too), and a read or write
+//! that would block waits in poll(2) (`Sock`), as event-driven programs do (Go, tokio, Java
+//! NIO, nginx, Envoy). The proxy keeps blocking sockets off its short-circuit (a blocking
+//! reader there can get a spurious EAGAIN from the kernel), so blocking I/O here would
+//! measure plain TCP under every short-circuit scenario.
 
 use std::{
     fmt::{Display, Write as _},
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     ops::RangeInclusive,
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd},
     process::ExitCode,
     sync::{
         Arc, Condvar, Mutex, RwLock,
@@ -38,8 +44,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use nix::sys::socket::{
-    self as sock, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, sockopt,
+use nix::{
+    errno::Errno,
+    poll::{PollFd, PollFlags, PollTimeout, poll},
+    sys::socket::{
+        self as sock, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
+        SockaddrStorage, sockopt,
+    },
 };
 
 const MAGIC: &[u8; 4] = b"MBv1";
@@ -143,8 +154,13 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
     };
-    let fd =
-        sock::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).context("socket")?;
+    let fd = sock::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .context("socket")?;
     sock::setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
     match addr {
         SocketAddr::V4(a) => sock::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
@@ -155,11 +171,21 @@ fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
-/// Serves every client mode on `listener`, one thread per connection, until the process
-/// ends. Errors of single connections go to stderr (the first few only).
+/// Serves every client mode on `listener` (non-blocking: accept waits in poll), one thread
+/// per connection, until the process ends. Errors of single connections go to stderr (the
+/// first few only).
 fn serve(listener: TcpListener) {
     loop {
         match listener.accept() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                if let Err(e) = poll(&mut fds, PollTimeout::NONE)
+                    && e != Errno::EINTR
+                {
+                    server_error(format_args!("poll on the listener: {e}"));
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
             Ok((s, peer)) => {
                 let spawned = thread::Builder::new()
                     .stack_size(STACK_SIZE)
@@ -194,8 +220,8 @@ fn server_error(what: impl Display) {
     }
 }
 
-fn serve_conn(mut s: TcpStream) -> Result<()> {
-    configure(&s, SERVER_IDLE_TIMEOUT).context("socket options")?;
+fn serve_conn(s: TcpStream) -> Result<()> {
+    let mut s = Sock::new(s, SERVER_IDLE_TIMEOUT).context("socket options")?;
     let mut h = [0u8; HEADER_LEN];
     read_full(&mut s, &mut h).map_err(|e| io_error("read header", e))?;
     let h = Header::decode(&h)?;
@@ -206,7 +232,7 @@ fn serve_conn(mut s: TcpStream) -> Result<()> {
     }
 }
 
-fn echo(s: &mut TcpStream, size: u64) -> Result<()> {
+fn echo(s: &mut Sock, size: u64) -> Result<()> {
     if !(1..=MAX_MESSAGE).contains(&size) {
         bail!("echo message size {size} is outside 1..={MAX_MESSAGE}");
     }
@@ -219,7 +245,7 @@ fn echo(s: &mut TcpStream, size: u64) -> Result<()> {
 
 /// Fills `buf`. `Ok(false)` when the peer closed before the first byte: the clean end of a
 /// run, between two messages. A close inside a message is an error.
-fn read_message(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<bool> {
+fn read_message(s: &mut Sock, buf: &mut [u8]) -> io::Result<bool> {
     let mut at = 0;
     while at < buf.len() {
         match read_some(s, &mut buf[at..]) {
@@ -238,7 +264,7 @@ fn read_message(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<bool> {
     Ok(true)
 }
 
-fn sink(s: &mut TcpStream) -> Result<()> {
+fn sink(s: &mut Sock) -> Result<()> {
     let mut buf = vec![0u8; SINK_BUFFER];
     let mut total = 0u64;
     loop {
@@ -255,26 +281,111 @@ fn sink(s: &mut TcpStream) -> Result<()> {
 
 // === client: shared parts ===
 
-/// TCP_NODELAY and the stall limit, on every socket of both sides.
-fn configure(s: &TcpStream, timeout: Duration) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))
+/// A connected non-blocking socket with TCP_NODELAY whose reads and writes wait in poll(2)
+/// when they would block, at most `timeout` each (then they fail with `TimedOut`).
+struct Sock {
+    s: TcpStream,
+    timeout: Duration,
+}
+
+impl Sock {
+    fn new(s: TcpStream, timeout: Duration) -> io::Result<Sock> {
+        s.set_nodelay(true)?;
+        s.set_nonblocking(true)?;
+        Ok(Sock { s, timeout })
+    }
+
+    /// Connects a socket that is non-blocking from its creation, waiting at most `timeout`.
+    fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Sock> {
+        let family = match addr {
+            SocketAddr::V4(_) => AddressFamily::Inet,
+            SocketAddr::V6(_) => AddressFamily::Inet6,
+        };
+        let fd = sock::socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        match sock::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+            Ok(()) => {}
+            Err(Errno::EINPROGRESS) => {
+                wait(fd.as_fd(), PollFlags::POLLOUT, timeout)?;
+                let err = sock::getsockopt(&fd, sockopt::SocketError)?;
+                if err != 0 {
+                    return Err(io::Error::from_raw_os_error(err));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Sock::new(TcpStream::from(fd), timeout)
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.s.shutdown(Shutdown::Write)
+    }
+}
+
+/// Waits until `fd` is ready for `flags`, at most `timeout` (`TimedOut` after that).
+fn wait(fd: std::os::fd::BorrowedFd<'_>, flags: PollFlags, timeout: Duration) -> io::Result<()> {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let mut fds = [PollFd::new(fd, flags)];
+    match poll(
+        &mut fds,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(0) => Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
+        // The caller retries, and polls again if it must.
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.s.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait(self.s.as_fd(), PollFlags::POLLIN, self.timeout)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.s.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait(self.s.as_fd(), PollFlags::POLLOUT, self.timeout)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Connects (within `IO_TIMEOUT` and the run's deadline) and sends the header.
-fn open(addr: SocketAddr, header: Header, deadline: Instant) -> Result<TcpStream> {
+fn open(addr: SocketAddr, header: Header, deadline: Instant) -> Result<Sock> {
     let timeout = deadline
         .saturating_duration_since(Instant::now())
         .clamp(Duration::from_millis(1), IO_TIMEOUT);
-    let mut s = match TcpStream::connect_timeout(&addr, timeout) {
+    let mut s = match Sock::connect(addr, timeout) {
         Ok(s) => s,
         Err(e) => bail!(
             "{:#}; is `meshbench serve` listening there?",
             io_error(format_args!("connect {addr}"), e)
         ),
     };
-    configure(&s, IO_TIMEOUT).context("socket options")?;
+    s.timeout = IO_TIMEOUT;
     s.write_all(&header.encode())
         .map_err(|e| io_error("write header", e))?;
     Ok(s)
@@ -290,33 +401,18 @@ fn io_error(what: impl Display, e: io::Error) -> anyhow::Error {
     }
 }
 
-/// EAGAINs a blocking read got well before its timeout, reported as `spurious_eagain`.
-static SPURIOUS_EAGAIN: AtomicU64 = AtomicU64::new(0);
-
-/// A blocking read that survives a kernel quirk instead of failing on it. On a socket in a
-/// SOCKHASH (the sk_msg short-circuit), tcp_bpf_recvmsg returns EAGAIN to a blocking reader
-/// that is woken without data, e.g. by the ACK of its own FIN (ARCHITECTURE.md, "Kernel
-/// facts"). A real SO_RCVTIMEO timeout is EAGAIN too, so only an EAGAIN well before the
-/// timeout counts as spurious: it is retried and counted, so the bench both measures the
-/// path and shows how often the quirk hit.
-fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    let start = Instant::now();
+/// One read: what is there, waiting in poll when nothing is (`Sock`).
+fn read_some(s: &mut Sock, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match s.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    && start.elapsed() < IO_TIMEOUT.mul_f64(0.9) =>
-            {
-                SPURIOUS_EAGAIN.fetch_add(1, Ordering::Relaxed);
-            }
             r => return r,
         }
     }
 }
 
 /// `read_exact` on top of [`read_some`].
-fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<()> {
+fn read_full(s: &mut Sock, buf: &mut [u8]) -> io::Result<()> {
     let mut at = 0;
     while at < buf.len() {
         match read_some(s, &mut buf[at..])? {
@@ -536,7 +632,7 @@ fn pingpong_conn(a: &PingpongArgs, i: usize, gate: &Gate, deadline: Instant) -> 
 /// One measured round trip: returns its time in nanoseconds and when it ended. The round
 /// number is stamped into the message, so a stale or repeated echo does not verify.
 fn round_trip(
-    s: &mut TcpStream,
+    s: &mut Sock,
     send: &mut [u8],
     recv: &mut [u8],
     round: u64,
@@ -702,12 +798,7 @@ fn stream_conn(
 /// however late the scheduler let one of them begin: with a window per connection, 1000
 /// connections of 1 s each took 22 s on 2 CPUs, the late ones sending alone. A connection
 /// that only gets a CPU after the end sends nothing, and that is not an error.
-fn stream_send(
-    s: &mut TcpStream,
-    a: &StreamArgs,
-    buf: &[u8],
-    start: Instant,
-) -> Result<StreamDone> {
+fn stream_send(s: &mut Sock, a: &StreamArgs, buf: &[u8], start: Instant) -> Result<StreamDone> {
     let size = buf.len() as u64;
     let end = start + a.time;
     let (mut sent, mut msgs, mut first_write) = (0u64, 0u64, None);
@@ -722,7 +813,7 @@ fn stream_send(
         sent += size;
         msgs += 1;
     }
-    s.shutdown(Shutdown::Write)
+    s.shutdown_write()
         .map_err(|e| io_error("shutdown(write)", e))?;
     let mut count = [0u8; 8];
     read_full(s, &mut count).map_err(|e| io_error("read the server's byte count", e))?;
@@ -899,7 +990,7 @@ impl Json {
     }
 
     fn finish(self) -> String {
-        let mut j = self.int("spurious_eagain", SPURIOUS_EAGAIN.load(Ordering::Relaxed));
+        let mut j = self;
         j.0.push('}');
         j.0
     }
@@ -989,13 +1080,8 @@ fn http_conn(a: &HttpArgs, i: usize, gate: &Gate) -> HttpConn {
         errors: 0,
         error: None,
     };
-    let conn = TcpStream::connect_timeout(&a.connect, IO_TIMEOUT)
-        .map_err(|e| io_error(format_args!("connect {}", a.connect), e))
-        .and_then(|s| {
-            configure(&s, IO_TIMEOUT)
-                .map(|()| s)
-                .context("socket options")
-        });
+    let conn = Sock::connect(a.connect, IO_TIMEOUT)
+        .map_err(|e| io_error(format_args!("connect {}", a.connect), e));
     let start = gate.arrive();
     let mut s = match conn {
         Ok(s) => s,
@@ -1040,7 +1126,7 @@ fn http_conn(a: &HttpArgs, i: usize, gate: &Gate) -> HttpConn {
 }
 
 /// One request and its complete response (status 200, Content-Length framing).
-fn http_exchange(s: &mut TcpStream, request: &[u8], buf: &mut [u8]) -> Result<()> {
+fn http_exchange(s: &mut Sock, request: &[u8], buf: &mut [u8]) -> Result<()> {
     s.write_all(request)
         .map_err(|e| io_error("write request", e))?;
     let mut have = 0;
@@ -1607,7 +1693,8 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?;
         thread::spawn(move || -> Result<()> {
-            let (mut s, _) = l.accept()?;
+            let (s, _) = l.accept()?;
+            let mut s = Sock::new(s, IO_TIMEOUT)?;
             let mut h = [0u8; HEADER_LEN];
             s.read_exact(&mut h)?;
             let mut buf = vec![0u8; usize::try_from(Header::decode(&h)?.size)?];
@@ -1749,7 +1836,7 @@ mod tests {
             }
             Ok(())
         });
-        let mut s = TcpStream::connect(addr)?;
+        let mut s = Sock::connect(addr, IO_TIMEOUT)?;
         let mut buf = vec![0u8; 1024];
         http_exchange(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &mut buf)?;
         assert!(http_exchange(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &mut buf).is_err());

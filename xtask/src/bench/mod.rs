@@ -686,14 +686,7 @@ impl<'a> Bench<'a> {
                     ],
                 )?;
                 let w = format!("pingpong {size}B {label}");
-                for m in [
-                    "p50_us",
-                    "p90_us",
-                    "p99_us",
-                    "p999_us",
-                    "errors",
-                    "spurious_eagain",
-                ] {
+                for m in ["p50_us", "p90_us", "p99_us", "p999_us", "errors"] {
                     out.push(Sample {
                         scenario: scenario.to_string(),
                         workload: w.clone(),
@@ -749,8 +742,7 @@ impl<'a> Bench<'a> {
                     )?;
                     let w = format!("stream {} x{conns}", human(size));
                     push(w.clone(), "gbit_per_s", "Gbit/s", num(&j, "gbit_per_s")?);
-                    push(w.clone(), "errors", "count", num(&j, "errors")?);
-                    push(w, "spurious_eagain", "count", num(&j, "spurious_eagain")?);
+                    push(w, "errors", "count", num(&j, "errors")?);
                     bytes += num(&j, "bytes")?;
                 }
             }
@@ -786,12 +778,6 @@ impl<'a> Bench<'a> {
                 num(&j, "conn_per_s")?,
             );
             push("connrate x4".into(), "errors", "count", num(&j, "errors")?);
-            push(
-                "connrate x4".into(),
-                "spurious_eagain",
-                "count",
-                num(&j, "spurious_eagain")?,
-            );
         }
 
         // HTTP/1.1 (wrk) and HTTP/2 (h2load): maximum request rate, CPU per 10k requests.

@@ -352,15 +352,10 @@ pub fn table(samples: &[Sample]) -> String {
         .map(|r| (r.scenario.as_str(), r.workload.as_str()))
         .collect();
     for r in &rows {
-        if r.metric == "errors" || r.metric == "spurious_eagain" {
+        if r.metric == "errors" {
             if r.max > 0.0 {
-                let what = if r.metric == "errors" {
-                    "ERRORS"
-                } else {
-                    "NOTE spurious EAGAIN on blocking reads (retried; see ARCHITECTURE.md)"
-                };
                 errors.push(format!(
-                    "{what}: {} / {}: {} (max of reps)",
+                    "ERRORS: {} / {}: {} (max of reps)",
                     r.scenario, r.workload, r.max
                 ));
             }
