@@ -1801,6 +1801,17 @@ mod tests {
     }
 
     #[test]
+    fn blocking_sockets_stay_off_the_short_circuit_unless_allowed() -> Result<(), ConfigError> {
+        let base = "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nsockmap = true\n";
+        assert!(!resolve(base)?.sockmap_blocking_sockets);
+        let on = resolve(&format!("{base}sockmap_blocking_sockets = true\n"))?;
+        assert!(on.sockmap_blocking_sockets);
+        let wrong = resolve(&format!("{base}sockmap_blocking_sockets = \"yes\"\n"));
+        assert!(wrong.is_err_and(|e| e.to_string().contains("sockmap_blocking_sockets")));
+        Ok(())
+    }
+
+    #[test]
     fn kernel_path_is_on_with_the_short_circuit_unless_turned_off() -> Result<(), ConfigError> {
         let base = "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\n";
         assert!(resolve(&format!("{base}sockmap = true\n"))?.kernel_path);

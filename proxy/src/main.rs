@@ -194,7 +194,7 @@ struct ConfigArgs {
     #[arg(long = "sockmap-exclude-port", value_name = "PORT")]
     sockmap_exclude_ports: Vec<u16>,
     /// With --sockmap on: register blocking workload sockets too (clients blocking at connect,
-    /// servers whose listener was blocking at listen()). Off by default: a blocking reader on
+    /// servers whose listener is blocking when the connection arrives). Off by default: a blocking reader on
     /// the short-circuit can get a spurious EAGAIN from the kernel (ARCHITECTURE.md, "Kernel
     /// facts"), so such sockets stay on plain TCP; non-blocking (event-driven) programs keep
     /// the short-circuit [default: off].

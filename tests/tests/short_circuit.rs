@@ -637,6 +637,16 @@ fn blocking_programs_stay_off_the_short_circuit_and_never_get_a_spurious_eagain(
         added <= u64::from(CONNECTIONS),
         "{added} sockets entered the SOCKHASH for {CONNECTIONS} connections of blocking programs: more than the proxy's upstream sockets"
     );
+    let metrics = p.node.admin_metrics()?;
+    let exported = tests::metric_sum(
+        &metrics,
+        "mesh_ebpf_sockhash_inserts_total",
+        &["result=\"skipped_blocking\""],
+    );
+    ensure!(
+        exported >= skipped as f64,
+        "the admin metrics show {exported} blocking sockets kept off, the kernel counted at least {skipped}"
+    );
     Ok(())
 }
 
