@@ -903,12 +903,14 @@ fn admin_api_reports_readiness_exact_metrics_and_connections() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // A long-lived connection shows up with its original destination.
+    // A long-lived connection shows up with its original destination. (A socket timeout
+    // makes the client's socket non-blocking, as event-driven programs are: blocking ones
+    // stay off the short-circuit, and this one's four sockets are counted below.)
     let mut cmd = s.client.command("python3");
     cmd.args([
         "-c",
         &format!(
-            "import socket,time; s=socket.create_connection(('{}', {SERVER_PORT})); s.sendall(b'MTv1'); print('open', flush=True); time.sleep(60)",
+            "import socket,time; s=socket.create_connection(('{}', {SERVER_PORT}), timeout=120); s.sendall(b'MTv1'); print('open', flush=True); time.sleep(60)",
             s.server.ipv4
         ),
     ]);
