@@ -457,13 +457,25 @@ fn bytes_stay_in_order_on_the_per_hop_short_circuit_with_softirq_spread() -> Res
         ..ProxyOptions::default()
     };
     let mut p = Pair::new(&opts, true)?;
-    let redirected = p.counter("msg_redirected")?;
+    let (redirected, inserted) = (
+        p.counter("msg_redirected")?,
+        p.counter("sockhash_inserted")?,
+    );
     for delay in [0, 10] {
         order_run(&mut p, 1000, 50, delay, false)?;
     }
     ensure!(
         p.counter("msg_redirected")? > redirected,
         "nothing took the short-circuit: the test would not show a reorder"
+    );
+    // Event-driven ends (meshtest --io poll: a client non-blocking from socket(), a server
+    // whose listener is made non-blocking after listen(), as Rust's std does it) are all
+    // registered: four sockets per connection, none kept off as blocking.
+    let added = p.counter("sockhash_inserted")? - inserted;
+    ensure!(
+        added == 4 * 2000 && p.counter("sockhash_skipped_blocking")? == 0,
+        "{added} sockets registered for 2000 connections of non-blocking programs (expected 8000), {} kept off as blocking",
+        p.counter("sockhash_skipped_blocking")?
     );
     ensure!(
         p.counter("splice_started")? == 0,
