@@ -608,6 +608,20 @@ fn writers_that_outrun_the_proxy_leave_the_sockhash_and_lose_nothing() -> Result
     Ok(())
 }
 
+/// `connections` of a blocking full-duplex program (a reader and a writer thread on one
+/// blocking socket at both ends), 10 at once, 64 KiB each way in pieces up to 512 bytes.
+fn blocking_full_duplex(connections: u32) -> Load {
+    Load {
+        connections,
+        concurrency: 10,
+        delay_ms: 0,
+        tfo: false,
+        bytes: 64 << 10,
+        max_write: 512,
+        io: "blocking",
+    }
+}
+
 /// Blocking programs (here a reader and a writer thread on one blocking socket, at both
 /// ends) can get a spurious EAGAIN from the short-circuit's receive path (a kernel behaviour;
 /// ARCHITECTURE.md, "Kernel facts"), so by default their sockets stay off it: the client by
@@ -625,18 +639,7 @@ fn blocking_programs_stay_off_the_short_circuit_and_never_get_a_spurious_eagain(
         p.counter("sockhash_inserted")?,
         p.counter("sockhash_skipped_blocking")?,
     );
-    order_load(
-        &mut p,
-        &Load {
-            connections: CONNECTIONS,
-            concurrency: 10,
-            delay_ms: 0,
-            tfo: false,
-            bytes: 64 << 10,
-            max_write: 512,
-            io: "blocking",
-        },
-    )?;
+    order_load(&mut p, &blocking_full_duplex(CONNECTIONS))?;
     let added = p.counter("sockhash_inserted")? - inserted;
     let skipped = p.counter("sockhash_skipped_blocking")? - skipped;
     println!("{skipped} blocking workload sockets kept off, {added} sockets registered");
@@ -683,18 +686,7 @@ fn blocking_full_duplex_programs_work_on_a_port_kept_off_the_short_circuit() -> 
         false,
     )?;
     let inserted = p.counter("sockhash_inserted")?;
-    order_load(
-        &mut p,
-        &Load {
-            connections: 100,
-            concurrency: 10,
-            delay_ms: 0,
-            tfo: false,
-            bytes: 64 << 10,
-            max_write: 512,
-            io: "blocking",
-        },
-    )?;
+    order_load(&mut p, &blocking_full_duplex(100))?;
     let added = p.counter("sockhash_inserted")? - inserted;
     ensure!(
         added == 0,

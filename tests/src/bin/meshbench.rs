@@ -150,17 +150,7 @@ impl Header {
 /// and the dropped SYNs are retried after 1 s, so the run would measure the retransmit
 /// timer instead of the path.
 fn bind_listener(addr: SocketAddr) -> Result<TcpListener> {
-    let family = match addr {
-        SocketAddr::V4(_) => AddressFamily::Inet,
-        SocketAddr::V6(_) => AddressFamily::Inet6,
-    };
-    let fd = sock::socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .context("socket")?;
+    let fd = nonblocking_socket(addr).context("socket")?;
     sock::setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
     match addr {
         SocketAddr::V4(a) => sock::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
@@ -297,16 +287,7 @@ impl Sock {
 
     /// Connects a socket that is non-blocking from its creation, waiting at most `timeout`.
     fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Sock> {
-        let family = match addr {
-            SocketAddr::V4(_) => AddressFamily::Inet,
-            SocketAddr::V6(_) => AddressFamily::Inet6,
-        };
-        let fd = sock::socket(
-            family,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )?;
+        let fd = nonblocking_socket(addr)?;
         match sock::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
             Ok(()) => {}
             Err(Errno::EINPROGRESS) => {
@@ -324,6 +305,21 @@ impl Sock {
     fn shutdown_write(&self) -> io::Result<()> {
         self.s.shutdown(Shutdown::Write)
     }
+}
+
+/// A TCP socket of `addr`'s family, non-blocking from its creation (the proxy judges a
+/// client by its mode at connect and a server by its listener's).
+fn nonblocking_socket(addr: SocketAddr) -> nix::Result<std::os::fd::OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    sock::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
 }
 
 /// Waits until `fd` is ready for `flags`, at most `timeout` (`TimedOut` after that).
