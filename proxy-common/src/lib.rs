@@ -475,8 +475,9 @@ pub mod counter {
     /// them and their queue was empty); the proxy then removes the socket.
     pub const DETACH_READY: u32 = 31;
     /// Workload sockets left off the SOCKHASH because they are blocking (a client by its
-    /// own mode at connect, a server by its listener's when the connection arrives): a blocking reader
-    /// there can get a spurious EAGAIN (`Config::flags`, `FLAG_SOCKMAP_BLOCKING`).
+    /// own mode at connect, a server by its listener's when the connection arrives): a
+    /// blocking reader there can get a spurious EAGAIN (`Config::flags`,
+    /// `FLAG_SOCKMAP_BLOCKING`).
     pub const SOCKHASH_SKIPPED_BLOCKING: u32 = 32;
     /// Number of counters.
     pub const COUNT: u32 = 33;

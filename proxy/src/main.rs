@@ -194,10 +194,10 @@ struct ConfigArgs {
     #[arg(long = "sockmap-exclude-port", value_name = "PORT")]
     sockmap_exclude_ports: Vec<u16>,
     /// With --sockmap on: register blocking workload sockets too (clients blocking at connect,
-    /// servers whose listener is blocking when the connection arrives). Off by default: a blocking reader on
-    /// the short-circuit can get a spurious EAGAIN from the kernel (ARCHITECTURE.md, "Kernel
-    /// facts"), so such sockets stay on plain TCP; non-blocking (event-driven) programs keep
-    /// the short-circuit [default: off].
+    /// servers whose listener is blocking when the connection arrives). Off by default: a
+    /// blocking reader on the short-circuit can get a spurious EAGAIN from the kernel
+    /// (ARCHITECTURE.md, "Kernel facts"), so such sockets stay on plain TCP; non-blocking
+    /// (event-driven) programs keep the short-circuit [default: off].
     #[arg(long, value_enum, value_name = "ON|OFF")]
     sockmap_blocking_sockets: Option<OnOff>,
     /// Intercept only declared workloads' cgroups ([[workload]] or Kubernetes pods), not

@@ -238,7 +238,7 @@ fn echo(s: &mut Sock, size: u64) -> Result<()> {
 fn read_message(s: &mut Sock, buf: &mut [u8]) -> io::Result<bool> {
     let mut at = 0;
     while at < buf.len() {
-        match read_some(s, &mut buf[at..]) {
+        match s.read(&mut buf[at..]) {
             Ok(0) if at == 0 => return Ok(false),
             Ok(0) => {
                 return Err(io::Error::new(
@@ -247,7 +247,6 @@ fn read_message(s: &mut Sock, buf: &mut [u8]) -> io::Result<bool> {
                 ));
             }
             Ok(n) => at += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
@@ -258,10 +257,9 @@ fn sink(s: &mut Sock) -> Result<()> {
     let mut buf = vec![0u8; SINK_BUFFER];
     let mut total = 0u64;
     loop {
-        match read_some(s, &mut buf) {
+        match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => total += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io_error("read", e)),
         }
     }
@@ -337,6 +335,7 @@ fn wait(fd: std::os::fd::BorrowedFd<'_>, flags: PollFlags, timeout: Duration) ->
     }
 }
 
+/// Never returns `WouldBlock` (it waits) nor `Interrupted` (it retries).
 impl Read for Sock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
@@ -397,21 +396,11 @@ fn io_error(what: impl Display, e: io::Error) -> anyhow::Error {
     }
 }
 
-/// One read: what is there, waiting in poll when nothing is (`Sock`).
-fn read_some(s: &mut Sock, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match s.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            r => return r,
-        }
-    }
-}
-
-/// `read_exact` on top of [`read_some`].
+/// `read_exact` with an error that says how far it got.
 fn read_full(s: &mut Sock, buf: &mut [u8]) -> io::Result<()> {
     let mut at = 0;
     while at < buf.len() {
-        match read_some(s, &mut buf[at..])? {
+        match s.read(&mut buf[at..])? {
             0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -939,13 +928,11 @@ fn connect_only(addr: SocketAddr, deadline: Instant) -> Result<()> {
     };
     let mut s = open(addr, header, deadline)?;
     let mut b = [0u8; 1];
-    loop {
-        match read_some(&mut s, &mut b) {
-            Ok(0) => return Ok(()),
-            Ok(_) => bail!("the server sent data on a connect-only connection"),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error("wait for the server's close", e)),
-        }
+    // `Sock::read` retries EINTR and waits in poll: one call sees the close or data.
+    match s.read(&mut b) {
+        Ok(0) => Ok(()),
+        Ok(_) => bail!("the server sent data on a connect-only connection"),
+        Err(e) => Err(io_error("wait for the server's close", e)),
     }
 }
 
@@ -1130,7 +1117,9 @@ fn http_exchange(s: &mut Sock, request: &[u8], buf: &mut [u8]) -> Result<()> {
         if have == buf.len() {
             bail!("response larger than {} bytes", buf.len());
         }
-        let n = read_some(s, &mut buf[have..]).map_err(|e| io_error("read response", e))?;
+        let n = s
+            .read(&mut buf[have..])
+            .map_err(|e| io_error("read response", e))?;
         if n == 0 {
             bail!("the server closed the connection mid-response");
         }
@@ -1160,7 +1149,9 @@ fn http_exchange(s: &mut Sock, request: &[u8], buf: &mut [u8]) -> Result<()> {
             );
         }
         while have < total {
-            let n = read_some(s, &mut buf[have..total]).map_err(|e| io_error("read body", e))?;
+            let n = s
+                .read(&mut buf[have..total])
+                .map_err(|e| io_error("read body", e))?;
             if n == 0 {
                 bail!("the server closed the connection mid-body");
             }

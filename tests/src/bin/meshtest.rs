@@ -172,17 +172,8 @@ impl Conn {
     }
 
     fn wait(&self, flags: PollFlags) -> io::Result<()> {
-        let mut fds = [PollFd::new(self.s.as_fd(), flags)];
-        let ms = u16::try_from(IO_TIMEOUT.as_millis()).unwrap_or(u16::MAX);
-        match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(0) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "poll timed out: the peer stalled",
-            )),
-            // The caller retries its read or write, which polls again if it must.
-            Ok(_) | Err(Errno::EINTR) => Ok(()),
-            Err(e) => Err(io::Error::from(e)),
-        }
+        // The caller retries its read or write, which polls again if it must.
+        wait_ready(self.s.as_fd(), flags).map(|_| ())
     }
 
     fn shutdown_write(&self) -> io::Result<()> {
@@ -231,6 +222,22 @@ impl Write for Conn {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Waits at most IO_TIMEOUT for `fd` to be ready for `flags` (`TimedOut` after that):
+/// true if it is, false if a signal interrupted the wait.
+fn wait_ready(fd: BorrowedFd<'_>, flags: PollFlags) -> io::Result<bool> {
+    let mut fds = [PollFd::new(fd, flags)];
+    let ms = u16::try_from(IO_TIMEOUT.as_millis()).unwrap_or(u16::MAX);
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(0) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "poll timed out: the peer stalled",
+        )),
+        Ok(_) => Ok(true),
+        Err(Errno::EINTR) => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
     }
 }
 
@@ -677,16 +684,9 @@ fn connect(addr: SocketAddr, tfo: bool, poll_mode: bool) -> Result<TcpStream> {
     match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) => {}
         Err(Errno::EINPROGRESS) if poll_mode => {
-            let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
-            let ms = u16::try_from(IO_TIMEOUT.as_millis()).unwrap_or(u16::MAX);
-            loop {
-                match poll(&mut fds, PollTimeout::from(ms)) {
-                    Ok(0) => bail!("connect {addr}: timed out after {IO_TIMEOUT:?}"),
-                    Ok(_) => break,
-                    Err(Errno::EINTR) => {}
-                    Err(e) => return Err(e).with_context(|| format!("connect {addr}: poll")),
-                }
-            }
+            while !wait_ready(fd.as_fd(), PollFlags::POLLOUT)
+                .with_context(|| format!("connect {addr}"))?
+            {}
             let err = socket::getsockopt(&fd, sockopt::SocketError)
                 .with_context(|| format!("connect {addr}: SO_ERROR"))?;
             if err != 0 {
