@@ -335,13 +335,19 @@ fn wait(fd: std::os::fd::BorrowedFd<'_>, flags: PollFlags, timeout: Duration) ->
     }
 }
 
-/// Never returns `WouldBlock` (it waits) nor `Interrupted` (it retries).
-impl Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl Sock {
+    /// Runs `op` until it neither would block (then waits in poll for `ready`) nor was
+    /// interrupted: reads and writes through a `Sock` never return `WouldBlock` or
+    /// `Interrupted`.
+    fn retry<T>(
+        &mut self,
+        ready: PollFlags,
+        mut op: impl FnMut(&mut TcpStream) -> io::Result<T>,
+    ) -> io::Result<T> {
         loop {
-            match self.s.read(buf) {
+            match op(&mut self.s) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait(self.s.as_fd(), PollFlags::POLLIN, self.timeout)?;
+                    wait(self.s.as_fd(), ready, self.timeout)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 r => return r,
@@ -350,17 +356,15 @@ impl Read for Sock {
     }
 }
 
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.retry(PollFlags::POLLIN, |s| s.read(buf))
+    }
+}
+
 impl Write for Sock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        loop {
-            match self.s.write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait(self.s.as_fd(), PollFlags::POLLOUT, self.timeout)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                r => return r,
-            }
-        }
+        self.retry(PollFlags::POLLOUT, |s| s.write(buf))
     }
 
     fn flush(&mut self) -> io::Result<()> {
