@@ -23,13 +23,17 @@ pub mod program {
     pub const SOCKOPS_PROXY: &str = "mesh_sockops_px";
     /// sk_msg attached to the SOCKHASH.
     pub const MSG_REDIRECT: &str = "mesh_msg_redir";
+    /// iter/task_file, run once at start-up with the short-circuit on: records in
+    /// `MESH_LISTEN` the TCP listeners that called `listen()` before sock_ops was attached.
+    pub const LISTENERS: &str = "mesh_listeners";
     /// Every program, in load order.
-    pub const ALL: [&str; 5] = [
+    pub const ALL: [&str; 6] = [
         CONNECT4,
         CONNECT6,
         SOCKOPS_WORKLOAD,
         SOCKOPS_PROXY,
         MSG_REDIRECT,
+        LISTENERS,
     ];
 }
 
@@ -164,6 +168,17 @@ pub struct Config {
     pub off_sock_socket: u32,
     pub off_socket_file: u32,
     pub off_file_flags: u32,
+    /// Byte offsets the start-up listener scan (`program::LISTENERS`) reads a socket's
+    /// listener key through: `sk` in `struct socket`, `sk_protocol` in `struct sock`, and in
+    /// `struct sock_common` (at the start of `struct sock`) `skc_state`, `skc_num` (the local
+    /// port, host order) and `skc_net` (a `struct net *`), whose `net_cookie` is the
+    /// namespace cookie. 0: unknown; the scan records nothing.
+    pub off_socket_sk: u32,
+    pub off_sock_protocol: u32,
+    pub off_skc_state: u32,
+    pub off_skc_num: u32,
+    pub off_skc_net: u32,
+    pub off_net_cookie: u32,
 }
 
 /// How many ports `Config::sockmap_exclude_ports` holds.
@@ -561,7 +576,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             size_of::<Config>(),
-            8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8 + 4 * 4
+            8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8 + 4 * 4 + 6 * 4
         );
         assert_eq!(size_of::<ListenKey>(), 8 + 4 + 4);
         assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);

@@ -5,6 +5,7 @@
 
 mod connect;
 mod key;
+mod listeners;
 mod maps;
 mod redirect;
 mod sockops;
@@ -79,6 +80,16 @@ pub fn mesh_sockops_px(ctx: SockOpsContext) -> u32 {
 pub fn mesh_msg_redir(ctx: SkMsgContext) -> u32 {
     redirect::handle(&ctx);
     redirect::PASS
+}
+
+/// iter/task_file, run once at start-up: records listeners that predate the proxy
+/// (`listeners.rs`). aya-ebpf 0.2 has no macro for iterators; this is what its `fentry`
+/// macro expands to, with the section aya's loader reads as an iterator.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn mesh_listeners(ctx: *mut core::ffi::c_void) -> i32 {
+    listeners::visit(ctx);
+    0
 }
 
 #[cfg(not(test))]

@@ -64,7 +64,8 @@ pub static MESH_EXPECT: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(
 /// written by the workload's sock_ops on TCP_LISTEN, read on PASSIVE_ESTABLISHED (the
 /// accepted socket has no file yet, so the server is judged by its listener's mode), removed
 /// by the listener's own close callback. LRU ages out the rest. Listeners that called
-/// `listen()` before the proxy attached are not here: their servers are registered.
+/// `listen()` before the proxy attached are written by the start-up scan (`listeners.rs`,
+/// never over an entry of TCP_LISTEN), and stay after they close until replaced or aged out.
 #[map]
 pub static MESH_LISTEN: LruHashMap<ListenKey, u64> = LruHashMap::with_max_entries(16384, 0);
 

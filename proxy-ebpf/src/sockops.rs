@@ -150,8 +150,10 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             if carried_early_data(ctx, op) {
                 return;
             }
-            // The listener's mode now: the accepted socket has no file yet. A listener that
-            // listened before the proxy attached is unknown, and its server registered.
+            // The listener's mode now: the accepted socket has no file yet. One that
+            // listened before the proxy attached was recorded by the start-up scan
+            // (listeners.rs); one missing altogether (a failed scan) leaves its server
+            // registered.
             // SAFETY: the value is copied out at once.
             let listener = unsafe { MESH_LISTEN.get(listen_key(&key)) }.copied();
             let blocking = listener.is_some_and(|sk| is_blocking(cfg, sk));

@@ -53,8 +53,27 @@ impl Pair {
         })
     }
 
+    /// Like `new` (without RPS), but the server (these meshtest arguments) starts listening
+    /// before the proxy attaches its programs.
+    fn with_server_first(opts: &ProxyOptions, server: &[String]) -> Result<Pair> {
+        let mut node = Node::new(&Binaries::locate(Path::new(env!(
+            "CARGO_BIN_EXE_meshtest"
+        )))?)?;
+        let client = node.add_pod("client")?;
+        let server_pod = node.add_pod("server")?;
+        let mut p = Pair {
+            node,
+            client,
+            server_pod,
+            server: None,
+        };
+        p.serve(server)?;
+        p.node.start_proxy(opts)?;
+        Ok(p)
+    }
+
     /// (Re)starts the server with these meshtest arguments (`--listen` is added).
-    fn serve(&mut self, args: &[&str]) -> Result<()> {
+    fn serve(&mut self, args: &[impl AsRef<std::ffi::OsStr>]) -> Result<()> {
         self.server = None;
         let mut cmd = self.server_pod.command(&self.node.bins.meshtest);
         cmd.args(args).args(["--listen", &format!("[::]:{PORT}")]);
@@ -347,6 +366,32 @@ struct Load {
 }
 
 fn order_load(p: &mut Pair, load: &Load) -> Result<()> {
+    p.serve(&order_server(load))?;
+    order_clients(p, load)
+}
+
+/// meshtest arguments of the server side of `load`.
+fn order_server(load: &Load) -> Vec<String> {
+    let mut server: Vec<String> = [
+        "order-serve",
+        "--bytes",
+        &load.bytes.to_string(),
+        "--read-delay-ms",
+        &load.delay_ms.to_string(),
+        "--io",
+        load.io,
+    ]
+    .map(String::from)
+    .into();
+    if load.tfo {
+        server.push("--tfo".into());
+    }
+    server
+}
+
+/// Runs the client side of `load` against the server already there, and checks every
+/// connection the server saw.
+fn order_clients(p: &Pair, load: &Load) -> Result<()> {
     let Load {
         connections,
         concurrency,
@@ -361,19 +406,6 @@ fn order_load(p: &mut Pair, load: &Load) -> Result<()> {
         bytes.to_string(),
         max_write.to_string(),
     );
-    let mut server = vec![
-        "order-serve",
-        "--bytes",
-        &bytes,
-        "--read-delay-ms",
-        &delay,
-        "--io",
-        io,
-    ];
-    if tfo {
-        server.push("--tfo");
-    }
-    p.serve(&server)?;
     let (n, c) = (connections.to_string(), concurrency.to_string());
     let mut client = vec![
         "order",
@@ -662,6 +694,48 @@ fn blocking_programs_stay_off_the_short_circuit_and_never_get_a_spurious_eagain(
         exported >= skipped as f64,
         "the admin metrics show {exported} blocking sockets kept off, the kernel counted at least {skipped}"
     );
+    Ok(())
+}
+
+/// A program that called `listen()` before the proxy attached sock_ops never ran the
+/// TCP_LISTEN callback that records its listener; the proxy's start-up scan
+/// (`mesh_listeners`, an iterator over the node's open files) finds it instead. So a blocking
+/// server that predates the proxy stays off the short-circuit like a later one (without the
+/// scan its sockets were registered, and a blocking reader there can get the kernel's
+/// spurious EAGAIN), and an event-driven one is registered.
+#[test]
+fn listeners_that_predate_the_proxy_are_judged_like_later_ones() -> Result<()> {
+    require!();
+    const CONNECTIONS: u32 = 50;
+    for io in ["blocking", "poll"] {
+        let load = Load {
+            io,
+            ..blocking_full_duplex(CONNECTIONS)
+        };
+        let p = Pair::with_server_first(&ProxyOptions::default(), &order_server(&load))?;
+        let (inserted, skipped) = (
+            p.counter("sockhash_inserted")?,
+            p.counter("sockhash_skipped_blocking")?,
+        );
+        order_clients(&p, &load).with_context(|| format!("--io {io}"))?;
+        let added = p.counter("sockhash_inserted")? - inserted;
+        let skipped = p.counter("sockhash_skipped_blocking")? - skipped;
+        println!("--io {io}: {skipped} workload sockets kept off as blocking, {added} registered");
+        let n = u64::from(CONNECTIONS);
+        if io == "blocking" {
+            ensure!(
+                skipped == 2 * n && added <= n,
+                "{skipped} sockets kept off as blocking and {added} registered for {n} connections of blocking programs whose server listened before the proxy started; expected {} kept off (client and server) and at most {n} registered (the proxy's upstream sockets)",
+                2 * n
+            );
+        } else {
+            ensure!(
+                skipped == 0 && added == 4 * n,
+                "{skipped} sockets kept off as blocking and {added} registered for {n} connections of event-driven programs whose server listened before the proxy started; expected none kept off and {} registered",
+                4 * n
+            );
+        }
+    }
     Ok(())
 }
 

@@ -37,6 +37,15 @@ pub struct KernelOffsets {
     pub sock_socket: u32,
     pub socket_file: u32,
     pub file_flags: u32,
+    /// Byte offsets of `struct socket::sk`, `struct sock::sk_protocol`, and of
+    /// `skc_state`, `skc_num`, `skc_net` in `struct sock` (its `__sk_common`) and
+    /// `struct net::net_cookie`: the start-up listener scan's key of a listener.
+    pub socket_sk: u32,
+    pub sock_protocol: u32,
+    pub skc_state: u32,
+    pub skc_num: u32,
+    pub skc_net: u32,
+    pub net_cookie: u32,
 }
 
 impl KernelOffsets {
@@ -118,17 +127,28 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         psock_msg_tot_len,
         tcp_write_seq: btf.offset("tcp_sock", "write_seq")?,
         tcp_copied_seq: btf.offset("tcp_sock", "copied_seq")?,
-        sock_prot: btf
-            .offset("sock", "__sk_common")?
-            .checked_add(btf.offset("sock_common", "skc_prot")?)
-            .ok_or(Malformed("sock_common offset overflows"))?,
+        sock_prot: common(&btf, "skc_prot")?,
         proto_memory_allocated: btf.offset("proto", "memory_allocated")?,
         proto_sysctl_mem: btf.offset("proto", "sysctl_mem")?,
         sk_msg_size: btf.struct_size("sk_msg")?,
         sock_socket: btf.offset("sock", "sk_socket")?,
         socket_file: btf.offset("socket", "file")?,
         file_flags: btf.offset("file", "f_flags")?,
+        socket_sk: btf.offset("socket", "sk")?,
+        sock_protocol: btf.offset("sock", "sk_protocol")?,
+        skc_state: common(&btf, "skc_state")?,
+        skc_num: common(&btf, "skc_num")?,
+        // possible_net_t's only member, `net`, is at its start.
+        skc_net: common(&btf, "skc_net")?,
+        net_cookie: btf.offset("net", "net_cookie")?,
     })
+}
+
+/// Byte offset in `struct sock` of `member` of its `struct sock_common`.
+fn common(btf: &Btf<'_>, member: &str) -> Result<u32, BtfError> {
+    btf.offset("sock", "__sk_common")?
+        .checked_add(btf.offset("sock_common", member)?)
+        .ok_or(Malformed("sock_common offset overflows"))
 }
 
 // === impl Btf ===
@@ -624,6 +644,18 @@ mod tests {
         for off in [k.sock_socket, k.socket_file, k.file_flags] {
             assert!(off > 0 && off < 1024, "{k:?}");
         }
+        // struct sock_common opens struct sock: its state, port and namespace come first
+        // (skc_state at 18 and skc_num at 14 on every x86-64 layout so far), then the rest
+        // of struct sock; sk comes after socket's state, type and flags.
+        for off in [k.skc_state, k.skc_num, k.skc_net] {
+            assert!(off > 0 && off < 136, "{k:?}");
+        }
+        assert!(
+            k.sock_protocol > k.skc_net && k.sock_protocol < 1024,
+            "{k:?}"
+        );
+        assert!(k.socket_sk > 0 && k.socket_sk < 128, "{k:?}");
+        assert!(k.net_cookie > 0 && k.net_cookie < 16384, "{k:?}");
         // A struct sk_msg holds MAX_MSG_FRAGS + 2 scatterlist entries: hundreds of bytes.
         assert!((256..4096).contains(&k.sk_msg_size), "{k:?}");
         assert!(k.msg_cost() >= k.sk_msg_size, "{k:?}");

@@ -23,7 +23,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, Iter, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -258,6 +258,10 @@ impl Datapath {
             })?;
         }
 
+        if cfg.sockmap {
+            load_listener_scan(&mut ebpf, Some(pins))?;
+        }
+
         let workload_cg = open_cgroup(plan.workload_cgroup)?;
         let proxy_cg = open_cgroup(plan.proxy_cgroup)?;
 
@@ -279,6 +283,11 @@ impl Datapath {
         }
         attach_sock_ops(&mut ebpf, program::SOCKOPS_PROXY, &proxy_cg)?;
         attach_sock_ops(&mut ebpf, program::SOCKOPS_WORKLOAD, &workload_cg)?;
+        if cfg.sockmap {
+            // After sock_ops: a listener is then seen by its TCP_LISTEN callback, by this
+            // scan, or by both (the callback's entry wins), never by neither.
+            scan_listeners(&mut ebpf);
+        }
         let mut connect_links = Vec::new();
         for name in [program::CONNECT4, program::CONNECT6] {
             let p: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
@@ -740,6 +749,12 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
         off_sock_socket: k.sock_socket,
         off_socket_file: k.socket_file,
         off_file_flags: k.file_flags,
+        off_socket_sk: k.socket_sk,
+        off_sock_protocol: k.sock_protocol,
+        off_skc_state: k.skc_state,
+        off_skc_num: k.skc_num,
+        off_skc_net: k.skc_net,
+        off_net_cookie: k.net_cookie,
     };
     {
         let m = ebpf
@@ -825,6 +840,49 @@ fn load_sock_ops(ebpf: &mut Ebpf, name: &'static str, pins: &PinDir) -> Result<(
     })
 }
 
+/// Loads the start-up listener scan (an iter/task_file program; `proxy-ebpf/src/listeners.rs`),
+/// and pins it if `pins` is given. A tracing program needs the running kernel's BTF to load.
+fn load_listener_scan(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(), EbpfError> {
+    let name = program::LISTENERS;
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| prog_err(name, "read the kernel's BTF for")(e.into()))?;
+    let p: &mut Iter = program_mut(ebpf, name)?;
+    p.load("task_file", &btf).map_err(prog_err(name, "load"))?;
+    if let Some(pins) = pins {
+        let path = pins.prog_path(name);
+        p.pin(&path).map_err(|source| EbpfError::Pin {
+            path,
+            source: Box::new(source),
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs the listener scan once: records the TCP listeners that called `listen()` before
+/// sock_ops was attached, so their blocking servers stay off the short-circuit like those of
+/// later listeners. Reading the iterator to its end is what runs the program over every open
+/// file on the node. A failure is logged, not fatal: those servers are then registered
+/// whatever their mode, as before the scan existed.
+fn scan_listeners(ebpf: &mut Ebpf) {
+    match run_listener_scan(ebpf) {
+        Ok(_) => info!("scanned the node's open files for listeners that predate the proxy"),
+        Err(e) => warn!(
+            error = %e,
+            "could not scan for listeners that predate the proxy: servers of those listeners \
+             are registered on the short-circuit whether or not they are blocking; restart \
+             blocking servers, or keep their ports off with --sockmap-exclude-port"
+        ),
+    }
+}
+
+fn run_listener_scan(ebpf: &mut Ebpf) -> Result<u64, String> {
+    let p: &mut Iter = program_mut(ebpf, program::LISTENERS).map_err(|e| e.to_string())?;
+    let id = p.attach().map_err(|e| chain(&e))?;
+    let link = p.take_link(id).map_err(|e| chain(&e))?;
+    let mut file = link.into_file().map_err(|e| chain(&e))?;
+    std::io::copy(&mut file, &mut std::io::sink()).map_err(|e| e.to_string())
+}
+
 fn attach_sock_ops(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<(), EbpfError> {
     let p: &mut SockOps = program_mut(ebpf, name)?;
     p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
@@ -897,6 +955,7 @@ pub fn verify_loadable() -> Result<usize, EbpfError> {
     }
     let p: &mut SkMsg = program_mut(&mut ebpf, program::MSG_REDIRECT)?;
     p.load().map_err(prog_err(program::MSG_REDIRECT, "load"))?;
+    load_listener_scan(&mut ebpf, None)?;
     Ok(program::ALL.len())
 }
 
