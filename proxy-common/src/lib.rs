@@ -564,6 +564,7 @@ mod pod {
         unsafe impl aya::Pod for SockKey {}
         unsafe impl aya::Pod for Flow {}
         unsafe impl aya::Pod for Splice {}
+        unsafe impl aya::Pod for ListenKey {}
     }
 }
 

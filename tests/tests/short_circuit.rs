@@ -724,6 +724,18 @@ fn listeners_that_predate_the_proxy_are_judged_like_later_ones() -> Result<()> {
                 p.node.stop_proxy("TERM")?;
                 p.node.start_proxy(&opts)?;
             }
+            // The proxy says how many listeners it knows after the scan: at least the server's.
+            let log = p.node.proxy_log_text();
+            let known = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("TCP listeners now known"))
+                .and_then(|l| l.split("listeners=").nth(1))
+                .and_then(|n| n.trim().parse::<u64>().ok());
+            ensure!(
+                known.is_some_and(|n| n >= 1),
+                "{round}: the proxy did not log the listeners its start-up scan found (or found none): {known:?}"
+            );
             let (inserted, skipped) = (
                 p.counter("sockhash_inserted")?,
                 p.counter("sockhash_skipped_blocking")?,

@@ -29,7 +29,7 @@ use aya::{
 };
 use proxy_common::{
     AF_INET, AF_INET6, FLAG_KERNEL_LOG, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, FLAG_WORKLOADS_ONLY,
-    Flow, OrigDst, OrigKey, SockKey, Splice, counter, map, program,
+    Flow, ListenKey, OrigDst, OrigKey, SockKey, Splice, counter, map, program,
 };
 use tracing::{info, warn};
 
@@ -592,6 +592,7 @@ pub fn inspect(pin_dir: &Path) -> Result<serde_json::Value, EbpfError> {
         {"name": map::PEERS, "entries": count_keys::<SockKey, SockKey>(pin_dir, map::PEERS, aya::maps::Map::LruHashMap)},
         {"name": map::FLOWS, "entries": count_keys::<SockKey, Flow>(pin_dir, map::FLOWS, aya::maps::Map::HashMap)},
         {"name": map::ORIG_DST, "entries": count_keys::<OrigKey, OrigDst>(pin_dir, map::ORIG_DST, aya::maps::Map::LruHashMap)},
+        {"name": map::LISTEN, "entries": count_keys::<ListenKey, u64>(pin_dir, map::LISTEN, aya::maps::Map::LruHashMap)},
     ]);
     let values = read_pinned_counters(pin_dir)?;
     let counters: serde_json::Map<String, serde_json::Value> = counter::NAMES
@@ -865,7 +866,16 @@ fn load_listener_scan(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(), Ebpf
 /// whatever their mode, as before the scan existed.
 fn scan_listeners(ebpf: &mut Ebpf) {
     match run_listener_scan(ebpf) {
-        Ok(_) => info!("scanned the node's open files for listeners that predate the proxy"),
+        Ok(_) => {
+            let listeners = ebpf
+                .map(map::LISTEN)
+                .and_then(|m| HashMap::<_, ListenKey, u64>::try_from(m).ok())
+                .map(|m| m.keys().count());
+            info!(
+                listeners,
+                "scanned the node's open files: TCP listeners now known (including those that predate the proxy)"
+            );
+        }
         Err(e) => warn!(
             error = %e,
             "could not scan for listeners that predate the proxy: servers of those listeners \
