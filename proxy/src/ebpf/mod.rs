@@ -865,6 +865,15 @@ fn load_listener_scan(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(), Ebpf
 /// file on the node. A failure is logged, not fatal: those servers are then registered
 /// whatever their mode, as before the scan existed.
 fn scan_listeners(ebpf: &mut Ebpf) {
+    if in_host_pid_namespace() == Some(false) {
+        warn!(
+            "the start-up scan for listeners that predate the proxy sees only the processes of \
+             the proxy's own PID namespace (a task_file iterator walks the namespace of its \
+             creator): workloads' listeners older than the proxy go unseen, and their blocking \
+             servers may get a spurious EAGAIN on the short-circuit; run the proxy in the host's \
+             PID namespace (Kubernetes: hostPID: true, as deploy/ does)"
+        );
+    }
     match run_listener_scan(ebpf) {
         Ok(_) => {
             let listeners = ebpf
@@ -883,6 +892,17 @@ fn scan_listeners(ebpf: &mut Ebpf) {
              blocking servers, or keep their ports off with --sockmap-exclude-port"
         ),
     }
+}
+
+/// The initial PID namespace's inode number (`PROC_PID_INIT_INO`, include/linux/proc_ns.h),
+/// which `/proc/self/ns/pid` shows in the host's namespace.
+const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
+
+/// Whether this process runs in the host's PID namespace; `None` if /proc cannot tell.
+fn in_host_pid_namespace() -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    Some(ns.ino() == INIT_PID_NS_INO)
 }
 
 fn run_listener_scan(ebpf: &mut Ebpf) -> Result<u64, String> {
@@ -972,6 +992,12 @@ pub fn verify_loadable() -> Result<usize, EbpfError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tests run on the host, so /proc/self/ns/pid is the initial namespace's.
+    #[test]
+    fn the_host_pid_namespace_is_recognised() {
+        assert_eq!(in_host_pid_namespace(), Some(true));
+    }
 
     #[test]
     fn orig_key_matches_kernel_layout() {
