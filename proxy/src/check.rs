@@ -54,6 +54,9 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
             ),
             Err(e) => fail("eBPF programs", e.to_string()),
         });
+        if cfg.sockmap {
+            out.push(pid_namespace());
+        }
         if cfg.needs_kernel_offsets() {
             out.push(
                 match ebpf::btf::kernel_offsets(Path::new(ebpf::btf::VMLINUX)) {
@@ -235,6 +238,26 @@ fn other_programs(workload_cgroup: &Path, pin_dir: &Path) -> Finding {
                 conflicts.join(", ")
             ),
         )
+    }
+}
+
+/// With the short-circuit on, the start-up scan for listeners older than the proxy walks the
+/// processes of the proxy's PID namespace: only the host's holds the workloads'.
+fn pid_namespace() -> Finding {
+    const WHAT: &str = "PID namespace";
+    match ebpf::in_host_pid_namespace() {
+        Some(true) => pass(
+            WHAT,
+            "the host's: the start-up listener scan sees every workload's listeners",
+        ),
+        Some(false) => fail(
+            WHAT,
+            "the proxy runs in a PID namespace of its own, so its start-up scan cannot see the workloads' listeners that predate it, and their blocking servers may get a spurious EAGAIN on the short-circuit; run it in the host's PID namespace (Kubernetes: hostPID: true, as deploy/ does), or turn the short-circuit off",
+        ),
+        None => fail(
+            WHAT,
+            "cannot read /proc/self/ns/pid; mount /proc, or turn the short-circuit off",
+        ),
     }
 }
 

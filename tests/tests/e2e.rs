@@ -693,6 +693,22 @@ fn check_and_config_errors() -> Result<()> {
         text.contains("programs accepted by this kernel's verifier"),
         "{text}"
     );
+    // With the short-circuit on, the start-up listener scan needs the host's PID namespace:
+    // in a namespace of its own (as a pod without hostPID), check says so and names the fix.
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork"])
+        .arg(&b.proxy)
+        .args(["check", "--redirect-ipv4", "10.0.0.1", "--sockmap", "on"])
+        .output()
+        .context("running unshare (util-linux)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !out.status.success()
+            && text.contains("[FAIL] PID namespace")
+            && text.contains("hostPID: true"),
+        "proxy check in a PID namespace of its own: {}\n{text}",
+        out.status
+    );
     let out = Command::new(&b.proxy)
         .args(["run", "--redirect-ipv4", "10.0.0.300"])
         .output()?;

@@ -899,7 +899,7 @@ fn scan_listeners(ebpf: &mut Ebpf) {
 const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
 
 /// Whether this process runs in the host's PID namespace; `None` if /proc cannot tell.
-fn in_host_pid_namespace() -> Option<bool> {
+pub fn in_host_pid_namespace() -> Option<bool> {
     use std::os::unix::fs::MetadataExt as _;
     let ns = std::fs::metadata("/proc/self/ns/pid").ok()?;
     Some(ns.ino() == INIT_PID_NS_INO)
