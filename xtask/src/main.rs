@@ -112,6 +112,12 @@ enum Command {
         /// Repetitions per figure (median, min and max are reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// TCP congestion control in the bench's network namespaces (node and pods), e.g.
+        /// cubic or bbr; by default what new namespaces inherit from the host
+        /// (net.ipv4.tcp_congestion_control). Recorded in the results either way: figures at
+        /// many concurrent streams depend on it (README, "Bench").
+        #[arg(long, value_name = "NAME")]
+        tcp_congestion: Option<String>,
     },
 }
 
@@ -128,7 +134,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Clean => clean::run(),
-        Command::Bench { quick, reps } => bench::run(bench::Options { quick, reps }).map(|_| ()),
+        Command::Bench {
+            quick,
+            reps,
+            tcp_congestion,
+        } => bench::run(bench::Options {
+            quick,
+            reps,
+            tcp_congestion,
+        })
+        .map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

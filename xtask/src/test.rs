@@ -136,6 +136,7 @@ fn run_steps(summary: &mut Summary, extra: &[String]) -> Result<()> {
             let dir = crate::bench::run(crate::bench::Options {
                 quick: true,
                 reps: 1,
+                tcp_congestion: None,
             })?;
             crate::bench::validate(&dir)
         })?;

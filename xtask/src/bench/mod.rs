@@ -43,10 +43,12 @@ const HAPROXY_BASE: u16 = 10000;
 const PINNED_PINGPONG_SIZES: &[u64] = &[1, 64, 1024, 16384, 65536, 1 << 20];
 const NGINX_BASE: u16 = 20000;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     pub quick: bool,
     pub reps: usize,
+    /// The congestion control to set in every namespace the bench creates; `None`: inherited.
+    pub tcp_congestion: Option<String>,
 }
 
 /// How big each workload is.
@@ -136,7 +138,17 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
     let sizes = if opts.quick { &QUICK } else { &FULL };
     let reps = if opts.quick { 1 } else { opts.reps.max(1) };
 
-    let mut bench = Bench::new(&bins, &meshbench, sizes, reps)?;
+    let mut bench = Bench::new(
+        &bins,
+        &meshbench,
+        sizes,
+        reps,
+        opts.tcp_congestion.as_deref(),
+    )?;
+    let congestion = bench.congestion_control()?;
+    say(&format!(
+        "TCP congestion control in the bench's namespaces: {congestion}"
+    ));
     let mut samples = Vec::new();
     let mut traces = Vec::new();
     for scenario in SCENARIOS {
@@ -147,7 +159,7 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
         samples.extend(s);
         traces.push(t);
     }
-    let machine = report::machine_info(&bins.proxy);
+    let machine = report::machine_info(&bins.proxy, &congestion);
     fs::create_dir_all(&dir)?;
     report::write_all(
         &dir,
@@ -409,16 +421,84 @@ struct Bench<'a> {
     _origin: Managed,
 }
 
+/// Sets `net.ipv4.tcp_congestion_control` to `cc` in each of `namespaces`, loading its module
+/// if the kernel has it but has not loaded it yet.
+fn set_congestion_control(namespaces: &[&str], cc: &str) -> Result<()> {
+    let available = || {
+        fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    if !available().split_whitespace().any(|a| a == cc) {
+        // Best effort: the check below says what is wrong if this did not help.
+        let _ = std::process::Command::new("modprobe")
+            .arg(format!("tcp_{cc}"))
+            .output();
+    }
+    let now = available();
+    if !now.split_whitespace().any(|a| a == cc) {
+        bail!(
+            "--tcp-congestion {cc}: this kernel has no such congestion control (available: {now}); pick one of those, or load its module (modprobe tcp_{cc})"
+        );
+    }
+    for ns in namespaces {
+        sh::run(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.tcp_congestion_control={cc}"),
+        ]))
+        .with_context(|| format!("setting the congestion control in namespace {ns}"))?;
+    }
+    Ok(())
+}
+
 impl<'a> Bench<'a> {
+    /// The congestion control the bench's TCP sockets use: its namespaces' setting, which
+    /// must be the same in all of them.
+    fn congestion_control(&self) -> Result<String> {
+        let mut seen = Vec::new();
+        for ns in [&self.node.netns, &self.client.netns, &self.server.netns] {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "sysctl",
+                    "-n",
+                    "net.ipv4.tcp_congestion_control",
+                ])
+                .output()
+                .with_context(|| format!("reading the congestion control of namespace {ns}"))?;
+            seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        seen.dedup();
+        match seen.as_slice() {
+            [one] if !one.is_empty() => Ok(one.clone()),
+            _ => bail!(
+                "the bench's namespaces disagree on (or could not report) their TCP congestion control: {seen:?}; pass --tcp-congestion NAME to set it in all of them"
+            ),
+        }
+    }
+
     fn new(
         bins: &Binaries,
         meshbench: &'a Path,
         sizes: &'a Sizes,
         reps: usize,
+        congestion: Option<&str>,
     ) -> Result<Bench<'a>> {
         let mut node = Node::new(bins)?;
         let client = node.add_pod("client")?;
         let server = node.add_pod("server")?;
+        // Before any socket exists: a socket takes its namespace's setting when it is made
+        // (an accepted one when the connection arrives).
+        if let Some(cc) = congestion {
+            set_congestion_control(&[&node.netns, &client.netns, &server.netns], cc)?;
+        }
         let mut servers = Vec::new();
         for (port, cpus) in [(TCP_PINNED, Some(PIN_CPU)), (TCP_UNPINNED, None)] {
             let mut cmd = match cpus {

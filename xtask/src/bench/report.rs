@@ -429,7 +429,7 @@ pub fn timestamp(_now: SystemTime) -> String {
 }
 
 /// Kernel, CPUs and the versions of everything measured.
-pub fn machine_info(proxy: &Path) -> Value {
+pub fn machine_info(proxy: &Path, congestion: &str) -> Value {
     let run = |cmd: &str, args: &[&str]| -> String {
         Command::new(cmd)
             .args(args)
@@ -454,6 +454,7 @@ pub fn machine_info(proxy: &Path) -> Value {
         "kernel": run("uname", &["-r"]),
         "cpus": run("nproc", &[]),
         "cpu_model": cpu,
+        "tcp_congestion_control": congestion,
         "rustc": run("rustc", &["--version"]),
         "proxy": run(&proxy.display().to_string(), &["--version"]),
         "haproxy": run("haproxy", &["-v"]),
@@ -537,10 +538,11 @@ pub fn write_all(dir: &Path, run: &Run<'_>) -> Result<()> {
     let _ = writeln!(md, "# Bench {stamp}\n");
     let _ = writeln!(
         md,
-        "Machine: kernel {}, {} CPUs ({}); {}; {}; {}; {}; {}.\n",
+        "Machine: kernel {}, {} CPUs ({}), TCP congestion control {}; {}; {}; {}; {}; {}.\n",
         machine["kernel"].as_str().unwrap_or("?"),
         machine["cpus"].as_str().unwrap_or("?"),
         machine["cpu_model"].as_str().unwrap_or("?"),
+        machine["tcp_congestion_control"].as_str().unwrap_or("?"),
         machine["rustc"].as_str().unwrap_or("?"),
         machine["haproxy"].as_str().unwrap_or("?"),
         machine["nginx"].as_str().unwrap_or("?"),
