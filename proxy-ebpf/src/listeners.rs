@@ -20,13 +20,13 @@ use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, file},
-    helpers::{bpf_probe_read_kernel, bpf_sock_from_file},
+    helpers::bpf_sock_from_file,
 };
 use proxy_common::{FLAG_SOCKMAP, ListenKey};
 
 use crate::{
     maps::{MESH_LISTEN, config},
-    redirect::read_kernel,
+    redirect::{kernel_address, read_kernel},
 };
 
 /// `sk_protocol` of a TCP socket, and `skc_state` of a listening one (include/net/tcp_states.h).
@@ -55,14 +55,9 @@ pub fn visit(ctx: *mut c_void) {
     if socket.is_null() {
         return; // not a socket
     }
-    // The verifier allows no variable offsets on a typed kernel pointer: copy its value into
-    // a plain number, which probe reads accept with any offset.
-    let socket = socket as u64;
-    // SAFETY: the source is a live local; the helper copies its 8 bytes.
-    let Ok(socket) = (unsafe { bpf_probe_read_kernel(core::ptr::from_ref(&socket)) }) else {
-        return;
-    };
-    let Some(sk) = read_kernel::<u64>(socket, cfg.off_socket_sk) else {
+    // The verifier allows no variable offsets on a typed kernel pointer: probe reads from a
+    // plain number accept any.
+    let Some(sk) = read_kernel::<u64>(kernel_address(socket), cfg.off_socket_sk) else {
         return;
     };
     if read_kernel::<u16>(sk, cfg.off_sock_protocol) != Some(IPPROTO_TCP)

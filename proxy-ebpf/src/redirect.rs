@@ -368,6 +368,17 @@ pub(crate) fn read_kernel<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(u64::from(offset)) as *const T) }.ok()
 }
 
+/// A typed kernel pointer's value as a plain number, for `read_kernel` and for map values.
+/// The verifier forbids arithmetic on (and storing into maps of) a pointer it has typed (a
+/// socket, a `struct socket`); copying the pointer's own stack slot through
+/// `bpf_probe_read_kernel` yields the same address, untyped. 0 if the copy fails.
+#[inline(always)]
+pub(crate) fn kernel_address<T>(ptr: *const T) -> u64 {
+    let raw = ptr as u64;
+    // SAFETY: the source is a live local; the helper copies its 8 bytes.
+    unsafe { bpf_probe_read_kernel(core::ptr::from_ref(&raw)) }.unwrap_or(0)
+}
+
 /// The memory rules every redirect obeys, on either path: what the receiver's queue would
 /// hold with this message (`cost`, from `queued_cost`) may not pass `limit` (backpressure;
 /// `Config::queue_limit`, half of it for direct writes), and the machine's TCP memory must

@@ -34,7 +34,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
         BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock_ops,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_probe_read_kernel},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
 use proxy_common::{
@@ -46,7 +46,7 @@ use crate::maps::{
     MESH_DIRECT, MESH_EXPECT, MESH_FLOWS, MESH_LISTEN, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS,
     MESH_SOCKS, MESH_SPLICE, config, count,
 };
-use crate::redirect::read_kernel;
+use crate::redirect::{kernel_address, read_kernel};
 
 /// Which cgroup the program is attached to.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -126,13 +126,14 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
                 count(counter::ORIG_DST_RECORDED, 1);
             }
             // orig.port: the port the workload asked for (a service's, or its server's).
+            let sk = socket_address(ctx);
             if sockmap
                 && !cfg.sockmap_excluded(orig.port)
                 && !carried_early_data(ctx, op)
-                && !kept_off_as_blocking(cfg, is_blocking(cfg, socket_address(ctx)))
+                && !kept_off_as_blocking(cfg, is_blocking(cfg, sk))
             {
                 let peer = key.reversed_in(cfg.proxy_netns);
-                if register(ctx, key, side) {
+                if register(ctx, key, side, sk) {
                     let _ = MESH_PEERS.insert(key, peer, 0);
                     let _ = MESH_PEERS.insert(peer, key, 0);
                 }
@@ -163,7 +164,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
                 return;
             }
             let peer = key.reversed_in(cfg.proxy_netns);
-            if register(ctx, key, side) {
+            if register(ctx, key, side, socket_address(ctx)) {
                 let _ = MESH_PEERS.insert(key, peer, 0);
                 let _ = MESH_PEERS.insert(peer, key, 0);
             }
@@ -174,7 +175,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             if !sockmap || cfg.sockmap_excluded(key.remote_port) || carried_early_data(ctx, op) {
                 return;
             }
-            if register(ctx, key, side) {
+            if register(ctx, key, side, socket_address(ctx)) {
                 let _ = MESH_EXPECT.insert(key.reversed_in(0), EXPECTED, 0);
             }
         }
@@ -189,16 +190,17 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             if unsafe { MESH_PEERS.get(key) }.is_none() {
                 return;
             }
-            register(ctx, key, side);
+            register(ctx, key, side, socket_address(ctx));
         }
     }
 }
 
-/// Inserts the socket into MESH_SOCKS with a fresh MESH_FLOWS entry (redirecting, nothing
-/// sent). A failure (either map full) is counted and leaves the connection on the TCP path:
-/// the peer's sk_msg finds no entry and passes, and so does this socket's without a flow.
+/// Inserts the socket (kernel address `sk`, from `socket_address`) into MESH_SOCKS with a
+/// fresh MESH_FLOWS entry (redirecting, nothing sent). A failure (either map full) is counted
+/// and leaves the connection on the TCP path: the peer's sk_msg finds no entry and passes, and
+/// so does this socket's without a flow.
 #[inline(always)]
-fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side) -> bool {
+fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64) -> bool {
     // Overwrites what a closed socket with the same 4-tuple may have left (its close
     // callback normally removes it).
     // SAFETY: ctx.ops is the context pointer; snd_nxt is a readable field in sock_ops. At
@@ -206,7 +208,7 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side) -> bool {
     // it is where write_seq starts.
     let seq0 = unsafe { read_volatile(&(*ctx.ops).snd_nxt) };
     let flow = Flow {
-        sk: socket_address(ctx),
+        sk,
         proxy: u32::from(side == Side::Proxy),
         seq0,
         ..Flow::default()
@@ -235,8 +237,6 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side) -> bool {
 }
 
 /// The kernel address of the socket (`ctx->sk`) as a plain number, 0 if unavailable.
-/// The verifier forbids arithmetic on (and storing into maps of) a socket pointer; reading the
-/// pointer's own stack slot back through bpf_probe_read_kernel yields its value as a number.
 #[inline(always)]
 fn socket_address(ctx: &SockOpsContext) -> u64 {
     // SAFETY: ctx.ops is the context pointer; `sk` is a readable 8-byte field in sock_ops.
@@ -244,8 +244,7 @@ fn socket_address(ctx: &SockOpsContext) -> u64 {
     if sk.is_null() {
         return 0;
     }
-    // SAFETY: the source is a live local; the helper copies its 8 bytes.
-    unsafe { bpf_probe_read_kernel(core::ptr::from_ref(&sk).cast::<u64>()) }.unwrap_or(0)
+    kernel_address(sk)
 }
 
 /// True if the socket at kernel address `sk` has a file without `O_NONBLOCK`

@@ -250,10 +250,7 @@ fn pid_namespace() -> Finding {
             WHAT,
             "the host's: the start-up listener scan sees every workload's listeners",
         ),
-        Some(false) => fail(
-            WHAT,
-            "the proxy runs in a PID namespace of its own, so its start-up scan cannot see the workloads' listeners that predate it, and their blocking servers may get a spurious EAGAIN on the short-circuit; run it in the host's PID namespace (Kubernetes: hostPID: true, as deploy/ does), or turn the short-circuit off",
-        ),
+        Some(false) => fail(WHAT, ebpf::OWN_PID_NAMESPACE),
         None => fail(
             WHAT,
             "cannot read /proc/self/ns/pid; mount /proc, or turn the short-circuit off",

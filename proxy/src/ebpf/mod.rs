@@ -866,16 +866,10 @@ fn load_listener_scan(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(), Ebpf
 /// whatever their mode, as before the scan existed.
 fn scan_listeners(ebpf: &mut Ebpf) {
     if in_host_pid_namespace() == Some(false) {
-        warn!(
-            "the start-up scan for listeners that predate the proxy sees only the processes of \
-             the proxy's own PID namespace (a task_file iterator walks the namespace of its \
-             creator): workloads' listeners older than the proxy go unseen, and their blocking \
-             servers may get a spurious EAGAIN on the short-circuit; run the proxy in the host's \
-             PID namespace (Kubernetes: hostPID: true, as deploy/ does)"
-        );
+        warn!("{OWN_PID_NAMESPACE}");
     }
     match run_listener_scan(ebpf) {
-        Ok(_) => {
+        Ok(()) => {
             let listeners = ebpf
                 .map(map::LISTEN)
                 .and_then(|m| HashMap::<_, ListenKey, u64>::try_from(m).ok())
@@ -894,6 +888,15 @@ fn scan_listeners(ebpf: &mut Ebpf) {
     }
 }
 
+/// What a proxy in a PID namespace of its own misses, and the fix: said at start-up and by
+/// `proxy check`.
+pub const OWN_PID_NAMESPACE: &str = "the proxy runs in a PID namespace of its own, and its \
+    start-up scan for listeners that predate it walks only the processes of that namespace (a \
+    task_file iterator walks its creator's): workloads' listeners older than the proxy go \
+    unseen, and their blocking servers may get a spurious EAGAIN on the short-circuit; run the \
+    proxy in the host's PID namespace (Kubernetes: hostPID: true, as deploy/ does), or turn the \
+    short-circuit off";
+
 /// The initial PID namespace's inode number (`PROC_PID_INIT_INO`, include/linux/proc_ns.h),
 /// which `/proc/self/ns/pid` shows in the host's namespace.
 const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
@@ -905,12 +908,15 @@ pub fn in_host_pid_namespace() -> Option<bool> {
     Some(ns.ino() == INIT_PID_NS_INO)
 }
 
-fn run_listener_scan(ebpf: &mut Ebpf) -> Result<u64, String> {
+fn run_listener_scan(ebpf: &mut Ebpf) -> Result<(), String> {
     let p: &mut Iter = program_mut(ebpf, program::LISTENERS).map_err(|e| e.to_string())?;
     let id = p.attach().map_err(|e| chain(&e))?;
     let link = p.take_link(id).map_err(|e| chain(&e))?;
     let mut file = link.into_file().map_err(|e| chain(&e))?;
-    std::io::copy(&mut file, &mut std::io::sink()).map_err(|e| e.to_string())
+    // The program writes nothing: reading to the end is what makes it visit every file.
+    std::io::copy(&mut file, &mut std::io::sink())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 fn attach_sock_ops(ebpf: &mut Ebpf, name: &'static str, cgroup: &File) -> Result<(), EbpfError> {
