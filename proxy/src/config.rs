@@ -248,6 +248,7 @@ pub struct Overrides {
     pub sockmap_policy: Option<String>,
     pub sockmap_queue_limit: Option<u32>,
     pub sockmap_small_streak: Option<u32>,
+    pub sockmap_small_write: Option<u32>,
     pub kernel_path: Option<bool>,
     pub sockmap_exclude_ports: Vec<u16>,
     pub sockmap_blocking_sockets: Option<bool>,
@@ -1052,7 +1053,7 @@ impl Config {
                 .as_deref()
                 .or(intercept.sockmap_policy.as_deref()),
             o.sockmap_queue_limit.or(intercept.sockmap_queue_limit),
-            intercept.sockmap_small_write,
+            o.sockmap_small_write.or(intercept.sockmap_small_write),
             o.sockmap_small_streak.or(intercept.sockmap_small_streak),
         )?;
         if mode == Mode::Iptables && workloads_only {
@@ -1697,6 +1698,31 @@ mod tests {
         assert_eq!(c.port, 2000);
         assert!(!c.sockmap);
         assert_eq!(c.exclude_ports, vec![22]);
+        // The short-circuit's rule for small writes: flags win over the file, and an
+        // out-of-range flag is refused like the file's value.
+        let text = "[proxy]\nredirect_ipv4 = \"10.0.0.1\"\n[intercept]\nsockmap = true\nsockmap_small_write = 4096\nsockmap_small_streak = 8\n";
+        let flags = Overrides {
+            sockmap_small_write: Some(1024),
+            sockmap_small_streak: Some(16),
+            ..Overrides::default()
+        };
+        let c = Config::resolve(File::parse(Path::new("t.toml"), text)?, flags)?;
+        assert_eq!(
+            (c.short_circuit.small_write, c.short_circuit.small_streak),
+            (1024, 16)
+        );
+        let too_big = Overrides {
+            sockmap_small_write: Some(2 << 20),
+            ..Overrides::default()
+        };
+        let e = Config::resolve(File::parse(Path::new("t.toml"), text)?, too_big)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("sockmap_small_write") && e.contains("2097152"),
+            "{e}"
+        );
         Ok(())
     }
 

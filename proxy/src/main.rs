@@ -176,10 +176,14 @@ struct ConfigArgs {
     /// short-circuit for plain TCP (per hop) [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     sockmap_queue_limit: Option<u32>,
-    /// Small writes in a row (each finding the receiver with unread bytes) that move a
-    /// workload's direction to TCP; 0 never does [default: 0].
+    /// Small writes (below --sockmap-small-write) in a row, each finding the receiver with
+    /// unread bytes, that move a workload's direction to TCP; 0 never does [default: 0].
     #[arg(long, value_name = "N")]
     sockmap_small_streak: Option<u32>,
+    /// Writes below this size count as small for --sockmap-small-streak (up to 1048576)
+    /// [default: 16384].
+    #[arg(long, value_name = "BYTES")]
+    sockmap_small_write: Option<u32>,
     /// With --sockmap on: authorized same-node opaque TCP connections go workload to
     /// workload in the kernel once the proxy has relayed what it read, the proxy staying out
     /// of the data path (it still sees close and reset, counts the bytes and takes the
@@ -330,6 +334,7 @@ fn load_config(args: &ConfigArgs) -> Result<Config, config::ConfigError> {
             .map(|s| matches!(s, OnOff::On)),
         sockmap_queue_limit: args.sockmap_queue_limit,
         sockmap_small_streak: args.sockmap_small_streak,
+        sockmap_small_write: args.sockmap_small_write,
         sockmap_policy: args.sockmap_policy.map(|p| {
             match p {
                 PolicyArg::Adaptive => "adaptive",
