@@ -297,9 +297,10 @@ impl ShortCircuit {
     /// streams to TCP about four times as often for no gain in what a slow reader can pin.
     pub const DEFAULT_QUEUE_LIMIT: u32 = 4 << 20;
     pub const DEFAULT_SMALL_WRITE: u32 = 16 * 1024;
-    /// Off: through the proxy the short-circuit carries 64 B and 1 KiB streams faster than
-    /// TCP (the proxy, not the kernel, is the bottleneck; `cargo xtask bench`), unlike the
-    /// kernel-only measurement in ../shared/notes/sockmap-measured.md.
+    /// Off: through the proxy the short-circuit carries 64 B streams faster than TCP (x1.2 to
+    /// x1.9 at 1 and 10 streams under both cubic and bbr; the proxy, not the kernel, is the
+    /// bottleneck; `cargo xtask bench`), unlike the kernel-only measurement in
+    /// ../shared/notes/sockmap-measured.md.
     pub const DEFAULT_SMALL_STREAK: u32 = 0;
     /// A writer that met the limit twice outruns its reader for good: the proxy, sharing the
     /// CPUs with many such writers, cannot drain their queues as fast as they fill them, and
@@ -361,7 +362,7 @@ impl ShortCircuit {
                 "intercept.sockmap_small_write",
                 small_write,
                 "out of range 0..=1048576 bytes",
-                "the default 16384 is where the short-circuit and TCP break even for streams here",
+                "use a size up to 1048576; the default 16384 counts writes below 16 KiB as small (README, \"Benchmarks\": how write size, concurrency and the congestion control change the comparison with TCP)",
             ));
         }
         let small_streak = small_streak.unwrap_or(Self::DEFAULT_SMALL_STREAK);
