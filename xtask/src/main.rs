@@ -115,7 +115,7 @@ enum Command {
         /// TCP congestion control in the bench's network namespaces (node and pods), e.g.
         /// cubic or bbr; by default what new namespaces inherit from the host
         /// (net.ipv4.tcp_congestion_control). Recorded in the results either way: figures at
-        /// many concurrent streams depend on it (README, "Bench").
+        /// many concurrent streams depend on it (README, "Benchmarks").
         #[arg(long, value_name = "NAME")]
         tcp_congestion: Option<String>,
     },

@@ -443,17 +443,18 @@ fn set_congestion_control(namespaces: &[&str], cc: &str) -> Result<()> {
         );
     }
     for ns in namespaces {
-        sh::run(std::process::Command::new("ip").args([
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.tcp_congestion_control={cc}"),
-        ]))
-        .with_context(|| format!("setting the congestion control in namespace {ns}"))?;
+        sh::run(sysctl_in(ns).args(["-qw", &format!("net.ipv4.tcp_congestion_control={cc}")]))
+            .with_context(|| format!("setting the congestion control in namespace {ns}"))?;
     }
     Ok(())
+}
+
+/// `sysctl` run in network namespace `ns` (namespaced settings such as the congestion
+/// control), without joining any cgroup.
+fn sysctl_in(ns: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("ip");
+    c.args(["netns", "exec", ns, "sysctl"]);
+    c
 }
 
 impl<'a> Bench<'a> {
@@ -462,15 +463,8 @@ impl<'a> Bench<'a> {
     fn congestion_control(&self) -> Result<String> {
         let mut seen = Vec::new();
         for ns in [&self.node.netns, &self.client.netns, &self.server.netns] {
-            let out = std::process::Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "sysctl",
-                    "-n",
-                    "net.ipv4.tcp_congestion_control",
-                ])
+            let out = sysctl_in(ns)
+                .args(["-n", "net.ipv4.tcp_congestion_control"])
                 .output()
                 .with_context(|| format!("reading the congestion control of namespace {ns}"))?;
             seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
