@@ -290,7 +290,6 @@ pub const FLOW_REDIRECT: u32 = 0;
 /// ones on the TCP path, so there is no way back.
 pub const FLOW_TCP_NO_PEER: u32 = counter::MSG_PASSED_NO_PEER;
 pub const FLOW_TCP_BACKPRESSURE: u32 = counter::MSG_PASSED_BACKPRESSURE;
-pub const FLOW_TCP_SMALL_WRITES: u32 = counter::MSG_PASSED_SMALL_WRITES;
 pub const FLOW_TCP_MEMORY: u32 = counter::MSG_PASSED_MEMORY_PRESSURE;
 /// `Flow::state`: this workload's bytes go straight to the workload at the far end of the
 /// proxy (the kernel-only path, `MESH_SPLICE`), skipping the proxy. Not a counter index.
@@ -300,12 +299,23 @@ pub const FLOW_DIRECT: u32 = 0x100;
 /// SOCKHASH (`Flow::detach`). Like every proxy direction on TCP, it does not come back.
 pub const FLOW_TCP_DETACHING: u32 = 0x200;
 
-/// `Flow::detach`: the workload's direction has met the queue limit `Config::detach_after`
-/// times; it asks to leave the SOCKHASH so its socket is plain TCP again.
+/// `Flow::detach` of a workload socket: its direction has met the queue limit
+/// `Config::detach_after` times; it asks for its connection to leave the SOCKHASH so all
+/// four sockets are plain TCP again.
 pub const DETACH_WANTED: u16 = 1;
-/// `Flow::detach`: nothing can reach the workload's short-circuit queue any more and that
+/// `Flow::detach`: nothing can reach this socket's short-circuit queue any more and that
 /// queue is empty: the proxy may remove the socket from the SOCKHASH without losing a byte.
+/// A workload socket's own sk_msg says so; a proxy socket's says so once, in addition, the
+/// workload behind it is out of the SOCKHASH with no send of its own still under way.
 pub const DETACH_READY: u16 = 2;
+/// `Flow::detach` of a proxy socket marked `FLOW_TCP_DETACHING`: its sk_msg found the
+/// workload behind it with an empty short-circuit queue, which nothing can refill (only this
+/// socket redirects into it): the proxy may remove that workload's socket.
+pub const DETACH_PEER_EMPTY: u16 = 3;
+/// `Flow::detach` of a workload socket: like `DETACH_WANTED`, because its direction is a
+/// stream (`Config::small_streak` writes in a row found its reader behind); the proxy takes
+/// the connection off without waiting to see more.
+pub const DETACH_STREAM: u16 = 4;
 
 /// Value of `MESH_FLOWS`: the sending direction of one registered socket.
 #[repr(C)]
@@ -460,9 +470,11 @@ pub mod counter {
     /// Messages passed (and their direction moved to TCP for good) because the receiver's
     /// short-circuit queue would have gone past `Config::queue_limit`: backpressure.
     pub const MSG_PASSED_BACKPRESSURE: u32 = 20;
-    /// Messages passed (direction moved to TCP) because the direction is a stream of small
-    /// writes, which TCP carries faster (`Config::small_streak`).
-    pub const MSG_PASSED_SMALL_WRITES: u32 = 21;
+    /// Workload directions that turned out to be streams (`Config::small_streak` writes in a
+    /// row found the reader behind) and asked for their connection to leave the SOCKHASH:
+    /// on plain TCP a stream is as fast or faster, and the request/response latency gain the
+    /// short-circuit exists for does not apply to it.
+    pub const DETACH_STREAM: u32 = 21;
     /// Messages of a socket with no `MESH_FLOWS` entry (map full): passed, never redirected.
     pub const MSG_PASSED_NO_FLOW: u32 = 22;
     /// Sockets not registered because `MESH_FLOWS` was full.
@@ -484,18 +496,24 @@ pub mod counter {
     /// of the queue limit unread: the proxy pauses before its next write (`Flow::held`).
     pub const MSG_PROXY_HELD: u32 = 29;
     /// Workload directions that met the queue limit `Config::detach_after` times and asked
-    /// to leave the SOCKHASH.
+    /// for their connection to leave the SOCKHASH.
     pub const DETACH_WANTED: u32 = 30;
-    /// Of those, directions that found leaving safe (the proxy had stopped redirecting into
-    /// them and their queue was empty); the proxy then removes the socket.
+    /// Workload sockets of leaving connections (the asking one and the other) found safe to
+    /// remove (the proxy had stopped redirecting into them and their queue was empty); the
+    /// proxy then removes the socket. Up to two per asking workload (`DETACH_WANTED`,
+    /// `DETACH_STREAM`).
     pub const DETACH_READY: u32 = 31;
     /// Workload sockets left off the SOCKHASH because they are blocking (a client by its
     /// own mode at connect, a server by its listener's when the connection arrives): a
     /// blocking reader there can get a spurious EAGAIN (`Config::flags`,
     /// `FLAG_SOCKMAP_BLOCKING`).
     pub const SOCKHASH_SKIPPED_BLOCKING: u32 = 32;
+    /// The proxy's own sockets of a leaving connection that found leaving safe (the
+    /// workload behind them out of the SOCKHASH, their own queue empty); the proxy then
+    /// removes them too.
+    pub const DETACH_PROXY_READY: u32 = 33;
     /// Number of counters.
-    pub const COUNT: u32 = 33;
+    pub const COUNT: u32 = 34;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -520,7 +538,7 @@ pub mod counter {
         "msg_passed_tainted",
         "bypass_not_workload",
         "msg_passed_backpressure",
-        "msg_passed_small_writes",
+        "detach_stream",
         "msg_passed_no_flow",
         "flow_insert_failed",
         "flow_resumed",
@@ -532,6 +550,7 @@ pub mod counter {
         "detach_wanted",
         "detach_ready",
         "sockhash_skipped_blocking",
+        "detach_proxy_ready",
     ];
 }
 

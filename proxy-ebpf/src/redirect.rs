@@ -19,9 +19,10 @@
 //! ingress bytes only against the machine-wide `tcp_mem`, never the receiver's buffer, and
 //! the structs not at all: without this a sender that outruns its reader queues without
 //! limit; see `queued_cost`); TCP's machine-wide memory is past half of `tcp_mem`'s low
-//! threshold (`memory_tight`); or it turns out to be a workload's stream of small writes,
-//! which TCP carries faster (`Config::small_streak`, off by default). On TCP the receiver's
-//! window holds the sender back as usual. Before that, a proxy socket's direction is held
+//! threshold (`memory_tight`). On TCP the receiver's window holds the sender back as usual.
+//! A workload whose direction is a stream (`Config::small_streak`) or keeps meeting the limit
+//! (`note_pressure`) asks for its whole connection to leave the SOCKHASH; the proxy takes
+//! it off, socket by socket (`detach`, `release`; proxy/src/transport/splice.rs, `Pacer`). Before that, a proxy socket's direction is held
 //! back by the proxy itself: past 3/4 of the limit its message still goes but `Flow::held`
 //! asks the proxy to pause (see `policy`).
 
@@ -34,9 +35,9 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use proxy_common::{
-    Config, DETACH_READY, DETACH_WANTED, FLOW_DIRECT, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE,
-    FLOW_TCP_DETACHING, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER, FLOW_TCP_SMALL_WRITES, Flow, Queued,
-    SockKey, counter,
+    Config, DETACH_PEER_EMPTY, DETACH_READY, DETACH_STREAM, DETACH_WANTED, FLOW_DIRECT,
+    FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_DETACHING, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER,
+    Flow, Queued, SockKey, counter,
 };
 
 use crate::maps::{MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, config, count};
@@ -74,6 +75,17 @@ pub fn handle(ctx: &SkMsgContext) {
     };
     // SAFETY: the value is copied out at once.
     let peer = (unsafe { MESH_PEERS.get(key) }).copied();
+    if flow.proxy != 0 && flow.state == FLOW_TCP_DETACHING {
+        // The proxy is taking this connection off the short-circuit: this message goes by
+        // TCP like every later one; the program keeps running only to tell the proxy when
+        // the next socket may leave.
+        count(counter::MSG_PASSED_TAINTED, 1);
+        passed(size);
+        if release(cfg, flow, peer.as_ref()) {
+            stop_judging(ctx);
+        }
+        return;
+    }
     if flow.detach != 0 && detach(cfg, flow, peer.as_ref()) {
         passed(size);
         stop_judging(ctx);
@@ -277,7 +289,12 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         if size < cfg.small_msg && queued > 0 {
             flow.streak = flow.streak.saturating_add(1);
             if flow.streak >= cfg.small_streak {
-                return Some(FLOW_TCP_SMALL_WRITES);
+                // A stream: its whole connection is better off on plain TCP (the proxy's
+                // sockets too, which keep paying for sk_msg while they stay in the
+                // SOCKHASH). It asks; this message and the next still go here until the
+                // proxy takes the connection off (`detach`), and where nothing will (the
+                // kernel-only path, the proxy's HTTP path) the direction stays as it was.
+                want_detach(cfg, flow, peer, DETACH_STREAM);
             }
         } else {
             flow.streak = 0;
@@ -293,14 +310,9 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
 /// the short-circuit moves neither, so both count TCP-path bytes only, in one sequence
 /// space), and its queue is at most half the limit. We hold our socket's lock, so our
 /// `write_seq` cannot move meanwhile; the receiver's `copied_seq` only grows.
-/// A direction that left because of small writes stays on TCP: TCP coalesces them.
 #[inline(always)]
 fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> bool {
-    if flow.proxy != 0
-        || flow.state == FLOW_TCP_SMALL_WRITES
-        || cfg.off_tcp_write_seq == 0
-        || cfg.off_tcp_copied_seq == 0
-        || flow.sk == 0
+    if flow.proxy != 0 || cfg.off_tcp_write_seq == 0 || cfg.off_tcp_copied_seq == 0 || flow.sk == 0
     {
         return false;
     }
@@ -468,14 +480,85 @@ fn note_pressure(cfg: &Config, flow: &mut Flow, peer: &SockKey) {
         return;
     }
     flow.pressure = flow.pressure.saturating_add(1);
-    // SAFETY: only tested for presence.
-    if flow.detach == 0
-        && u32::from(flow.pressure) >= cfg.detach_after
-        && unsafe { MESH_SPLICE.get(peer) }.is_none()
-    {
-        flow.detach = DETACH_WANTED;
-        count(counter::DETACH_WANTED, 1);
+    if u32::from(flow.pressure) >= cfg.detach_after {
+        want_detach(cfg, flow, peer, DETACH_WANTED);
     }
+}
+
+/// This workload asks for its connection to leave the SOCKHASH (`why`: `DETACH_WANTED` or
+/// `DETACH_STREAM`), unless leaving is off (`Config::detach_after` 0) or the connection may
+/// take the kernel-only path (`MESH_SPLICE` of its peer: see `note_pressure`).
+#[inline(always)]
+fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
+    // SAFETY: only tested for presence.
+    if flow.detach == 0 && cfg.detach_after != 0 && unsafe { MESH_SPLICE.get(peer) }.is_none() {
+        flow.detach = why;
+        count(
+            if why == DETACH_STREAM {
+                counter::DETACH_STREAM
+            } else {
+                counter::DETACH_WANTED
+            },
+            1,
+        );
+    }
+}
+
+/// For a proxy socket the proxy marked `FLOW_TCP_DETACHING` (its connection is leaving the
+/// SOCKHASH), run on each of the proxy's writes on it: tells the proxy, through this socket's
+/// own `Flow::detach` (only this socket's messages, under its lock, and the proxy between
+/// its writes, write that entry), when the next socket may leave. True once nothing is left
+/// to tell (this program then stops running for the socket).
+///
+/// - `DETACH_PEER_EMPTY`: the workload `peer` behind this socket has an empty queue. Nothing
+///   else can fill it (only this socket redirects into it, and this socket no longer does),
+///   so the proxy may remove it, whether or not it ever writes again. Written here, in this
+///   socket's entry, not in the workload's: the workload's sk_msg may be running at this
+///   moment (it holds its own lock, not ours), and a pointer into its entry could meet an
+///   entry freed and reused by another socket (`MESH_FLOWS` is preallocated).
+/// - `DETACH_READY`: in addition the workload is out of the SOCKHASH with no send of its own
+///   still under way, and this socket's own queue is empty. A workload's send holds a
+///   reference on its psock from before its verdict until after its redirect is queued
+///   (`tcp_bpf_sendmsg`), and the psock is dropped, clearing `sk_user_data`, only when the
+///   last reference goes: so no psock behind `sk_user_data` means no redirect into this
+///   socket is decided or on its way, and none can come. Removing this socket earlier
+///   could drop such a redirect (`sk_psock_queue_msg` frees a message for a psock being
+///   dropped) or the bytes still in its queue.
+#[inline(always)]
+fn release(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> bool {
+    if flow.detach == DETACH_READY {
+        return true;
+    }
+    if cfg.off_psock_msg_len == 0 {
+        return true; // without the queue's length nothing can be shown safe
+    }
+    let Some(peer) = peer else { return true };
+    // SAFETY: copied out at once.
+    let workload = (unsafe { MESH_FLOWS.get(peer) }).copied();
+    let (workload_sk, found_ready) = match workload {
+        Some(w) if w.proxy == 0 => (w.sk, w.detach == DETACH_READY),
+        Some(_) => return true,
+        // Closed: its close callback removed the entry after its last send.
+        None => (0, false),
+    };
+    if flow.detach == 0 && workload_sk != 0 {
+        if queue_len(cfg, workload_sk) != 0 {
+            return false;
+        }
+        flow.detach = DETACH_PEER_EMPTY;
+        if !found_ready {
+            count(counter::DETACH_READY, 1); // once per workload, whoever finds it
+        }
+    }
+    if workload_sk != 0 && has_psock(cfg, workload_sk) {
+        return false;
+    }
+    if queue_len(cfg, flow.sk) != 0 {
+        return false;
+    }
+    flow.detach = DETACH_READY;
+    count(counter::DETACH_PROXY_READY, 1);
+    true
 }
 
 /// For a workload socket that asked to leave the SOCKHASH: true once leaving is safe, and
@@ -501,7 +584,7 @@ fn detach(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> bool {
     if flow.detach == DETACH_READY {
         return true;
     }
-    if flow.detach != DETACH_WANTED || flow.proxy != 0 {
+    if (flow.detach != DETACH_WANTED && flow.detach != DETACH_STREAM) || flow.proxy != 0 {
         return false;
     }
     let Some(peer) = peer else { return false };
@@ -526,7 +609,7 @@ fn detach(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> bool {
 /// True if `may_resume` can ever say yes for this direction.
 #[inline(always)]
 fn resumable(flow: &Flow) -> bool {
-    flow.proxy == 0 && flow.state != FLOW_TCP_SMALL_WRITES && flow.detach != DETACH_READY
+    flow.proxy == 0 && flow.detach != DETACH_READY
 }
 
 /// For a direction on TCP for good: the verdict (pass) applies to the next 4 GiB without
@@ -551,6 +634,17 @@ fn queue_len(cfg: &Config, sk: u64) -> u32 {
             read_kernel::<u32>(user_data & SK_USER_DATA_PTRMASK, cfg.off_psock_msg_len).unwrap_or(0)
         }
         _ => 0,
+    }
+}
+
+/// True if the socket at kernel address `sk` still has a psock (`sk_user_data` flagged
+/// `SK_USER_DATA_PSOCK`): it is in the SOCKHASH, or was removed while a send of its own
+/// still holds a reference. True if the read fails (never unsafe).
+#[inline(always)]
+fn has_psock(cfg: &Config, sk: u64) -> bool {
+    match read_kernel::<u64>(sk, cfg.off_sk_user_data) {
+        Some(user_data) => user_data & SK_USER_DATA_PSOCK != 0,
+        None => true,
     }
 }
 

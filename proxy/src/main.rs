@@ -176,12 +176,13 @@ struct ConfigArgs {
     /// short-circuit for plain TCP (per hop) [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     sockmap_queue_limit: Option<u32>,
-    /// Small writes (below --sockmap-small-write) in a row, each finding the receiver with
-    /// unread bytes, that move a workload's direction to TCP; 0 never does [default: 0].
+    /// Writes (below --sockmap-small-write) in a row, each finding the receiver with unread
+    /// bytes, that make a workload's direction a stream: its connection leaves the
+    /// short-circuit for plain TCP, all four sockets (per hop); 0 never does [default: 16].
     #[arg(long, value_name = "N")]
     sockmap_small_streak: Option<u32>,
-    /// Writes below this size count as small for --sockmap-small-streak (up to 1048576)
-    /// [default: 16384].
+    /// Writes below this size count for --sockmap-small-streak (up to 1048576)
+    /// [default: 1048576: every write].
     #[arg(long, value_name = "BYTES")]
     sockmap_small_write: Option<u32>,
     /// With --sockmap on: authorized same-node opaque TCP connections go workload to

@@ -107,6 +107,7 @@ pub struct Metrics {
     /// Connections that carried bytes on the kernel-only path.
     pub kernel_path: Counter,
     pub detached: Counter,
+    pub detached_proxy: Counter,
     /// Sums over every label set of the TCP families, for /debug/summary (cheaper than
     /// walking the families, whose label sets grow with workloads and services).
     sums: ConnSums,
@@ -259,6 +260,7 @@ impl Metrics {
             duration: Family::new_with_constructor(duration_histogram),
             kernel_path: Counter::default(),
             detached: Counter::default(),
+            detached_proxy: Counter::default(),
             sums: ConnSums::default(),
             http_requests: Family::default(),
             http_latency: Family::new_with_constructor(latency_histogram),
@@ -308,8 +310,13 @@ impl Metrics {
         );
         r.register(
             "tcp_short_circuit_detached_sockets",
-            "Workload sockets (a connection's client or server) that left the short-circuit for plain TCP because they kept writing faster than the proxy could read",
+            "Workload sockets (a connection's client or server) that left the short-circuit for plain TCP with their connection: one of them wrote a stream, or kept writing faster than the proxy could read",
             m.detached.clone(),
+        );
+        r.register(
+            "tcp_short_circuit_detached_proxy_sockets",
+            "The proxy's own sockets that left the short-circuit for plain TCP with their connection, after the workload they face",
+            m.detached_proxy.clone(),
         );
         r.register_with_unit(
             "tcp_connection_duration",
@@ -420,9 +427,10 @@ impl Metrics {
         self.kernel_path.inc();
     }
 
-    /// Counts workload sockets that left the SOCKHASH (`Pacer::detached`).
-    pub fn detached_sockets(&self, n: u64) {
-        self.detached.inc_by(n);
+    /// Counts sockets that left the SOCKHASH (`Pacer::detached`): workloads', the proxy's.
+    pub fn detached_sockets(&self, workloads: u64, proxy: u64) {
+        self.detached.inc_by(workloads);
+        self.detached_proxy.inc_by(proxy);
     }
 
     /// Counts an outbound connection the proxy closed or reset, by reason.
@@ -783,11 +791,6 @@ fn kernel_metric(
             Some(("reason", "backpressure")),
             "sk_msg messages put on the TCP path, by reason",
         ),
-        "msg_passed_small_writes" => (
-            "ebpf_msg_tcp_reasons",
-            Some(("reason", "small_writes")),
-            "sk_msg messages put on the TCP path, by reason",
-        ),
         "msg_passed_memory_pressure" => (
             "ebpf_msg_tcp_reasons",
             Some(("reason", "memory_pressure")),
@@ -826,12 +829,22 @@ fn kernel_metric(
         "detach_wanted" => (
             "ebpf_detach",
             Some(("step", "wanted")),
-            "Workload sockets that met the queue limit often enough to leave the SOCKHASH, by step: asked, then found it safe",
+            "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)",
         ),
         "detach_ready" => (
             "ebpf_detach",
             Some(("step", "ready")),
-            "Workload sockets that met the queue limit often enough to leave the SOCKHASH, by step: asked, then found it safe",
+            "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)",
+        ),
+        "detach_stream" => (
+            "ebpf_detach",
+            Some(("step", "stream")),
+            "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)",
+        ),
+        "detach_proxy_ready" => (
+            "ebpf_detach",
+            Some(("step", "proxy_ready")),
+            "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)",
         ),
         "flow_insert_failed" => (
             "ebpf_sockhash_inserts",

@@ -556,10 +556,10 @@ async fn copy_both(
         }
         s.take_back();
     }
-    if let Some(n) = pacer.as_ref().map(Pacer::detached)
-        && n > 0
+    if let Some((workloads, proxy)) = pacer.as_ref().map(Pacer::detached)
+        && workloads + proxy > 0
     {
-        ob.metrics.detached_sockets(n);
+        ob.metrics.detached_sockets(workloads, proxy);
     }
     match copied {
         Some(Ok(_)) => {

@@ -275,8 +275,15 @@ fn tiny_writes_into_paused_readers(kernel_path: &str) -> Result<()> {
     /// what the rest of the machine allocates meanwhile. A fifth of what the structs alone
     /// took before.
     const SLAB_PER_CONN: u64 = 16 << 20;
+    // The stream rule is off: by default these streams leave the short-circuit for plain
+    // TCP, where the structs are not at stake, before the readers pause.
     let opts = ProxyOptions {
-        extra_args: vec!["--kernel-path".into(), kernel_path.into()],
+        extra_args: vec![
+            "--kernel-path".into(),
+            kernel_path.into(),
+            "--sockmap-small-streak".into(),
+            "0".into(),
+        ],
         ..ProxyOptions::default()
     };
     let mut p = Pair::new(&opts, false)?;
@@ -566,12 +573,19 @@ fn bytes_stay_in_order_with_tcp_fast_open() -> Result<()> {
     Ok(())
 }
 
+/// Streams of 64-byte writes (a short streak: 4) take their connections to plain TCP while
+/// readers start 1 ms late and softirq is spread over both CPUs: every byte in order.
 #[test]
-fn small_write_streams_can_be_sent_to_tcp_and_stay_in_order() -> Result<()> {
+fn small_write_streams_take_their_connection_to_tcp_and_stay_in_order() -> Result<()> {
     require!();
     let mut p = Pair::new(
         &ProxyOptions {
-            extra_args: vec!["--sockmap-small-streak".into(), "4".into()],
+            extra_args: vec![
+                "--kernel-path".into(),
+                "off".into(),
+                "--sockmap-small-streak".into(),
+                "4".into(),
+            ],
             ..ProxyOptions::default()
         },
         true,
@@ -588,20 +602,75 @@ fn small_write_streams_can_be_sent_to_tcp_and_stay_in_order() -> Result<()> {
             io: "poll",
         },
     )?;
+    let (streams, left) = (
+        p.counter("detach_stream")?,
+        p.counter("detach_proxy_ready")?,
+    );
     ensure!(
-        p.counter("msg_passed_small_writes")? > 0,
-        "no stream of 64-byte writes was moved to TCP"
+        streams > 0 && left > 0,
+        "no stream of 64-byte writes took its connection to TCP ({streams} asked, {left} proxy sockets could leave)"
+    );
+    Ok(())
+}
+
+/// A stream (here 10 connections at once, 8 MiB each way in writes up to 64 KiB) takes its
+/// whole connection to plain TCP by default: on the short-circuit it is no faster, and its
+/// sockets left in the SOCKHASH keep paying for sk_msg (README, "Benchmarks"). Its workload
+/// asks (`detach_stream`: writes in a row that found the reader behind), then the workloads' sockets and the proxy's own leave in the order that
+/// keeps every byte (`transport::splice::Pacer`); every byte of every connection, both
+/// ways, arrives once and in order, with softirq spread over both CPUs.
+#[test]
+fn a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing() -> Result<()> {
+    require!();
+    const CONNECTIONS: u32 = 10;
+    let opts = ProxyOptions {
+        extra_args: vec!["--kernel-path".into(), "off".into()],
+        ..ProxyOptions::default()
+    };
+    let mut p = Pair::new(&opts, true)?;
+    order_load(
+        &mut p,
+        &Load {
+            connections: CONNECTIONS,
+            concurrency: CONNECTIONS,
+            delay_ms: 0,
+            tfo: false,
+            bytes: 8 << 20,
+            max_write: 64 << 10,
+            io: "poll",
+        },
+    )?;
+    let streams = p.counter("detach_stream")?;
+    let metrics = p.node.admin_metrics()?;
+    let sum = |name| tests::metric_sum(&metrics, name, &[]);
+    let detached = sum("mesh_tcp_short_circuit_detached_sockets_total");
+    let detached_proxy = sum("mesh_tcp_short_circuit_detached_proxy_sockets_total");
+    println!(
+        "{streams} stream directions asked to leave; {detached} workload and {detached_proxy} proxy sockets left the SOCKHASH"
+    );
+    ensure!(streams > 0, "no direction was taken for a stream");
+    ensure!(
+        detached >= 2.0 && detached_proxy >= 2.0,
+        "{detached} workload and {detached_proxy} proxy sockets left the SOCKHASH: no connection left it whole"
+    );
+    let most = f64::from(2 * CONNECTIONS);
+    ensure!(
+        detached <= most && detached_proxy <= most,
+        "more sockets counted as detached ({detached} workload, {detached_proxy} proxy) than the {CONNECTIONS} connections have"
     );
     Ok(())
 }
 
 /// Writers that keep the proxy behind on the per-hop short-circuit (many connections of
-/// small writes, both directions at once, on two CPUs) leave the SOCKHASH for plain TCP:
-/// each asks (`detach_wanted`), finds it safe once the proxy stops redirecting into it and
-/// its own queue is empty (`detach_ready`), and the proxy removes it, counted in
-/// `mesh_tcp_short_circuit_detached_sockets_total`. Every byte of every connection, both
-/// ways, arrives once and in order across the move (removing a socket whose queue still held
-/// bytes would drop them, and a redirect still on its way into it would fail).
+/// small writes, both directions at once, on two CPUs) take their connections off the
+/// SOCKHASH for plain TCP: each asks (`detach_wanted`), the proxy stops redirecting both
+/// ways, each workload socket is found safe once its queue is empty (`detach_ready`, up to
+/// two per asking workload) and removed (`mesh_tcp_short_circuit_detached_sockets_total`),
+/// then each of the proxy's sockets once the workload it faces is gone and its own queue
+/// is empty (`detach_proxy_ready`, `..._detached_proxy_sockets_total`). Every byte of every
+/// connection, both ways, arrives once and in order across the move (removing a socket
+/// whose queue still held bytes would drop them, and a redirect still on its way into it
+/// would be freed).
 #[test]
 fn writers_that_outrun_the_proxy_leave_the_sockhash_and_lose_nothing() -> Result<()> {
     require!();
@@ -622,10 +691,14 @@ fn writers_that_outrun_the_proxy_leave_the_sockhash_and_lose_nothing() -> Result
             io: "poll",
         },
     )?;
-    let (wanted, ready) = (p.counter("detach_wanted")?, p.counter("detach_ready")?);
+    let (wanted, ready, proxy_ready) = (
+        p.counter("detach_wanted")? + p.counter("detach_stream")?,
+        p.counter("detach_ready")?,
+        p.counter("detach_proxy_ready")?,
+    );
     ensure!(
-        ready > 0 && ready <= wanted,
-        "no client socket left the SOCKHASH ({wanted} asked, {ready} found it safe): the test would not show a loss"
+        ready > 0 && ready <= 2 * wanted,
+        "no workload socket left the SOCKHASH ({wanted} asked, {ready} found it safe): the test would not show a loss"
     );
     let metrics = p.node.admin_metrics()?;
     let detached = tests::metric_sum(
@@ -633,12 +706,21 @@ fn writers_that_outrun_the_proxy_leave_the_sockhash_and_lose_nothing() -> Result
         "mesh_tcp_short_circuit_detached_sockets_total",
         &[],
     );
+    let detached_proxy = tests::metric_sum(
+        &metrics,
+        "mesh_tcp_short_circuit_detached_proxy_sockets_total",
+        &[],
+    );
     println!(
-        "{wanted} workload sockets asked to leave the SOCKHASH, {ready} found it safe, {detached} removed"
+        "{wanted} workload sockets asked to leave the SOCKHASH; workload sockets: {ready} found it safe, {detached} removed; proxy sockets: {proxy_ready} found it safe, {detached_proxy} removed"
     );
     ensure!(
         detached >= 1.0 && detached <= ready as f64,
-        "the proxy counts {detached} detached sockets for {ready} ready to leave"
+        "the proxy counts {detached} detached workload sockets for {ready} ready to leave"
+    );
+    ensure!(
+        detached_proxy >= 1.0 && detached_proxy <= proxy_ready as f64,
+        "the proxy counts {detached_proxy} of its own sockets detached for {proxy_ready} ready to leave: a leaving connection keeps the proxy's sockets in the SOCKHASH"
     );
     Ok(())
 }
@@ -835,14 +917,23 @@ fn truly_blocking_waitall_request_response_never_stalls() -> Result<()> {
 /// on the short-circuit: before, it met the limit within milliseconds and took TCP for good,
 /// and the connection's later request/response traffic lost the short-circuit on that hop.
 /// Per-hop path (`--kernel-path off`), so every message of the request/response phase is
-/// counted as redirected (4 per round: client to proxy to server and back).
+/// counted as redirected (4 per round: client to proxy to server and back). The stream rule
+/// is off: by default the stream would take the whole connection to plain TCP before the
+/// reader fell behind (test `a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing`),
+/// and its request/response phase would then run on TCP; this is what pacing does for the
+/// connections that stay.
 #[test]
 fn a_reader_slower_than_the_proxy_keeps_its_hop_on_the_short_circuit() -> Result<()> {
     require!();
     const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/py/slow_reader.py");
     const ROUNDS: u64 = 200;
     let opts = ProxyOptions {
-        extra_args: vec!["--kernel-path".into(), "off".into()],
+        extra_args: vec![
+            "--kernel-path".into(),
+            "off".into(),
+            "--sockmap-small-streak".into(),
+            "0".into(),
+        ],
         ..ProxyOptions::default()
     };
     let p = Pair::new(&opts, false)?;

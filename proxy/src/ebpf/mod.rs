@@ -441,18 +441,13 @@ impl Maps {
     }
 
     /// The `MESH_FLOWS` entry of socket `key`, if it is registered.
-    fn flow(&self, key: &SockKey) -> Option<Flow> {
+    pub fn flow(&self, key: &SockKey) -> Option<Flow> {
         self.flows.get(key, 0).ok()
     }
 
     /// The workload socket sock_ops paired with proxy socket `key`, if any.
     pub fn peer(&self, key: &SockKey) -> Option<SockKey> {
         self.peers.get(key, 0).ok()
-    }
-
-    /// `Flow::detach` of workload socket `key`: `None` if it is not registered (any more).
-    pub fn detach_state(&self, key: &SockKey) -> Option<u16> {
-        self.flow(key).map(|f| f.detach)
     }
 
     /// Marks proxy socket `key` `FLOW_TCP_DETACHING`: its sk_msg never redirects again, so
@@ -471,8 +466,9 @@ impl Maps {
         map.insert(key, flow, BPF_EXIST).is_ok()
     }
 
-    /// Removes workload socket `key` from the SOCKHASH (its sk_msg said it is safe:
-    /// `DETACH_READY`). The kernel drops its psock and the socket is plain TCP again.
+    /// Removes socket `key`, a workload's or the proxy's own, from the SOCKHASH (sk_msg said it
+    /// is safe: `DETACH_READY`, or `DETACH_PEER_EMPTY` of the proxy's socket facing a
+    /// workload). The kernel drops its psock and the socket is plain TCP again.
     pub fn detach(&self, key: &SockKey) -> bool {
         let mut socks = self.socks.lock().unwrap_or_else(|e| e.into_inner());
         socks.remove(key).is_ok()
