@@ -291,6 +291,14 @@ pub const FLOW_REDIRECT: u32 = 0;
 pub const FLOW_TCP_NO_PEER: u32 = counter::MSG_PASSED_NO_PEER;
 pub const FLOW_TCP_BACKPRESSURE: u32 = counter::MSG_PASSED_BACKPRESSURE;
 pub const FLOW_TCP_MEMORY: u32 = counter::MSG_PASSED_MEMORY_PRESSURE;
+/// A workload's direction that is a stream and asked its connection to leave (`DETACH_STREAM`).
+pub const FLOW_TCP_STREAM: u32 = counter::DETACH_STREAM;
+
+/// Bit of `Flow::proxy`, set by the proxy on both of its sockets of a connection it will take
+/// off the short-circuit when a workload asks (per hop, opaque TCP: `Pacer` in
+/// proxy/src/transport/splice.rs). A stream asks only then; elsewhere (the proxy's HTTP
+/// path, the kernel-only path) asking would change nothing.
+pub const PROXY_LEAVES: u32 = 2;
 /// `Flow::state`: this workload's bytes go straight to the workload at the far end of the
 /// proxy (the kernel-only path, `MESH_SPLICE`), skipping the proxy. Not a counter index.
 pub const FLOW_DIRECT: u32 = 0x100;
@@ -332,7 +340,8 @@ pub struct Flow {
     /// reads (a BPF program may not look a socket up in a SOCKHASH from sk_msg: it could not
     /// release the reference). The entry is removed when the socket closes, before it is freed.
     pub sk: u64,
-    /// 1 if the socket is the proxy's, 0 if a workload's.
+    /// 0 if the socket is a workload's; else the proxy's, 1 with `PROXY_LEAVES` or'd in
+    /// once the proxy takes its connection off the short-circuit when a workload asks.
     pub proxy: u32,
     /// `tcp_sock.write_seq` when the socket registered (its `snd_nxt` at establishment: no
     /// payload had been queued). `write_seq - seq0` is what it has sent over TCP.

@@ -37,7 +37,7 @@ use aya_ebpf::{
 use proxy_common::{
     Config, DETACH_PEER_EMPTY, DETACH_READY, DETACH_STREAM, DETACH_WANTED, FLOW_DIRECT,
     FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_DETACHING, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER,
-    Flow, Queued, SockKey, counter,
+    FLOW_TCP_STREAM, Flow, PROXY_LEAVES, Queued, SockKey, counter,
 };
 
 use crate::maps::{MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, config, count};
@@ -288,13 +288,17 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         // A reply in between (request/response) finds the queue empty and resets the count.
         if size < cfg.small_msg && queued > 0 {
             flow.streak = flow.streak.saturating_add(1);
-            if flow.streak >= cfg.small_streak {
+            if flow.streak >= cfg.small_streak && receiver.proxy & PROXY_LEAVES != 0 {
                 // A stream: its whole connection is better off on plain TCP (the proxy's
                 // sockets too, which keep paying for sk_msg while they stay in the
-                // SOCKHASH). It asks; this message and the next still go here until the
-                // proxy takes the connection off (`detach`), and where nothing will (the
-                // kernel-only path, the proxy's HTTP path) the direction stays as it was.
+                // SOCKHASH). It asks, and its direction goes to TCP at once, where the
+                // proxy's receive window paces it while the proxy takes the connection off
+                // (`detach`). Only where the proxy will (`PROXY_LEAVES`): elsewhere the
+                // direction stays as it was.
                 want_detach(cfg, flow, peer, DETACH_STREAM);
+                if flow.detach == DETACH_STREAM {
+                    return Some(FLOW_TCP_STREAM);
+                }
             }
         } else {
             flow.streak = 0;
@@ -310,9 +314,14 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
 /// the short-circuit moves neither, so both count TCP-path bytes only, in one sequence
 /// space), and its queue is at most half the limit. We hold our socket's lock, so our
 /// `write_seq` cannot move meanwhile; the receiver's `copied_seq` only grows.
+/// A stream (`FLOW_TCP_STREAM`) stays on TCP: its connection is leaving the short-circuit.
 #[inline(always)]
 fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> bool {
-    if flow.proxy != 0 || cfg.off_tcp_write_seq == 0 || cfg.off_tcp_copied_seq == 0 || flow.sk == 0
+    if flow.proxy != 0
+        || flow.state == FLOW_TCP_STREAM
+        || cfg.off_tcp_write_seq == 0
+        || cfg.off_tcp_copied_seq == 0
+        || flow.sk == 0
     {
         return false;
     }
@@ -493,14 +502,9 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
     // SAFETY: only tested for presence.
     if flow.detach == 0 && cfg.detach_after != 0 && unsafe { MESH_SPLICE.get(peer) }.is_none() {
         flow.detach = why;
-        count(
-            if why == DETACH_STREAM {
-                counter::DETACH_STREAM
-            } else {
-                counter::DETACH_WANTED
-            },
-            1,
-        );
+        if why == DETACH_WANTED {
+            count(counter::DETACH_WANTED, 1); // a stream is counted by `leave`
+        }
     }
 }
 

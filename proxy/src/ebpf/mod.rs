@@ -466,6 +466,18 @@ impl Maps {
         map.insert(key, flow, BPF_EXIST).is_ok()
     }
 
+    /// Marks proxy socket `key` `PROXY_LEAVES`: the proxy takes its connection off the
+    /// short-circuit when a workload asks. Before the proxy writes on it (sk_msg updates the
+    /// same entry under the socket's lock while the proxy writes). False if not registered.
+    pub fn mark_leaves(&self, key: &SockKey) -> bool {
+        let mut map = self.flows_write.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(mut flow) = map.get(key, 0) else {
+            return false;
+        };
+        flow.proxy |= proxy_common::PROXY_LEAVES;
+        map.insert(key, flow, BPF_EXIST).is_ok()
+    }
+
     /// Removes socket `key`, a workload's or the proxy's own, from the SOCKHASH (sk_msg said it
     /// is safe: `DETACH_READY`, or `DETACH_PEER_EMPTY` of the proxy's socket facing a
     /// workload). The kernel drops its psock and the socket is plain TCP again.

@@ -438,11 +438,19 @@ impl Pacer {
             Some((s.local_addr().ok()?, s.peer_addr().ok()?))
         };
         let (inbound, outbound) = maps.proxy_keys(addrs(client)?, addrs(upstream)?)?;
+        // Before the copy's first write: from here a stream asks to leave.
+        maps.mark_leaves(&inbound);
+        maps.mark_leaves(&outbound);
         Some(Pacer::new(maps, inbound, outbound))
     }
 
     /// The pause the last write towards upstream (or the client) asked for, if any.
     fn held(&self, to_upstream: bool) -> Option<Duration> {
+        // A leaving connection's proxy sockets redirect nothing (`FLOW_TCP_DETACHING`, `held`
+        // 0): no lookup per write once its connection starts leaving.
+        if self.phase.load(Ordering::Relaxed) != WATCHING {
+            return None;
+        }
         let (misses, written) = if to_upstream {
             (&self.misses[0], &self.outbound)
         } else {
