@@ -156,10 +156,10 @@ pub struct Config {
     /// server listening on one are never registered, so their sockets keep the kernel's own
     /// TCP receive path (see `intercept.sockmap_exclude_ports`).
     pub sockmap_exclude_ports: [u16; SOCKMAP_EXCLUDE_PORTS_MAX],
-    /// A workload direction that has met the queue limit this many times asks to leave the
-    /// SOCKHASH (`Flow::detach`): its reader (the proxy) cannot keep up with it on the
-    /// short-circuit, where a sender is never made to wait, and every stay on the TCP path
-    /// still pays for sk_msg. 0: never (the naive policy).
+    /// A workload direction that has met the queue limit this many times asks for its
+    /// connection to leave the SOCKHASH (`Flow::detach`): its reader (the proxy) cannot keep
+    /// up with it on the short-circuit, where a sender is never made to wait, and every stay
+    /// on the TCP path still pays for sk_msg. 0: never, for streams too (the naive policy).
     pub detach_after: u32,
     /// Byte offsets of `sk_socket` in `struct sock`, `file` in `struct socket` and `f_flags`
     /// in `struct file`: through them sock_ops reads whether a workload's socket is blocking
@@ -303,8 +303,8 @@ pub const PROXY_LEAVES: u32 = 2;
 /// proxy (the kernel-only path, `MESH_SPLICE`), skipping the proxy. Not a counter index.
 pub const FLOW_DIRECT: u32 = 0x100;
 /// `Flow::state` of a proxy socket, written by the proxy (never by sk_msg): the proxy will
-/// never again redirect into the workload behind this socket, which asked to leave the
-/// SOCKHASH (`Flow::detach`). Like every proxy direction on TCP, it does not come back.
+/// never again redirect into the workload behind this socket, whose connection is leaving
+/// the SOCKHASH (`Flow::detach`). Like every proxy direction on TCP, it does not come back.
 pub const FLOW_TCP_DETACHING: u32 = 0x200;
 
 /// `Flow::detach` of a workload socket: its direction has met the queue limit
@@ -357,10 +357,13 @@ pub struct Flow {
     /// for TCP (saturating). At `Config::detach_after` it asks to leave the SOCKHASH
     /// (`detach`).
     pub pressure: u16,
-    /// Workload sockets only, written by this socket's sk_msg: `DETACH_WANTED` once it asks
-    /// to leave the SOCKHASH for plain TCP, `DETACH_READY` once leaving is safe (the proxy
-    /// stopped redirecting into it, `FLOW_TCP_DETACHING`, and its own queue is empty). The
-    /// proxy reads it and removes the socket (see proxy-ebpf/src/redirect.rs, `detach`).
+    /// Written by this socket's own sk_msg. A workload's: `DETACH_WANTED` or `DETACH_STREAM`
+    /// once it asks for its connection to leave the SOCKHASH for plain TCP, `DETACH_READY`
+    /// once its own leaving is safe (the proxy stopped redirecting into it,
+    /// `FLOW_TCP_DETACHING`, and its queue is empty). A leaving proxy socket's:
+    /// `DETACH_PEER_EMPTY` once the workload it faces may be removed, `DETACH_READY` once it
+    /// may be removed itself. The proxy reads them and removes the sockets (see
+    /// proxy-ebpf/src/redirect.rs, `detach` and `release`).
     pub detach: u16,
     /// This socket's messages that may still wait at its peer (the per-hop short-circuit:
     /// the proxy, or for a proxy socket the workload) and at the far workload (the
