@@ -305,10 +305,11 @@ impl ShortCircuit {
     /// and that a policy which must never be slower than TCP cannot keep without the rest.
     pub const DEFAULT_SMALL_WRITE: u32 = 1 << 20;
     /// 16 writes in a row that found the reader still behind: a stream. With every socket of
-    /// its connection out of the SOCKHASH (`transport::splice::Pacer`) a stream runs at plain
-    /// TCP's speed (0.98x to 1.24x measured at 64 B to 64 KiB, 1 to 100 connections, where
-    /// with only the writer removed 16 KiB ran at 0.72x to 0.89x); request/response finds
-    /// the reader caught up at every request and keeps the short-circuit's latency gain.
+    /// its connection out of the SOCKHASH (`transport::splice::Pacer`) a stream runs at about
+    /// plain TCP's speed (README, "Benchmarks": 0.82x to 1.23x in a full run under bbr, noisy;
+    /// with only the writer removed 16 KiB ran at 0.72x to 0.89x), except 100 streams of 64 B
+    /// (0.6x to 0.8x); request/response finds the reader caught up at every request and keeps
+    /// the short-circuit's latency gain.
     pub const DEFAULT_SMALL_STREAK: u32 = 16;
     /// A writer that met the limit twice outruns its reader for good: the proxy, sharing the
     /// CPUs with many such writers, cannot drain their queues as fast as they fill them, and
