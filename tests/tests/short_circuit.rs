@@ -616,9 +616,10 @@ fn small_write_streams_take_their_connection_to_tcp_and_stay_in_order() -> Resul
 /// A stream (here 10 connections at once, 8 MiB each way in writes up to 64 KiB) takes its
 /// whole connection to plain TCP by default: on the short-circuit it is no faster, and its
 /// sockets left in the SOCKHASH keep paying for sk_msg (README, "Benchmarks"). Its workload
-/// asks (`detach_stream`: writes in a row that found the reader behind), then the workloads' sockets and the proxy's own leave in the order that
-/// keeps every byte (`transport::splice::Pacer`); every byte of every connection, both
-/// ways, arrives once and in order, with softirq spread over both CPUs.
+/// asks (`detach_stream`: writes in a row that found the reader behind), then the
+/// workloads' sockets and the proxy's own leave in the order that keeps every byte
+/// (`transport::splice::Pacer`); every byte of every connection, both ways, arrives once and
+/// in order, with softirq spread over both CPUs.
 #[test]
 fn a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing() -> Result<()> {
     require!();
