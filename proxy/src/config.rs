@@ -193,7 +193,7 @@ pub struct InterceptSection {
     /// Kernel memory (bytes plus a struct per message) that may wait unread in one socket's
     /// short-circuit queue.
     pub sockmap_queue_limit: Option<u32>,
-    /// Writes smaller than this count for the stream rule (default: every write).
+    /// Writes smaller than this count for the stream rule.
     pub sockmap_small_write: Option<u32>,
     /// Writes in a row (receiver still has unread bytes) that make a stream: its connection
     /// leaves the short-circuit for plain TCP.
@@ -297,20 +297,15 @@ impl ShortCircuit {
     /// default), and far below `tcp_mem`. Measured (`cargo xtask bench`): 1 MiB sends bulk
     /// streams to TCP about four times as often for no gain in what a slow reader can pin.
     pub const DEFAULT_QUEUE_LIMIT: u32 = 4 << 20;
-    /// Every write counts (sk_msg sees at most 64 KiB or so at a time): a stream of any size
-    /// leaves. Measured (`stream` through the proxy, 2 CPUs): bulk writes on the short-circuit
-    /// ran at 0.80x to 0.94x of plain TCP at 10 and 100 connections (16 KiB and 64 KiB,
-    /// cubic), 64 B writes at 0.71x at 100 connections (bbr); only 64 B at 1 and 10
-    /// connections ran faster (x1.2 to x1.9), a gain that depended on the congestion control
-    /// and that a policy which must never be slower than TCP cannot keep without the rest.
-    pub const DEFAULT_SMALL_WRITE: u32 = 1 << 20;
-    /// 16 writes in a row that found the reader still behind: a stream. With every socket of
-    /// its connection out of the SOCKHASH (`transport::splice::Pacer`) a stream runs at about
-    /// plain TCP's speed (README, "Benchmarks": 0.82x to 1.23x in a full run under bbr, noisy;
-    /// with only the writer removed 16 KiB ran at 0.72x to 0.89x), except 100 streams of 64 B
-    /// (0.6x to 0.8x); request/response finds the reader caught up at every request and keeps
-    /// the short-circuit's latency gain.
-    pub const DEFAULT_SMALL_STREAK: u32 = 16;
+    pub const DEFAULT_SMALL_WRITE: u32 = 16 * 1024;
+    /// Off. With the rule on (e.g. 16, and `sockmap_small_write` 1 MiB so that every write
+    /// counts) a stream takes its whole connection off the SOCKHASH
+    /// (`transport::splice::Pacer`), and scratch runs put streams at about plain TCP's speed
+    /// (16 KiB x1.02/x0.97/x0.99 at 1/10/100 connections, bbr, interleaved); but two full
+    /// bench runs did not confirm it (README, "Benchmarks": under cubic 16 KiB to 1 MiB at 10
+    /// and 100 connections x0.65 to x0.93, below the x0.80 to x1.04 without the rule; under
+    /// bbr the one-stream gains of x1.1 to x1.8 gone), so it stays opt-in.
+    pub const DEFAULT_SMALL_STREAK: u32 = 0;
     /// A writer that met the limit twice outruns its reader for good: the proxy, sharing the
     /// CPUs with many such writers, cannot drain their queues as fast as they fill them, and
     /// between stays on the TCP path they pay sk_msg's costs for nothing. Measured (`stream`
@@ -371,7 +366,7 @@ impl ShortCircuit {
                 "intercept.sockmap_small_write",
                 small_write,
                 "out of range 0..=1048576 bytes",
-                "use a size up to 1048576; the default 1048576 counts every write, so a stream of any size leaves the short-circuit (README, \"Benchmarks\": how write size, concurrency and the congestion control change the comparison with TCP)",
+                "use a size up to 1048576 (1048576 counts every write, so a stream of any size leaves the short-circuit); the default is 16384 (README, \"Benchmarks\": how write size, concurrency and the congestion control change the comparison with TCP)",
             ));
         }
         let small_streak = small_streak.unwrap_or(Self::DEFAULT_SMALL_STREAK);
@@ -1874,8 +1869,8 @@ mod tests {
             c.short_circuit.queue_limit,
             ShortCircuit::DEFAULT_QUEUE_LIMIT
         );
-        assert_eq!(c.short_circuit.small_streak, 16);
-        assert_eq!(c.short_circuit.small_write, 1 << 20);
+        assert_eq!(c.short_circuit.small_streak, 0);
+        assert_eq!(c.short_circuit.small_write, 16 * 1024);
         assert!(!c.short_circuit.is_naive());
         let c = resolve(&format!(
             "{base}sockmap_queue_limit = 65536\nsockmap_small_streak = 8\nsockmap_small_write = 4096\n"

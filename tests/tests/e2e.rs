@@ -313,17 +313,9 @@ fn integrity_iptables() -> Result<()> {
 fn short_circuit_carries_the_bytes() -> Result<()> {
     require!();
     // The per-hop short-circuit: every byte through the proxy (tests/tests/kernel_path.rs
-    // has the kernel-only path, on by default, where bytes skip the proxy). 1 MiB each way
-    // is a stream, which by default takes its connection to plain TCP (test
-    // `a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing`): the stream
-    // rule is off here so that every byte crosses the short-circuit.
+    // has the kernel-only path, on by default, where bytes skip the proxy).
     let opts = ProxyOptions {
-        extra_args: vec![
-            "--kernel-path".into(),
-            "off".into(),
-            "--sockmap-small-streak".into(),
-            "0".into(),
-        ],
+        extra_args: vec!["--kernel-path".into(), "off".into()],
         ..ProxyOptions::default()
     };
     let s = Setup::new(&opts, 1)?;

@@ -275,15 +275,8 @@ fn tiny_writes_into_paused_readers(kernel_path: &str) -> Result<()> {
     /// what the rest of the machine allocates meanwhile. A fifth of what the structs alone
     /// took before.
     const SLAB_PER_CONN: u64 = 16 << 20;
-    // The stream rule is off: by default these streams leave the short-circuit for plain
-    // TCP, where the structs are not at stake, before the readers pause.
     let opts = ProxyOptions {
-        extra_args: vec![
-            "--kernel-path".into(),
-            kernel_path.into(),
-            "--sockmap-small-streak".into(),
-            "0".into(),
-        ],
+        extra_args: vec!["--kernel-path".into(), kernel_path.into()],
         ..ProxyOptions::default()
     };
     let mut p = Pair::new(&opts, false)?;
@@ -613,8 +606,9 @@ fn small_write_streams_take_their_connection_to_tcp_and_stay_in_order() -> Resul
     Ok(())
 }
 
-/// A stream (here 10 connections at once, 8 MiB each way in writes up to 64 KiB) takes its
-/// whole connection to plain TCP by default: on the short-circuit it is no faster, and its
+/// With the stream rule on (`--sockmap-small-streak 16 --sockmap-small-write 1048576`; off by
+/// default) a stream (here 10 connections at once, 8 MiB each way in writes up to 64 KiB)
+/// takes its whole connection to plain TCP: on the short-circuit it is no faster, and its
 /// sockets left in the SOCKHASH keep paying for sk_msg (README, "Benchmarks"). Its workload
 /// asks (`detach_stream`: writes in a row that found the reader behind), then the
 /// workloads' sockets and the proxy's own leave in the order that keeps every byte
@@ -625,7 +619,16 @@ fn a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing() -> Resul
     require!();
     const CONNECTIONS: u32 = 10;
     let opts = ProxyOptions {
-        extra_args: vec!["--kernel-path".into(), "off".into()],
+        extra_args: [
+            "--kernel-path",
+            "off",
+            "--sockmap-small-streak",
+            "16",
+            "--sockmap-small-write",
+            "1048576",
+        ]
+        .map(String::from)
+        .into(),
         ..ProxyOptions::default()
     };
     let mut p = Pair::new(&opts, true)?;
@@ -918,23 +921,17 @@ fn truly_blocking_waitall_request_response_never_stalls() -> Result<()> {
 /// on the short-circuit: before, it met the limit within milliseconds and took TCP for good,
 /// and the connection's later request/response traffic lost the short-circuit on that hop.
 /// Per-hop path (`--kernel-path off`), so every message of the request/response phase is
-/// counted as redirected (4 per round: client to proxy to server and back). The stream rule
-/// is off: by default the stream would take the whole connection to plain TCP before the
-/// reader fell behind (test `a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing`),
-/// and its request/response phase would then run on TCP; this is what pacing does for the
-/// connections that stay.
+/// counted as redirected (4 per round: client to proxy to server and back). With the stream
+/// rule on (`--sockmap-small-streak`, off by default) the stream would take the whole
+/// connection to plain TCP before the reader fell behind, and its request/response phase
+/// would then run on TCP.
 #[test]
 fn a_reader_slower_than_the_proxy_keeps_its_hop_on_the_short_circuit() -> Result<()> {
     require!();
     const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/py/slow_reader.py");
     const ROUNDS: u64 = 200;
     let opts = ProxyOptions {
-        extra_args: vec![
-            "--kernel-path".into(),
-            "off".into(),
-            "--sockmap-small-streak".into(),
-            "0".into(),
-        ],
+        extra_args: vec!["--kernel-path".into(), "off".into()],
         ..ProxyOptions::default()
     };
     let p = Pair::new(&opts, false)?;
