@@ -20,11 +20,11 @@
 //! the structs not at all: without this a sender that outruns its reader queues without
 //! limit; see `queued_cost`); TCP's machine-wide memory is past half of `tcp_mem`'s low
 //! threshold (`memory_tight`). On TCP the receiver's window holds the sender back as usual.
+//! Before that, a proxy socket's direction is held back by the proxy itself: past 3/4 of the
+//! limit its message still goes but `Flow::held` asks the proxy to pause (see `policy`).
 //! A workload whose direction is a stream (`Config::small_streak`) or keeps meeting the limit
 //! (`note_pressure`) asks for its whole connection to leave the SOCKHASH; the proxy takes
-//! it off, socket by socket (`detach`, `release`; proxy/src/transport/splice.rs, `Pacer`). Before that, a proxy socket's direction is held
-//! back by the proxy itself: past 3/4 of the limit its message still goes but `Flow::held`
-//! asks the proxy to pause (see `policy`).
+//! it off, socket by socket (`detach`, `release`; proxy/src/transport/splice.rs, `Pacer`).
 
 use crate::key::sock_key;
 

@@ -672,6 +672,9 @@ impl fmt::Debug for KernelCollector {
     }
 }
 
+/// Help of `ebpf_detach`, one family for the four steps of leaving the SOCKHASH.
+const DETACH_HELP: &str = "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)";
+
 /// How each kernel counter is exported: metric name, label (key, value), help.
 fn kernel_metric(
     name: &str,
@@ -826,26 +829,10 @@ fn kernel_metric(
             None,
             "Redirected proxy writes after which the proxy paused: the receiving workload had more than 3/4 of the queue limit unread",
         ),
-        "detach_wanted" => (
-            "ebpf_detach",
-            Some(("step", "wanted")),
-            "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)",
-        ),
-        "detach_ready" => (
-            "ebpf_detach",
-            Some(("step", "ready")),
-            "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)",
-        ),
-        "detach_stream" => (
-            "ebpf_detach",
-            Some(("step", "stream")),
-            "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)",
-        ),
-        "detach_proxy_ready" => (
-            "ebpf_detach",
-            Some(("step", "proxy_ready")),
-            "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)",
-        ),
+        "detach_wanted" => ("ebpf_detach", Some(("step", "wanted")), DETACH_HELP),
+        "detach_ready" => ("ebpf_detach", Some(("step", "ready")), DETACH_HELP),
+        "detach_stream" => ("ebpf_detach", Some(("step", "stream")), DETACH_HELP),
+        "detach_proxy_ready" => ("ebpf_detach", Some(("step", "proxy_ready")), DETACH_HELP),
         "flow_insert_failed" => (
             "ebpf_sockhash_inserts",
             Some(("result", "flow_table_full")),

@@ -456,25 +456,29 @@ impl Maps {
     /// socket's lock; the copy writes and calls this from one task). False if the socket is
     /// not registered (any more): it closed, or never was.
     pub fn quiesce(&self, key: &SockKey) -> bool {
-        let mut map = self.flows_write.lock().unwrap_or_else(|e| e.into_inner());
-        let Ok(mut flow) = map.get(key, 0) else {
-            return false;
-        };
-        flow.state = proxy_common::FLOW_TCP_DETACHING;
-        flow.held = 0;
-        // BPF_EXIST: never re-create the entry of a socket whose close callback just removed it.
-        map.insert(key, flow, BPF_EXIST).is_ok()
+        self.update_flow(key, |flow| {
+            flow.state = proxy_common::FLOW_TCP_DETACHING;
+            flow.held = 0;
+        })
     }
 
     /// Marks proxy socket `key` `PROXY_LEAVES`: the proxy takes its connection off the
     /// short-circuit when a workload asks. Before the proxy writes on it (sk_msg updates the
     /// same entry under the socket's lock while the proxy writes). False if not registered.
     pub fn mark_leaves(&self, key: &SockKey) -> bool {
+        self.update_flow(key, |flow| flow.proxy |= proxy_common::PROXY_LEAVES)
+    }
+
+    /// Rewrites proxy socket `key`'s `MESH_FLOWS` entry with `change` applied; false if it is
+    /// not registered (any more). The caller keeps sk_msg off the entry meanwhile (see
+    /// `quiesce`).
+    fn update_flow(&self, key: &SockKey, change: impl FnOnce(&mut Flow)) -> bool {
         let mut map = self.flows_write.lock().unwrap_or_else(|e| e.into_inner());
         let Ok(mut flow) = map.get(key, 0) else {
             return false;
         };
-        flow.proxy |= proxy_common::PROXY_LEAVES;
+        change(&mut flow);
+        // BPF_EXIST: never re-create the entry of a socket whose close callback just removed it.
         map.insert(key, flow, BPF_EXIST).is_ok()
     }
 
