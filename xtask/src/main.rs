@@ -118,6 +118,19 @@ enum Command {
         /// many concurrent streams depend on it (README, "Benchmarks").
         #[arg(long, value_name = "NAME")]
         tcp_congestion: Option<String>,
+        /// Only the interleaved stream comparison of direct TCP, TCP through the proxy and
+        /// the short-circuit scenarios (every size and connection count; a few minutes),
+        /// for tuning the short-circuit's stream policy.
+        #[arg(long)]
+        streams_only: bool,
+        /// An extra argument for the proxies of the short-circuit scenarios (repeatable),
+        /// e.g. --sockmap-arg=--sockmap-small-streak=16 to measure a policy setting.
+        #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+        sockmap_arg: Vec<String>,
+        /// Only these scenarios (repeatable; direct, ebpf, ebpf+sockmap, ebpf+kernel,
+        /// ebpf+naive, haproxy, nginx, iptables); by default all of them.
+        #[arg(long, value_name = "NAME")]
+        scenario: Vec<String>,
     },
 }
 
@@ -138,10 +151,16 @@ fn main() -> ExitCode {
             quick,
             reps,
             tcp_congestion,
+            streams_only,
+            sockmap_arg,
+            scenario,
         } => bench::run(bench::Options {
+            scenarios: scenario,
             quick,
             reps,
             tcp_congestion,
+            streams_only,
+            sockmap_args: sockmap_arg,
         })
         .map(|_| ()),
     };

@@ -137,6 +137,9 @@ fn run_steps(summary: &mut Summary, extra: &[String]) -> Result<()> {
                 quick: true,
                 reps: 1,
                 tcp_congestion: None,
+                streams_only: false,
+                sockmap_args: Vec::new(),
+                scenarios: Vec::new(),
             })?;
             crate::bench::validate(&dir)
         })?;

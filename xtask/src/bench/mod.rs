@@ -14,7 +14,7 @@ mod peers;
 mod report;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs,
     path::Path,
     sync::{
@@ -49,6 +49,12 @@ pub struct Options {
     pub reps: usize,
     /// The congestion control to set in every namespace the bench creates; `None`: inherited.
     pub tcp_congestion: Option<String>,
+    /// Only the interleaved streams (`Bench::interleaved_streams`).
+    pub streams_only: bool,
+    /// Extra arguments for the proxies of the short-circuit scenarios.
+    pub sockmap_args: Vec<String>,
+    /// Only the scenarios of these names; empty: all.
+    pub scenarios: Vec<String>,
 }
 
 /// How big each workload is.
@@ -105,8 +111,41 @@ pub struct RssTrace {
     pub points: Vec<(f64, f64)>,
 }
 
+/// A scenario's stream figures, measured before its turn (`Bench::interleaved_streams`).
+pub struct Streams {
+    samples: Vec<Sample>,
+    /// Connection directions that switched to the kernel-only path meanwhile (`None`: the
+    /// counters could not be read, or the scenario has none).
+    switches: Option<u64>,
+}
+
+/// What a scenario's stream runs moved, and the CPU its proxy (or peer) spent on them.
+#[derive(Default)]
+struct StreamTotals {
+    bytes: f64,
+    cpu_seconds: f64,
+}
+
+impl StreamTotals {
+    /// CPU seconds per GiB streamed, if something was under test and bytes moved.
+    fn sample_if(&self, scenario: &str, measured: bool) -> Option<Sample> {
+        (measured && self.bytes > 0.0).then(|| Sample {
+            scenario: scenario.to_string(),
+            workload: "stream (all)".into(),
+            metric: "cpu_s_per_gib".into(),
+            unit: "s/GiB",
+            value: self.cpu_seconds / (self.bytes / f64::from(1u32 << 30)),
+        })
+    }
+
+    fn sample(&self, scenario: &str, under: &UnderTest<'_>) -> Option<Sample> {
+        self.sample_if(scenario, !matches!(under, UnderTest::Nothing))
+    }
+}
+
 /// Runs the bench; returns the directory the results were written to.
 pub fn run(opts: Options) -> Result<std::path::PathBuf> {
+    let chosen = chosen_scenarios(&opts.scenarios)?;
     if !sh::is_root()? {
         bail!(
             "the bench creates network namespaces and cgroups and loads eBPF programs: run it as root (sudo -E env PATH=\"$PATH\" cargo xtask bench)"
@@ -145,16 +184,33 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
         reps,
         opts.tcp_congestion.as_deref(),
     )?;
+    bench.sockmap_args = opts.sockmap_args.clone();
+    bench.streams_only = opts.streams_only;
     let congestion = bench.congestion_control()?;
     say(&format!(
         "TCP congestion control in the bench's namespaces: {congestion}"
     ));
     let mut samples = Vec::new();
     let mut traces = Vec::new();
-    for scenario in SCENARIOS {
+    // First, while no iptables rule has turned conntrack on in the namespaces.
+    let compared: Vec<Scenario> = chosen.iter().copied().filter(|s| s.interleaved).collect();
+    let mut streams = bench
+        .interleaved_streams(&compared)
+        .context("interleaved streams")?;
+    if opts.streams_only {
+        let samples: Vec<Sample> = compared
+            .iter()
+            .filter_map(|sc| streams.remove(sc.name))
+            .flat_map(|s| s.samples)
+            .collect();
+        println!("{}", report::table(&samples));
+        println!("{}", report::streams_vs_plain(&samples));
+        return Ok(out.target_dir.join("bench"));
+    }
+    for scenario in chosen {
         say(&format!("scenario {}: {}", scenario.name, scenario.about));
         let (s, t) = bench
-            .scenario(&scenario)
+            .scenario(&scenario, streams.remove(scenario.name))
             .with_context(|| format!("scenario {}", scenario.name))?;
         samples.extend(s);
         traces.push(t);
@@ -174,6 +230,7 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
     )?;
     println!("{}", report::table(&samples));
     println!("{}", report::short_circuit(&samples));
+    println!("{}", report::streams_vs_plain(&samples));
     say(&format!("results in {}", dir.display()));
     Ok(dir)
 }
@@ -277,6 +334,23 @@ pub fn validate(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The scenarios named by `--scenario` (all if none), in the bench's order.
+fn chosen_scenarios(names: &[String]) -> Result<Vec<Scenario>> {
+    if let Some(bad) = names
+        .iter()
+        .find(|n| !SCENARIOS.iter().any(|s| s.name == n.as_str()))
+    {
+        bail!(
+            "--scenario {bad}: no such scenario; pick from {}",
+            SCENARIOS.map(|s| s.name).join(", ")
+        );
+    }
+    Ok(SCENARIOS
+        .into_iter()
+        .filter(|s| names.is_empty() || names.iter().any(|n| n == s.name))
+        .collect())
+}
+
 fn say(what: &str) {
     println!("xtask: bench: {what}");
 }
@@ -288,6 +362,9 @@ struct Scenario {
     name: &'static str,
     about: &'static str,
     kind: Kind,
+    /// Its streams run in the interleaved block (`Bench::interleaved_streams`) instead of
+    /// in its own turn: the scenarios the short-circuit table compares.
+    interleaved: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -312,6 +389,7 @@ const SCENARIOS: [Scenario; 8] = [
         name: "direct",
         about: "client pod to server pod, no proxy",
         kind: Kind::Direct,
+        interleaved: true,
     },
     Scenario {
         name: "ebpf",
@@ -322,6 +400,7 @@ const SCENARIOS: [Scenario; 8] = [
             naive: false,
             kernel_path: false,
         },
+        interleaved: true,
     },
     Scenario {
         name: "ebpf+sockmap",
@@ -332,6 +411,7 @@ const SCENARIOS: [Scenario; 8] = [
             naive: false,
             kernel_path: false,
         },
+        interleaved: true,
     },
     Scenario {
         name: "ebpf+kernel",
@@ -342,6 +422,7 @@ const SCENARIOS: [Scenario; 8] = [
             naive: false,
             kernel_path: true,
         },
+        interleaved: true,
     },
     Scenario {
         name: "ebpf+naive",
@@ -352,16 +433,19 @@ const SCENARIOS: [Scenario; 8] = [
             naive: true,
             kernel_path: false,
         },
+        interleaved: true,
     },
     Scenario {
         name: "haproxy",
         about: "HAProxy in the node (TCP and HTTP modes), addressed explicitly",
         kind: Kind::Haproxy,
+        interleaved: false,
     },
     Scenario {
         name: "nginx",
         about: "nginx in the node (stream and HTTP proxy), addressed explicitly",
         kind: Kind::Nginx,
+        interleaved: false,
     },
     // Last: iptables nat rules turn conntrack on for the whole namespace.
     Scenario {
@@ -373,6 +457,7 @@ const SCENARIOS: [Scenario; 8] = [
             naive: false,
             kernel_path: false,
         },
+        interleaved: false,
     },
 ];
 
@@ -417,13 +502,23 @@ struct Bench<'a> {
     meshbench: &'a Path,
     sizes: &'a Sizes,
     reps: usize,
+    /// Extra arguments for the proxies of the short-circuit scenarios (`--sockmap-arg`).
+    sockmap_args: Vec<String>,
+    /// `--streams-only`: also says what the short-circuit decided in each run.
+    streams_only: bool,
+    /// The host's allowed congestion controls, put back when the bench ends.
+    _allowed: Option<AllowedCongestion>,
     _servers: Vec<tests::Background>,
     _origin: Managed,
 }
 
 /// Sets `net.ipv4.tcp_congestion_control` to `cc` in each of `namespaces`, loading its module
 /// if the kernel has it but has not loaded it yet.
-fn set_congestion_control(namespaces: &[&str], cc: &str) -> Result<()> {
+///
+/// A namespace other than the host's may only pick one the host allows
+/// (`net.ipv4.tcp_allowed_congestion_control`, else EPERM): if `cc` is not allowed yet, it is
+/// added for the bench and the host's list restored when the returned guard drops.
+fn set_congestion_control(namespaces: &[&str], cc: &str) -> Result<Option<AllowedCongestion>> {
     let available = || {
         fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
             .unwrap_or_default()
@@ -442,11 +537,44 @@ fn set_congestion_control(namespaces: &[&str], cc: &str) -> Result<()> {
             "--tcp-congestion {cc}: this kernel has no such congestion control (available: {now}); pick one of those, or load its module (modprobe tcp_{cc})"
         );
     }
+    let allowed = fs::read_to_string(ALLOWED_CONGESTION)
+        .with_context(|| format!("reading {ALLOWED_CONGESTION}"))?
+        .trim()
+        .to_string();
+    let guard = if allowed.split_whitespace().any(|a| a == cc) {
+        None
+    } else {
+        fs::write(ALLOWED_CONGESTION, format!("{allowed} {cc}")).with_context(|| {
+            format!("allowing {cc} in network namespaces: writing {ALLOWED_CONGESTION} (it holds {allowed:?})")
+        })?;
+        say(&format!(
+            "allowed {cc} for the bench's namespaces (net.ipv4.tcp_allowed_congestion_control was {allowed:?}; restored at the end)"
+        ));
+        Some(AllowedCongestion { before: allowed })
+    };
     for ns in namespaces {
         sh::run(sysctl_in(ns).args(["-qw", &format!("net.ipv4.tcp_congestion_control={cc}")]))
             .with_context(|| format!("setting the congestion control in namespace {ns}"))?;
     }
-    Ok(())
+    Ok(guard)
+}
+
+const ALLOWED_CONGESTION: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+
+/// Puts the host's list of congestion controls that namespaces may pick back as it was.
+struct AllowedCongestion {
+    before: String,
+}
+
+impl Drop for AllowedCongestion {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(ALLOWED_CONGESTION, &self.before) {
+            say(&format!(
+                "could not restore {ALLOWED_CONGESTION} to {:?}: {e}",
+                self.before
+            ));
+        }
+    }
 }
 
 /// `sysctl` run in network namespace `ns` (namespaced settings such as the congestion
@@ -490,8 +618,9 @@ impl<'a> Bench<'a> {
         let server = node.add_pod("server")?;
         // Before any socket exists: a socket takes its namespace's setting when it is made
         // (an accepted one when the connection arrives).
+        let mut allowed = None;
         if let Some(cc) = congestion {
-            set_congestion_control(&[&node.netns, &client.netns, &server.netns], cc)?;
+            allowed = set_congestion_control(&[&node.netns, &client.netns, &server.netns], cc)?;
         }
         let mut servers = Vec::new();
         for (port, cpus) in [(TCP_PINNED, Some(PIN_CPU)), (TCP_UNPINNED, None)] {
@@ -535,6 +664,9 @@ impl<'a> Bench<'a> {
             meshbench,
             sizes,
             reps,
+            sockmap_args: Vec::new(),
+            streams_only: false,
+            _allowed: allowed,
             _servers: servers,
             _origin: origin,
         })
@@ -556,8 +688,13 @@ impl<'a> Bench<'a> {
 
     /// Runs a scenario twice: once with the proxy (or peer) pinned to the CPU the client
     /// and server of the latency runs are pinned to, for repeatable tails; once unpinned
-    /// for everything else.
-    fn scenario(&mut self, sc: &Scenario) -> Result<(Vec<Sample>, RssTrace)> {
+    /// for everything else. `streams`: its stream figures, measured already (interleaved
+    /// with the other scenarios'); `None`: measured now.
+    fn scenario(
+        &mut self,
+        sc: &Scenario,
+        streams: Option<Streams>,
+    ) -> Result<(Vec<Sample>, RssTrace)> {
         let targets = self.targets(sc.kind);
         let peer = self.setup(sc, Some(PIN_CPU))?;
         let before = self.kernel_path_switches(sc);
@@ -579,11 +716,12 @@ impl<'a> Bench<'a> {
                 (None, Kind::Proxy { .. }) => UnderTest::Proxy(&self.node),
                 _ => UnderTest::Nothing,
             };
-            self.measure(sc.name, &targets, &under)
+            self.measure(sc.name, &targets, &under, streams.as_ref())
         };
         let switches = since(before, self.kernel_path_switches(sc))
             .zip(pinned_switches)
-            .map(|(a, b)| a + b);
+            .zip(streams.as_ref().map_or(Some(0), |s| s.switches))
+            .map(|((a, b), c)| a + b + c);
         self.teardown(sc, peer)?;
         let (rest, trace) = rest?;
         samples.extend(rest);
@@ -655,6 +793,7 @@ impl<'a> Bench<'a> {
                         "--kernel-path".into(),
                         if kernel_path { "on" } else { "off" }.into(),
                     ]);
+                    extra_args.extend(self.sockmap_args.iter().cloned());
                 }
                 self.node.start_proxy(&ProxyOptions {
                     mode,
@@ -774,14 +913,42 @@ impl<'a> Bench<'a> {
         Ok(out)
     }
 
+    /// The unpinned figures of one scenario; its stream figures are `streams` if measured
+    /// already.
     fn measure(
         &self,
         scenario: &str,
         t: &Targets,
         under: &UnderTest<'_>,
+        streams: Option<&Streams>,
     ) -> Result<(Vec<Sample>, RssTrace)> {
         // Latency unpinned (the pinned runs happened with the proxy pinned, see scenario()).
         let mut out = self.latency(scenario, &t.tcp_unpinned, "unpinned", false, &[1, 1024])?;
+        let rss_idle = under.rss_kib();
+        let sampler = RssSampler::start(scenario, under.pids());
+
+        // Throughput by message size and concurrency; CPU per GiB over all of it.
+        match streams {
+            Some(done) => out.extend(done.samples.iter().cloned()),
+            None => {
+                let mut totals = StreamTotals::default();
+                for &size in self.sizes.stream_sizes {
+                    for &conns in self.sizes.stream_conns {
+                        for _ in 0..self.reps {
+                            out.extend(self.stream(
+                                scenario,
+                                &t.tcp_unpinned,
+                                size,
+                                conns,
+                                under,
+                                &mut totals,
+                            )?);
+                        }
+                    }
+                }
+                out.extend(totals.sample(scenario, under));
+            }
+        }
         let mut push = |workload: String, metric: &str, unit: &'static str, value: f64| {
             out.push(Sample {
                 scenario: scenario.to_string(),
@@ -791,45 +958,6 @@ impl<'a> Bench<'a> {
                 value,
             });
         };
-        let rss_idle = under.rss_kib();
-        let sampler = RssSampler::start(scenario, under.pids());
-
-        // Throughput by message size and concurrency; CPU per GiB over all of it.
-        let cpu0 = under.cpu_seconds();
-        let mut bytes = 0f64;
-        for &size in self.sizes.stream_sizes {
-            for &conns in self.sizes.stream_conns {
-                for _ in 0..self.reps {
-                    let j = self.meshbench_json(
-                        false,
-                        &[
-                            "stream",
-                            "--connect",
-                            &t.tcp_unpinned,
-                            "--size",
-                            &size.to_string(),
-                            "--connections",
-                            &conns.to_string(),
-                            "--seconds",
-                            &self.sizes.stream_seconds.to_string(),
-                        ],
-                    )?;
-                    let w = format!("stream {} x{conns}", human(size));
-                    push(w.clone(), "gbit_per_s", "Gbit/s", num(&j, "gbit_per_s")?);
-                    push(w, "errors", "count", num(&j, "errors")?);
-                    bytes += num(&j, "bytes")?;
-                }
-            }
-        }
-        let cpu_stream = under.cpu_seconds() - cpu0;
-        if bytes > 0.0 && !matches!(under, UnderTest::Nothing) {
-            push(
-                "stream (all)".into(),
-                "cpu_s_per_gib",
-                "s/GiB",
-                cpu_stream / (bytes / f64::from(1u32 << 30)),
-            );
-        }
 
         // Connection rate: short connections, the per-connection cost of the hooks.
         for _ in 0..self.reps {
@@ -989,6 +1117,165 @@ impl<'a> Bench<'a> {
         }
         let trace = sampler.stop();
         Ok((out, trace))
+    }
+
+    /// One stream run: `conns` connections writing `size`-byte messages to `target` for the
+    /// stream time; its throughput and errors as samples of `scenario`, its bytes and the
+    /// CPU `under` spent on it added to `totals`.
+    fn stream(
+        &self,
+        scenario: &str,
+        target: &str,
+        size: u64,
+        conns: u64,
+        under: &UnderTest<'_>,
+        totals: &mut StreamTotals,
+    ) -> Result<[Sample; 2]> {
+        let cpu0 = under.cpu_seconds();
+        let j = self.meshbench_json(
+            false,
+            &[
+                "stream",
+                "--connect",
+                target,
+                "--size",
+                &size.to_string(),
+                "--connections",
+                &conns.to_string(),
+                "--seconds",
+                &self.sizes.stream_seconds.to_string(),
+            ],
+        )?;
+        totals.cpu_seconds += under.cpu_seconds() - cpu0;
+        totals.bytes += num(&j, "bytes")?;
+        let workload = format!("stream {} x{conns}", human(size));
+        let sample = |metric: &str, unit: &'static str, value: f64| Sample {
+            scenario: scenario.to_string(),
+            workload: workload.clone(),
+            metric: metric.to_string(),
+            unit,
+            value,
+        };
+        Ok([
+            sample("gbit_per_s", "Gbit/s", num(&j, "gbit_per_s")?),
+            sample("errors", "count", num(&j, "errors")?),
+        ])
+    }
+
+    /// The kernel counters of a short-circuit scenario's proxy (`None` for other scenarios,
+    /// or if they cannot be read).
+    fn short_circuit_counters(&self, sc: &Scenario) -> Option<HashMap<String, u64>> {
+        if !matches!(sc.kind, Kind::Proxy { sockmap: true, .. }) {
+            return None;
+        }
+        self.node.counters().ok()
+    }
+
+    /// `--streams-only`: what the short-circuit decided during one scenario's streams at
+    /// `size`: how many bytes it redirected or passed to TCP, and the leave decisions.
+    fn say_decisions(&self, sc: &Scenario, size: u64, before: Option<HashMap<String, u64>>) {
+        const SHOWN: [&str; 8] = [
+            "msg_redirected_bytes",
+            "msg_passed_bytes",
+            "msg_proxy_held",
+            "msg_passed_backpressure",
+            "detach_stream",
+            "detach_wanted",
+            "detach_ready",
+            "detach_proxy_ready",
+        ];
+        let (Some(before), Some(after)) = (before, self.short_circuit_counters(sc)) else {
+            return;
+        };
+        let grew: Vec<String> = SHOWN
+            .iter()
+            .filter_map(|name| {
+                let d = after
+                    .get(*name)?
+                    .saturating_sub(*before.get(*name).unwrap_or(&0));
+                (d > 0).then(|| format!("{name} {d}"))
+            })
+            .collect();
+        say(&format!(
+            "{} {}: {}",
+            sc.name,
+            human(size),
+            if grew.is_empty() {
+                "no short-circuit counter moved".to_string()
+            } else {
+                grew.join(", ")
+            }
+        ));
+    }
+
+    /// The stream figures of the scenarios the short-circuit table compares, measured
+    /// interleaved: for each message size, each repetition runs every scenario once (all
+    /// connection counts), in an order rotated from one repetition to the next, with the
+    /// scenario's proxy started for it and stopped after. Measured: throughput on this VM
+    /// drifts more within an afternoon (TCP through the proxy, 16 KiB x1, from 7.0 to 10.9
+    /// Gbit/s) than the differences the table judges, so scenarios measured ten minutes
+    /// apart compared the drift; seconds apart, they compare the scenarios.
+    fn interleaved_streams(
+        &mut self,
+        scenarios: &[Scenario],
+    ) -> Result<BTreeMap<&'static str, Streams>> {
+        say(&format!(
+            "streams of {} interleaved (per size and repetition, each once, the proxy restarted for each)",
+            scenarios
+                .iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let mut done: BTreeMap<&'static str, Streams> = BTreeMap::new();
+        let mut totals: BTreeMap<&'static str, StreamTotals> = BTreeMap::new();
+        let mut turn = 0;
+        for &size in self.sizes.stream_sizes {
+            for _ in 0..self.reps {
+                for k in 0..scenarios.len() {
+                    let sc = scenarios[(turn + k) % scenarios.len()];
+                    let targets = self.targets(sc.kind);
+                    let peer = self.setup(&sc, None)?;
+                    let before = self.kernel_path_switches(&sc);
+                    let counters = self.short_circuit_counters(&sc);
+                    let runs = {
+                        let under = match (&peer, sc.kind) {
+                            (Some(m), _) => UnderTest::Peer(m),
+                            (None, Kind::Proxy { .. }) => UnderTest::Proxy(&self.node),
+                            _ => UnderTest::Nothing,
+                        };
+                        let t = totals.entry(sc.name).or_default();
+                        self.sizes
+                            .stream_conns
+                            .iter()
+                            .map(|&conns| {
+                                self.stream(sc.name, &targets.tcp_unpinned, size, conns, &under, t)
+                            })
+                            .collect::<Result<Vec<_>>>()
+                    };
+                    let switches = since(before, self.kernel_path_switches(&sc));
+                    if self.streams_only {
+                        self.say_decisions(&sc, size, counters);
+                    }
+                    self.teardown(&sc, peer)?;
+                    let runs = runs.with_context(|| format!("scenario {}", sc.name))?;
+                    let entry = done.entry(sc.name).or_insert_with(|| Streams {
+                        samples: Vec::new(),
+                        switches: Some(0),
+                    });
+                    entry.samples.extend(runs.into_iter().flatten());
+                    entry.switches = entry.switches.zip(switches).map(|(a, b)| a + b);
+                }
+                turn += 1;
+            }
+        }
+        for sc in scenarios {
+            if let (Some(entry), Some(t)) = (done.get_mut(sc.name), totals.get(sc.name)) {
+                let measured = !matches!(sc.kind, Kind::Direct);
+                entry.samples.extend(t.sample_if(sc.name, measured));
+            }
+        }
+        Ok(done)
     }
 
     /// Runs meshbench in the client pod and returns its final JSON line.

@@ -210,6 +210,75 @@ pub fn short_circuit(samples: &[Sample]) -> String {
     out
 }
 
+/// Every stream workload (size and connection count) of the short-circuit scenarios against
+/// plain TCP through the proxy: the median of the per-repetition ratios, each repetition's
+/// pair measured seconds apart (`Bench::interleaved_streams`), with plain TCP's median
+/// Gbit/s; and where the adaptive policy is slower.
+pub fn streams_vs_plain(samples: &[Sample]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    let mut values: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    for s in samples {
+        if s.metric != "gbit_per_s" || !s.workload.starts_with("stream ") {
+            continue;
+        }
+        if !order.contains(&s.workload.as_str()) {
+            order.push(&s.workload);
+        }
+        values
+            .entry((s.scenario.as_str(), s.workload.as_str()))
+            .or_default()
+            .push(s.value);
+    }
+    let mut out = String::from(
+        "\nstreams vs plain TCP through the proxy (median of per-repetition ratios, interleaved runs)\n",
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:>11} {:>10} {:>10} {:>10}",
+        "workload", "TCP Gbit/s", "adaptive", "kernel", "naive"
+    );
+    let mut slower = Vec::new();
+    for w in order {
+        let Some(plain) = values.get(&(PLAIN, w)) else {
+            continue;
+        };
+        let ratio = |sc: &str| {
+            let v = values.get(&(sc, w))?;
+            let r: Vec<f64> = plain
+                .iter()
+                .zip(v)
+                .filter(|(p, _)| **p > 0.0)
+                .map(|(p, x)| x / p)
+                .collect();
+            let m = median(&r);
+            m.is_finite().then_some(m)
+        };
+        let [a, k, n] = [ADAPTIVE, KERNEL, NAIVE].map(ratio);
+        let cell = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("x{r:.2}"));
+        let _ = writeln!(
+            out,
+            "{w:<16} {:>11} {:>10} {:>10} {:>10}",
+            fmt(median(plain)),
+            cell(a),
+            cell(k),
+            cell(n)
+        );
+        if let Some(r) = a.filter(|r| *r < 1.0) {
+            slower.push(format!("{} x{r:.2}", w.trim_start_matches("stream ")));
+        }
+    }
+    if slower.is_empty() {
+        out.push_str("adaptive per-hop policy >= plain TCP on every stream\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "adaptive per-hop policy SLOWER than plain TCP at: {}",
+            slower.join(", ")
+        );
+    }
+    out
+}
+
 /// Where one policy of the short-circuit table is slower than plain TCP, and where it has
 /// no figure.
 #[derive(Default)]
@@ -551,16 +620,23 @@ pub fn write_all(dir: &Path, run: &Run<'_>) -> Result<()> {
     );
     let _ = writeln!(
         md,
-        "Method: {reps} repetition(s) per figure, medians shown with ratios to `direct` measured in the same run{}. Latency \"pinned\": client, server and proxy on CPU 0; \"unpinned\": scheduler's choice. Load generators run in the client pod and share the 2 CPUs with the proxy.\n",
+        "Method: {reps} repetition(s) per figure, medians shown with ratios to `direct` measured in the same run{}. Latency \"pinned\": client, server and proxy on CPU 0; \"unpinned\": scheduler's choice. Load generators run in the client pod and share the 2 CPUs with the proxy. Streams of {} are interleaved: for each size, every repetition runs each of them once (the proxy restarted for it), in an order rotated per repetition, so their ratios compare scenarios seconds apart rather than the machine's drift.\n",
         if quick {
             " (--quick: tiny counts, numbers are not meaningful)"
         } else {
             ""
-        }
+        },
+        super::SCENARIOS
+            .iter()
+            .filter(|s| s.interleaved)
+            .map(|s| s.name)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     md.push_str("```\n");
     md.push_str(&table(samples));
     md.push_str(&short_circuit(samples));
+    md.push_str(&streams_vs_plain(samples));
     md.push_str("```\n\nPlots: latency.svg, throughput.svg, rss.svg. Raw data: results.json, results.csv.\n");
     md.push_str(&details(&rows));
     fs::write(dir.join("summary.md"), md)?;
@@ -1016,6 +1092,53 @@ mod tests {
             .find(|l| l.split_whitespace().next() == Some(first))
             .unwrap_or_default()
             .to_string()
+    }
+
+    #[test]
+    fn streams_compare_each_repetition_with_its_own_plain_tcp_run() {
+        // Plain TCP drifts from 10 to 4 Gbit/s over the repetitions; adaptive runs at 1.1x
+        // of each paired run, so the ratio of medians (8/10 at 16 KiB) would call it slower
+        // where the pairs say it is faster. At 1 MiB it is slower in every pair.
+        let mut v = Vec::new();
+        for (plain, adaptive) in [(10.0, 11.0), (4.0, 4.4), (9.0, 9.9)] {
+            v.push(sample(
+                PLAIN,
+                "stream 16KiB x10".into(),
+                "gbit_per_s",
+                plain,
+            ));
+            v.push(sample(
+                ADAPTIVE,
+                "stream 16KiB x10".into(),
+                "gbit_per_s",
+                adaptive,
+            ));
+        }
+        for (plain, adaptive) in [(5.0, 4.0), (6.0, 5.4)] {
+            v.push(sample(
+                PLAIN,
+                "stream 1MiB x100".into(),
+                "gbit_per_s",
+                plain,
+            ));
+            v.push(sample(
+                ADAPTIVE,
+                "stream 1MiB x100".into(),
+                "gbit_per_s",
+                adaptive,
+            ));
+        }
+        v.push(sample(PLAIN, "stream 1MiB x100".into(), "errors", 0.0));
+        let t = streams_vs_plain(&v);
+        let line = |w: &str| t.lines().find(|l| l.starts_with(w)).unwrap_or_default();
+        assert!(line("stream 16KiB x10 ").contains("9.00"), "{t}");
+        assert!(line("stream 16KiB x10 ").contains("x1.10"), "{t}");
+        assert!(line("stream 1MiB x100 ").contains("x0.85"), "{t}");
+        assert!(
+            t.contains("SLOWER than plain TCP at: 1MiB x100 x0.85"),
+            "{t}"
+        );
+        assert!(!t.contains("16KiB x10 x"), "{t}");
     }
 
     #[test]
