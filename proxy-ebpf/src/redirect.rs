@@ -261,16 +261,35 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
     };
     let queued = queue_len(cfg, receiver.sk);
     let cost = settle_cost(cfg, &mut flow.to_peer, queued, size);
+    // Only workloads' writes count for the stream rule: the proxy writes what it read, up to
+    // a whole buffer at once, so its small writes mean there is little to send; and the
+    // direction into a workload stays on the short-circuit whenever it can, because a
+    // workload's blocking reader that waits in tcp_bpf_recvmsg can be woken by TCP-path data
+    // with nothing in the psock queue (ARCHITECTURE.md, "Kernel facts"). Only where the proxy
+    // will take the connection off (`PROXY_LEAVES`): elsewhere the direction stays as it was.
+    let stream_rule =
+        cfg.small_streak != 0 && flow.proxy == 0 && receiver.proxy & PROXY_LEAVES != 0;
     if let Some(reason) = memory_rules(cfg, flow.sk, cost, cfg.queue_limit) {
+        // With the stream rule on, a workload that writes a whole queue limit ahead of its
+        // reader is a stream as well. Large writes meet the limit before they make a streak
+        // (4 MiB is four 1 MiB writes), then stay on TCP without ever asking, and with
+        // their sockets still in the SOCKHASH pay sk_msg's cost on every send: measured
+        // (cubic, interleaved), 1 MiB streams at x0.84 to x0.95 of plain TCP.
+        if reason == FLOW_TCP_BACKPRESSURE && stream_rule {
+            want_detach(cfg, flow, peer, DETACH_STREAM);
+            if flow.detach == DETACH_STREAM {
+                return Some(FLOW_TCP_STREAM);
+            }
+        }
         return Some(reason);
     }
     // The proxy's writes into a workload that reads more slowly: past 3/4 of the limit this
     // message still goes, and the proxy, which reads the fill level after each write, pauses
-    // before its next one, longer the fuller the queue. A redirect has no flow control of its own; without the pause the proxy
-    // reaches the limit within milliseconds and the direction leaves for TCP for good (a
-    // proxy direction never comes back: its receiver is a workload, which may be blocked in
-    // `tcp_recvmsg` where redirected bytes are invisible). The limit still holds if the
-    // workload stops reading altogether.
+    // before its next one, longer the fuller the queue. A redirect has no flow control of its
+    // own; without the pause the proxy reaches the limit within milliseconds and the
+    // direction leaves for TCP for good (a proxy direction never comes back: its receiver is
+    // a workload, which may be blocked in `tcp_recvmsg` where redirected bytes are
+    // invisible). The limit still holds if the workload stops reading altogether.
     if flow.proxy != 0 && cfg.queue_limit != 0 {
         // In sixteenths of the limit; memory_rules above keeps it at 16 or below.
         let fill = cost * 16 / u64::from(cfg.queue_limit);
@@ -279,22 +298,16 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
             count(counter::MSG_PROXY_HELD, 1);
         }
     }
-    // Only workloads' writes: the proxy writes what it read, up to a whole buffer at once,
-    // so its small writes mean there is little to send; and the direction into a workload
-    // stays on the short-circuit whenever it can, because a workload's blocking reader that
-    // waits in tcp_bpf_recvmsg can be woken by TCP-path data with nothing in the psock queue
-    // (ARCHITECTURE.md, "Kernel facts").
-    if cfg.small_streak != 0 && flow.proxy == 0 {
+    if stream_rule {
         // A reply in between (request/response) finds the queue empty and resets the count.
         if size < cfg.small_msg && queued > 0 {
             flow.streak = flow.streak.saturating_add(1);
-            if flow.streak >= cfg.small_streak && receiver.proxy & PROXY_LEAVES != 0 {
+            if flow.streak >= cfg.small_streak {
                 // A stream: its whole connection is better off on plain TCP (the proxy's
                 // sockets too, which keep paying for sk_msg while they stay in the
                 // SOCKHASH). It asks, and its direction goes to TCP at once, where the
                 // proxy's receive window paces it while the proxy takes the connection off
-                // (`detach`). Only where the proxy will (`PROXY_LEAVES`): elsewhere the
-                // direction stays as it was.
+                // (`detach`).
                 want_detach(cfg, flow, peer, DETACH_STREAM);
                 if flow.detach == DETACH_STREAM {
                     return Some(FLOW_TCP_STREAM);

@@ -297,15 +297,21 @@ impl ShortCircuit {
     /// default), and far below `tcp_mem`. Measured (`cargo xtask bench`): 1 MiB sends bulk
     /// streams to TCP about four times as often for no gain in what a slow reader can pin.
     pub const DEFAULT_QUEUE_LIMIT: u32 = 4 << 20;
-    pub const DEFAULT_SMALL_WRITE: u32 = 16 * 1024;
-    /// Off. With the rule on (e.g. 16, and `sockmap_small_write` 1 MiB so that every write
-    /// counts) a stream takes its whole connection off the SOCKHASH
-    /// (`transport::splice::Pacer`), and scratch runs put streams at about plain TCP's speed
-    /// (16 KiB x1.02/x0.97/x0.99 at 1/10/100 connections, bbr, interleaved); but two full
-    /// bench runs did not confirm it (README, "Benchmarks": under cubic 16 KiB to 1 MiB at 10
-    /// and 100 connections x0.65 to x0.93, below the x0.80 to x1.04 without the rule; under
-    /// bbr the one-stream gains of x1.1 to x1.8 gone), so it stays opt-in.
-    pub const DEFAULT_SMALL_STREAK: u32 = 0;
+    /// Every write counts for the stream rule, whatever its size (see `MAX_SMALL_WRITE`).
+    pub const DEFAULT_SMALL_WRITE: u32 = Self::MAX_SMALL_WRITE;
+    /// The largest `small_write`: every write counts, whatever its size.
+    pub const MAX_SMALL_WRITE: u32 = 1 << 20;
+    /// 16 writes in a row that find the reader behind make a workload's direction a stream
+    /// (so does meeting the queue limit), and the proxy takes its whole connection off the
+    /// SOCKHASH for plain TCP (`transport::splice::Pacer`). Measured (`cargo xtask bench
+    /// --streams-only`, plain TCP through the proxy and per hop interleaved, cubic, medians
+    /// of 3 per-repetition ratios): with the rule off, streams of 16 KiB to 1 MiB ran at
+    /// x0.80 to x0.93 of plain TCP at every connection count; with it on, every connection
+    /// left and streams ran at x0.94 to x1.06 (64 B and 1 KiB x0.79 to x1.23 either way).
+    /// Request/response never makes a streak: each request finds the queue empty. 0 turns
+    /// the rule off (streams then stay on the short-circuit until they keep meeting the
+    /// queue limit with the proxy behind).
+    pub const DEFAULT_SMALL_STREAK: u32 = 16;
     /// A writer that met the limit twice outruns its reader for good: the proxy, sharing the
     /// CPUs with many such writers, cannot drain their queues as fast as they fill them, and
     /// between stays on the TCP path they pay sk_msg's costs for nothing. Measured (`stream`
@@ -361,12 +367,12 @@ impl ShortCircuit {
             ));
         }
         let small_write = small_write.unwrap_or(Self::DEFAULT_SMALL_WRITE);
-        if small_write > 1 << 20 {
+        if small_write > Self::MAX_SMALL_WRITE {
             return Err(invalid(
                 "intercept.sockmap_small_write",
                 small_write,
                 "out of range 0..=1048576 bytes",
-                "use a size up to 1048576 (1048576 counts every write, so a stream of any size leaves the short-circuit); the default is 16384 (README, \"Benchmarks\": how write size, concurrency and the congestion control change the comparison with TCP)",
+                "use a size up to 1048576 (the default: every write counts, so a stream of any size leaves the short-circuit); a smaller size keeps streams of larger writes on it (README, \"Benchmarks\")",
             ));
         }
         let small_streak = small_streak.unwrap_or(Self::DEFAULT_SMALL_STREAK);
@@ -375,7 +381,7 @@ impl ShortCircuit {
                 "intercept.sockmap_small_streak",
                 small_streak,
                 "out of range 0..=65536",
-                "use 0 (the default) to keep small-write streams on the short-circuit, or e.g. 16 to move them to TCP",
+                "use 16 (the default) to move streams to plain TCP, or 0 to keep them on the short-circuit",
             ));
         }
         Ok(ShortCircuit {
@@ -1869,8 +1875,9 @@ mod tests {
             c.short_circuit.queue_limit,
             ShortCircuit::DEFAULT_QUEUE_LIMIT
         );
-        assert_eq!(c.short_circuit.small_streak, 0);
-        assert_eq!(c.short_circuit.small_write, 16 * 1024);
+        // The stream rule is on by default, counting every write.
+        assert_eq!(c.short_circuit.small_streak, 16);
+        assert_eq!(c.short_circuit.small_write, 1 << 20);
         assert!(!c.short_circuit.is_naive());
         let c = resolve(&format!(
             "{base}sockmap_queue_limit = 65536\nsockmap_small_streak = 8\nsockmap_small_write = 4096\n"

@@ -177,13 +177,14 @@ struct ConfigArgs {
     #[arg(long, value_name = "BYTES")]
     sockmap_queue_limit: Option<u32>,
     /// Writes (below --sockmap-small-write) in a row, each finding the receiver with unread
-    /// bytes, that make a workload's direction a stream: its connection leaves the
-    /// short-circuit for plain TCP, all four sockets (per hop); 0 never does [default: 0;
-    /// README "Benchmarks": 16 with --sockmap-small-write 1048576 is the measured candidate].
+    /// bytes, that make a workload's direction a stream (so does meeting the queue limit):
+    /// its connection leaves the short-circuit for plain TCP, all four sockets (per hop),
+    /// where streams run at least as fast; 0 keeps streams on the short-circuit [default:
+    /// 16; README "Benchmarks"].
     #[arg(long, value_name = "N")]
     sockmap_small_streak: Option<u32>,
-    /// Writes below this size count for --sockmap-small-streak (up to 1048576: every write)
-    /// [default: 16384].
+    /// Writes below this size count for --sockmap-small-streak; 1048576, the largest, counts
+    /// every write [default: 1048576].
     #[arg(long, value_name = "BYTES")]
     sockmap_small_write: Option<u32>,
     /// With --sockmap on: authorized same-node opaque TCP connections go workload to

@@ -313,9 +313,13 @@ fn integrity_iptables() -> Result<()> {
 fn short_circuit_carries_the_bytes() -> Result<()> {
     require!();
     // The per-hop short-circuit: every byte through the proxy (tests/tests/kernel_path.rs
-    // has the kernel-only path, on by default, where bytes skip the proxy).
+    // has the kernel-only path, on by default, where bytes skip the proxy). The stream rule
+    // off: on, the default, the 1 MiB upload is a stream and leaves for plain TCP
+    // (tests/tests/short_circuit.rs has that).
     let opts = ProxyOptions {
-        extra_args: vec!["--kernel-path".into(), "off".into()],
+        extra_args: ["--kernel-path", "off", "--sockmap-small-streak", "0"]
+            .map(String::from)
+            .into(),
         ..ProxyOptions::default()
     };
     let s = Setup::new(&opts, 1)?;

@@ -275,8 +275,16 @@ fn tiny_writes_into_paused_readers(kernel_path: &str) -> Result<()> {
     /// what the rest of the machine allocates meanwhile. A fifth of what the structs alone
     /// took before.
     const SLAB_PER_CONN: u64 = 16 << 20;
+    // The stream rule off: on (the default) these writers are streams after 16 writes and
+    // their connections leave for plain TCP before the queues fill, and the bound must hold
+    // without it too.
     let opts = ProxyOptions {
-        extra_args: vec!["--kernel-path".into(), kernel_path.into()],
+        extra_args: vec![
+            "--kernel-path".into(),
+            kernel_path.into(),
+            "--sockmap-small-streak".into(),
+            "0".into(),
+        ],
         ..ProxyOptions::default()
     };
     let mut p = Pair::new(&opts, false)?;
@@ -349,6 +357,7 @@ fn order_run(
             bytes: 4096,
             max_write: 512,
             io: "poll",
+            fixed_writes: false,
         },
     )
 }
@@ -363,6 +372,8 @@ struct Load {
     /// meshtest `--io` on both ends: "poll" (event-driven, what most programs do) or
     /// "blocking" (a reader and a writer thread on one blocking socket).
     io: &'static str,
+    /// The client writes exactly `max_write` bytes each time (else random sizes up to it).
+    fixed_writes: bool,
 }
 
 fn order_load(p: &mut Pair, load: &Load) -> Result<()> {
@@ -400,6 +411,7 @@ fn order_clients(p: &Pair, load: &Load) -> Result<()> {
         bytes,
         max_write,
         io,
+        fixed_writes,
     } = *load;
     let (delay, bytes, max_write) = (
         delay_ms.to_string(),
@@ -424,6 +436,9 @@ fn order_clients(p: &Pair, load: &Load) -> Result<()> {
     ];
     if tfo {
         client.push("--tfo");
+    }
+    if fixed_writes {
+        client.push("--fixed-writes");
     }
     let what = format!(
         "{connections} connections, {concurrency} at once, readers after {delay_ms} ms, tfo {tfo}"
@@ -593,6 +608,7 @@ fn small_write_streams_take_their_connection_to_tcp_and_stay_in_order() -> Resul
             bytes: 1 << 20,
             max_write: 64,
             io: "poll",
+            fixed_writes: false,
         },
     )?;
     let (streams, left) = (
@@ -606,8 +622,9 @@ fn small_write_streams_take_their_connection_to_tcp_and_stay_in_order() -> Resul
     Ok(())
 }
 
-/// With the stream rule on (`--sockmap-small-streak 16 --sockmap-small-write 1048576`; off by
-/// default) a stream (here 10 connections at once, 8 MiB each way in writes up to 64 KiB)
+/// With the stream rule on (the default, written out here: `--sockmap-small-streak 16
+/// --sockmap-small-write 1048576`) a stream (here 10 connections at once, 8 MiB each way in
+/// writes up to 64 KiB)
 /// takes its whole connection to plain TCP: on the short-circuit it is no faster, and its
 /// sockets left in the SOCKHASH keep paying for sk_msg (README, "Benchmarks"). Its workload
 /// asks (`detach_stream`: writes in a row that found the reader behind), then the
@@ -642,6 +659,7 @@ fn a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing() -> Resul
             bytes: 8 << 20,
             max_write: 64 << 10,
             io: "poll",
+            fixed_writes: false,
         },
     )?;
     let streams = p.counter("detach_stream")?;
@@ -661,6 +679,52 @@ fn a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing() -> Resul
     ensure!(
         detached <= most && detached_proxy <= most,
         "more sockets counted as detached ({detached} workload, {detached_proxy} proxy) than the {CONNECTIONS} connections have"
+    );
+    Ok(())
+}
+
+/// Streams of 1 MiB writes (the client's; the server answers in random sizes) meet the queue
+/// limit (4 MiB: four writes) before they can make a streak; with the stream rule on (the
+/// default) meeting it counts as a stream as well, so they too take their whole connection
+/// to plain TCP (before, they stayed on TCP with all four sockets in the SOCKHASH, paying
+/// sk_msg's cost on every send: x0.84 to x0.95 of plain TCP). Every byte of every
+/// connection, both ways, arrives once and in order. (The server's direction can ask too, so
+/// this does not isolate the limit's part: `cargo xtask bench --streams-only` shows it, 1 MiB
+/// streams asking 111 of 111 times against 0 or 1 before.)
+#[test]
+fn streams_of_large_writes_take_their_connection_to_plain_tcp_too() -> Result<()> {
+    require!();
+    const CONNECTIONS: u32 = 4;
+    let opts = ProxyOptions {
+        extra_args: vec!["--kernel-path".into(), "off".into()],
+        ..ProxyOptions::default()
+    };
+    let mut p = Pair::new(&opts, true)?;
+    order_load(
+        &mut p,
+        &Load {
+            connections: CONNECTIONS,
+            concurrency: CONNECTIONS,
+            delay_ms: 0,
+            tfo: false,
+            bytes: 32 << 20,
+            max_write: 1 << 20,
+            io: "poll",
+            fixed_writes: true,
+        },
+    )?;
+    let streams = p.counter("detach_stream")?;
+    let detached = tests::metric_sum(
+        &p.node.admin_metrics()?,
+        "mesh_tcp_short_circuit_detached_sockets_total",
+        &[],
+    );
+    println!(
+        "{streams} directions of 1 MiB writes asked to leave as streams; {detached} workload sockets left the SOCKHASH"
+    );
+    ensure!(
+        streams > 0 && detached >= 2.0,
+        "streams of 1 MiB writes did not leave the short-circuit ({streams} asked, {detached} workload sockets left)"
     );
     Ok(())
 }
@@ -693,6 +757,7 @@ fn writers_that_outrun_the_proxy_leave_the_sockhash_and_lose_nothing() -> Result
             bytes: 16 << 20,
             max_write: 1024,
             io: "poll",
+            fixed_writes: false,
         },
     )?;
     let (wanted, ready, proxy_ready) = (
@@ -740,6 +805,7 @@ fn blocking_full_duplex(connections: u32) -> Load {
         bytes: 64 << 10,
         max_write: 512,
         io: "blocking",
+        fixed_writes: false,
     }
 }
 
@@ -921,17 +987,19 @@ fn truly_blocking_waitall_request_response_never_stalls() -> Result<()> {
 /// on the short-circuit: before, it met the limit within milliseconds and took TCP for good,
 /// and the connection's later request/response traffic lost the short-circuit on that hop.
 /// Per-hop path (`--kernel-path off`), so every message of the request/response phase is
-/// counted as redirected (4 per round: client to proxy to server and back). With the stream
-/// rule on (`--sockmap-small-streak`, off by default) the stream would take the whole
-/// connection to plain TCP before the reader fell behind, and its request/response phase
-/// would then run on TCP.
+/// counted as redirected (4 per round: client to proxy to server and back). The stream rule
+/// is off here (`--sockmap-small-streak 0`): on, the default, the stream takes the whole
+/// connection to plain TCP, where a stream runs at least as fast, and its request/response
+/// phase then runs on TCP.
 #[test]
 fn a_reader_slower_than_the_proxy_keeps_its_hop_on_the_short_circuit() -> Result<()> {
     require!();
     const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/py/slow_reader.py");
     const ROUNDS: u64 = 200;
     let opts = ProxyOptions {
-        extra_args: vec!["--kernel-path".into(), "off".into()],
+        extra_args: ["--kernel-path", "off", "--sockmap-small-streak", "0"]
+            .map(String::from)
+            .into(),
         ..ProxyOptions::default()
     };
     let p = Pair::new(&opts, false)?;

@@ -33,7 +33,7 @@ use proxy_common::{
 };
 use tracing::{info, warn};
 
-use crate::config::{Cidr, Config, FailMode};
+use crate::config::{Cidr, Config, FailMode, ShortCircuit};
 pub use pins::{PinDir, PinError, is_bpffs};
 
 /// The kernel object, embedded at build time by build.rs (empty if it was not built).
@@ -154,6 +154,9 @@ pub struct Maps {
     flows_write: std::sync::Mutex<HashMap<MapData, SockKey, Flow>>,
     /// Network namespace cookie of the proxy's sockets, the first part of their keys.
     proxy_netns: u64,
+    /// The stream rule is on (`sockmap_small_streak` > 0): streams belong on plain TCP, so
+    /// every connection that asks to leave does (`transport::splice::Pacer`).
+    streams_leave: bool,
 }
 
 /// Forwards the kernel programs' aya-log records to the proxy's log (target
@@ -350,6 +353,7 @@ impl Datapath {
                 flows,
                 flows_write: std::sync::Mutex::new(flows_write),
                 proxy_netns: plan.proxy_netns,
+                streams_leave: cfg.short_circuit.small_streak != 0,
             },
         ))
     }
@@ -398,6 +402,11 @@ impl Datapath {
 // === impl Maps ===
 
 impl Maps {
+    /// True if the stream rule is on: see the field.
+    pub fn streams_leave(&self) -> bool {
+        self.streams_leave
+    }
+
     /// Takes (reads and deletes) the original destination of a connection the proxy accepted
     /// from `client` on `local`, and the cgroup id of the task that connected.
     ///
@@ -707,6 +716,18 @@ fn ip6_words(o: [u8; 16]) -> [u32; 4] {
 
 // === loading helpers ===
 
+/// The kernel's `small_msg` for `sockmap_small_write`: sk_msg counts a message as small
+/// below it. The largest setting, 1 MiB, is documented as "every write": a 1 MiB write
+/// reaches sk_msg whole (one message of exactly 1 MiB), so it must count too. Measured: with
+/// 1048576 passed as is, streams of 1 MiB writes never asked to leave.
+fn small_msg(small_write: u32) -> u32 {
+    if small_write >= ShortCircuit::MAX_SMALL_WRITE {
+        u32::MAX
+    } else {
+        small_write
+    }
+}
+
 fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
     let cfg = plan.config;
     // All zero without offsets (the naive policy): the programs then read nothing.
@@ -735,7 +756,7 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
                 0
             },
         queue_limit: cfg.short_circuit.queue_limit,
-        small_msg: cfg.short_circuit.small_write,
+        small_msg: small_msg(cfg.short_circuit.small_write),
         small_streak: cfg.short_circuit.small_streak,
         off_sk_user_data: k.sock_user_data,
         off_psock_msg_len: k.psock_msg_tot_len,
@@ -1010,6 +1031,14 @@ pub fn verify_loadable() -> Result<usize, EbpfError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_small_write_counts_every_write() {
+        assert_eq!(small_msg(16384), 16384);
+        assert_eq!(small_msg(0), 0);
+        assert_eq!(small_msg(ShortCircuit::MAX_SMALL_WRITE - 1), (1 << 20) - 1);
+        assert_eq!(small_msg(ShortCircuit::MAX_SMALL_WRITE), u32::MAX);
+    }
 
     /// The tests run on the host, so /proc/self/ns/pid is the initial namespace's.
     #[test]

@@ -135,6 +135,12 @@ pub trait Relay: Sync {
     /// socket's memory: the reader behind it, not the proxy, set the pace). Returns how long
     /// the copy should pause before its next write in that direction (see [`held_pause`]).
     fn relayed(&self, to_upstream: bool, total: u64, waited: bool) -> Option<Duration>;
+
+    /// True once none of the connection's sockets is in the SOCKHASH any more (it left the
+    /// short-circuit): the copy then stops rechecking them (`Rechecked`).
+    fn left(&self) -> bool {
+        false
+    }
 }
 
 /// How long the copy pauses after a write that sk_msg redirected into a workload whose queue
@@ -326,6 +332,7 @@ where
     W: AsyncWrite + Unpin + Direct,
 {
     let (mut r, mut w) = (Rechecked::new(r, recheck), Rechecked::new(w, recheck));
+    let mut rechecking = recheck;
     let mut buf = vec![0u8; buffer];
     let mut relayed = 0u64;
     loop {
@@ -340,10 +347,16 @@ where
         count.fetch_add(n as u64, Ordering::Relaxed);
         relayed += n as u64;
         let waited = w.take_write_blocked();
-        if let Some((r, to_upstream)) = relay
-            && let Some(d) = r.relayed(to_upstream, relayed, waited)
-        {
-            pause(d).await;
+        if let Some((relay, to_upstream)) = relay {
+            let pause_for = relay.relayed(to_upstream, relayed, waited);
+            if rechecking && relay.left() {
+                r.stop_rechecking();
+                w.stop_rechecking();
+                rechecking = false;
+            }
+            if let Some(d) = pause_for {
+                pause(d).await;
+            }
         }
     }
 }

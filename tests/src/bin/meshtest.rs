@@ -628,21 +628,25 @@ fn read_verify(r: &mut impl Read, seed: u64, want: u64) -> Received {
 }
 
 /// Writes `len` bytes of the stream for `seed` in writes of random sizes 1..=max_write, the
-/// sizes drawn from `sizes_seed`; adds each write to `written`.
+/// sizes drawn from `sizes_seed` (`None`: every write `max_write` bytes); adds each write to
+/// `written`.
 fn write_random(
     w: &mut impl Write,
     len: u64,
     seed: u64,
     max_write: usize,
-    sizes_seed: u64,
+    sizes_seed: Option<u64>,
     written: Option<&AtomicU64>,
 ) -> io::Result<()> {
     let mut data = Stream::new(seed);
-    let mut sizes = Pattern::new(sizes_seed);
+    let mut sizes = sizes_seed.map(Pattern::new);
     let mut buf = Vec::new();
     let mut left = len;
     while left > 0 {
-        let size = 1 + sizes.next_u64() % max_write.max(1) as u64;
+        let size = match sizes.as_mut() {
+            Some(sizes) => 1 + sizes.next_u64() % max_write.max(1) as u64,
+            None => max_write.max(1) as u64,
+        };
         let n = size.min(left) as usize;
         data.take(n, &mut buf);
         w.write_all(&buf)?;
@@ -754,6 +758,8 @@ struct OrderArgs {
     bytes: u64,
     read_delay: Duration,
     max_write: usize,
+    /// Every write exactly `max_write` bytes (the last one what is left).
+    fixed_writes: bool,
     tfo: bool,
     progress: Option<PathBuf>,
     seed: u64,
@@ -839,7 +845,8 @@ fn order_one(a: &OrderArgs, index: u64, up: &AtomicU64) -> (Verdict, u64, u64) {
         let w = &mut writer;
         let writer = sc.spawn(move || -> io::Result<()> {
             w.write_all(&seed.to_le_bytes())?;
-            write_random(w, a.bytes, seed, a.max_write, seed ^ SIZES_SEED, Some(up))?;
+            let sizes = (!a.fixed_writes).then_some(seed ^ SIZES_SEED);
+            write_random(w, a.bytes, seed, a.max_write, sizes, Some(up))?;
             w.shutdown_write()
         });
         thread::sleep(a.read_delay);
@@ -927,7 +934,7 @@ fn order_serve_one(s: TcpStream, bytes: u64, read_delay: Duration, poll: bool) -
                 bytes,
                 ORDER_DOWN_SEED,
                 ORDER_SERVER_MAX_WRITE,
-                ORDER_DOWN_SEED ^ SIZES_SEED,
+                Some(ORDER_DOWN_SEED ^ SIZES_SEED),
                 None,
             )?;
             w.shutdown_write()
@@ -1207,13 +1214,14 @@ fn usage() -> ! {
   meshtest serve --listen ADDR [--greet BYTES] [--io blocking|poll]
   meshtest client --connect ADDR [--send BYTES] [--reply BYTES] [--seed N] [--connections N] [--max-write BYTES] [--expect-greet BYTES] [--io blocking|poll]
   meshtest order-serve --listen ADDR --bytes B [--read-delay-ms D] [--tfo] [--io blocking|poll]
-  meshtest order --connect ADDR --connections N [--concurrency C] --bytes B [--read-delay-ms D] [--max-write W] [--tfo] [--progress FILE] [--seed S] [--io blocking|poll]
+  meshtest order --connect ADDR --connections N [--concurrency C] --bytes B [--read-delay-ms D] [--max-write W] [--fixed-writes] [--tfo] [--progress FILE] [--seed S] [--io blocking|poll]
   meshtest rr-serve --listen ADDR
   meshtest rr --connect ADDR --connections N [--concurrency C] --requests R --size S
 
 order: both ends write B bytes at once after connect while each reader first sleeps D ms, so
   bytes sent through the short-circuit and over TCP can overtake each other; every byte is
   checked. --progress FILE: upload bytes written so far, every 50 ms (backpressure checks).
+  --fixed-writes: the client writes exactly W bytes each time (else random sizes up to W).
   --tfo: TCP Fast Open (client: TCP_FASTOPEN_CONNECT; server: TCP_FASTOPEN).
   --io blocking (default): no socket timeouts, a stall hangs, and a read that returns EAGAIN
   (spurious, from the kernel) fails the connection; --io poll: non-blocking sockets, every
@@ -1290,6 +1298,7 @@ fn main() -> Result<()> {
                 bytes: required("--bytes")?,
                 read_delay: Duration::from_millis(num("--read-delay-ms", 0)?),
                 max_write: usize::try_from(num("--max-write", 512)?.max(1))?,
+                fixed_writes: args.iter().any(|a| a == "--fixed-writes"),
                 tfo,
                 progress: get("--progress").map(PathBuf::from),
                 seed: num("--seed", 1)?,
@@ -1418,6 +1427,7 @@ mod tests {
             bytes: 100_000,
             read_delay: Duration::from_millis(read_delay_ms),
             max_write: 512,
+            fixed_writes: false,
             tfo: false,
             progress: None,
             seed: 11,
