@@ -634,32 +634,58 @@ fn small_write_streams_take_their_connection_to_tcp_and_stay_in_order() -> Resul
 #[test]
 fn a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing() -> Result<()> {
     require!();
-    const CONNECTIONS: u32 = 10;
+    let rule = [
+        "--sockmap-small-streak",
+        "16",
+        "--sockmap-small-write",
+        "1048576",
+    ];
+    streams_leave_whole(&rule, 10, 8 << 20, 64 << 10, false)
+}
+
+/// Streams of 1 MiB writes (the client's; the server answers in random sizes) meet the queue
+/// limit (4 MiB: four writes) before they can make a streak; with the stream rule on (the
+/// default) meeting it counts as a stream as well, so they too take their whole connection
+/// to plain TCP (before, they stayed on TCP with all four sockets in the SOCKHASH, paying
+/// sk_msg's cost on every send: x0.84 to x0.95 of plain TCP). Every byte of every
+/// connection, both ways, arrives once and in order. (The server's direction can ask too, so
+/// this does not isolate the limit's part: `cargo xtask bench --streams-only` shows it, 1 MiB
+/// streams asking 111 of 111 times against 0 or 1 before.)
+#[test]
+fn streams_of_large_writes_take_their_connection_to_plain_tcp_too() -> Result<()> {
+    require!();
+    streams_leave_whole(&[], 4, 32 << 20, 1 << 20, true)
+}
+
+/// `connections` streams at once, per hop with `extra` proxy arguments, `bytes` each way in
+/// client writes up to (or, `fixed`, of exactly) `max_write` bytes: every byte arrives in
+/// order, some direction asks to leave as a stream, and whole connections leave (workload
+/// and proxy sockets), never more sockets than the connections have.
+fn streams_leave_whole(
+    extra: &[&str],
+    connections: u32,
+    bytes: u64,
+    max_write: u32,
+    fixed_writes: bool,
+) -> Result<()> {
+    let mut extra_args = vec!["--kernel-path".to_string(), "off".to_string()];
+    extra_args.extend(extra.iter().map(|a| a.to_string()));
     let opts = ProxyOptions {
-        extra_args: [
-            "--kernel-path",
-            "off",
-            "--sockmap-small-streak",
-            "16",
-            "--sockmap-small-write",
-            "1048576",
-        ]
-        .map(String::from)
-        .into(),
+        extra_args,
         ..ProxyOptions::default()
     };
     let mut p = Pair::new(&opts, true)?;
     order_load(
         &mut p,
         &Load {
-            connections: CONNECTIONS,
-            concurrency: CONNECTIONS,
+            connections,
+            concurrency: connections,
             delay_ms: 0,
             tfo: false,
-            bytes: 8 << 20,
-            max_write: 64 << 10,
+            bytes,
+            max_write,
             io: "poll",
-            fixed_writes: false,
+            fixed_writes,
         },
     )?;
     let streams = p.counter("detach_stream")?;
@@ -675,56 +701,10 @@ fn a_stream_takes_its_whole_connection_to_plain_tcp_and_loses_nothing() -> Resul
         detached >= 2.0 && detached_proxy >= 2.0,
         "{detached} workload and {detached_proxy} proxy sockets left the SOCKHASH: no connection left it whole"
     );
-    let most = f64::from(2 * CONNECTIONS);
+    let most = f64::from(2 * connections);
     ensure!(
         detached <= most && detached_proxy <= most,
-        "more sockets counted as detached ({detached} workload, {detached_proxy} proxy) than the {CONNECTIONS} connections have"
-    );
-    Ok(())
-}
-
-/// Streams of 1 MiB writes (the client's; the server answers in random sizes) meet the queue
-/// limit (4 MiB: four writes) before they can make a streak; with the stream rule on (the
-/// default) meeting it counts as a stream as well, so they too take their whole connection
-/// to plain TCP (before, they stayed on TCP with all four sockets in the SOCKHASH, paying
-/// sk_msg's cost on every send: x0.84 to x0.95 of plain TCP). Every byte of every
-/// connection, both ways, arrives once and in order. (The server's direction can ask too, so
-/// this does not isolate the limit's part: `cargo xtask bench --streams-only` shows it, 1 MiB
-/// streams asking 111 of 111 times against 0 or 1 before.)
-#[test]
-fn streams_of_large_writes_take_their_connection_to_plain_tcp_too() -> Result<()> {
-    require!();
-    const CONNECTIONS: u32 = 4;
-    let opts = ProxyOptions {
-        extra_args: vec!["--kernel-path".into(), "off".into()],
-        ..ProxyOptions::default()
-    };
-    let mut p = Pair::new(&opts, true)?;
-    order_load(
-        &mut p,
-        &Load {
-            connections: CONNECTIONS,
-            concurrency: CONNECTIONS,
-            delay_ms: 0,
-            tfo: false,
-            bytes: 32 << 20,
-            max_write: 1 << 20,
-            io: "poll",
-            fixed_writes: true,
-        },
-    )?;
-    let streams = p.counter("detach_stream")?;
-    let detached = tests::metric_sum(
-        &p.node.admin_metrics()?,
-        "mesh_tcp_short_circuit_detached_sockets_total",
-        &[],
-    );
-    println!(
-        "{streams} directions of 1 MiB writes asked to leave as streams; {detached} workload sockets left the SOCKHASH"
-    );
-    ensure!(
-        streams > 0 && detached >= 2.0,
-        "streams of 1 MiB writes did not leave the short-circuit ({streams} asked, {detached} workload sockets left)"
+        "more sockets counted as detached ({detached} workload, {detached_proxy} proxy) than the {connections} connections have"
     );
     Ok(())
 }
