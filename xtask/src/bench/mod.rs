@@ -711,11 +711,7 @@ impl<'a> Bench<'a> {
         let peer = self.setup(sc, None)?;
         let before = self.kernel_path_switches(sc);
         let rest = {
-            let under = match (&peer, sc.kind) {
-                (Some(m), _) => UnderTest::Peer(m),
-                (None, Kind::Proxy { .. }) => UnderTest::Proxy(&self.node),
-                _ => UnderTest::Nothing,
-            };
+            let under = self.under_test(peer.as_ref(), sc.kind);
             self.measure(sc.name, &targets, &under, streams.as_ref())
         };
         let switches = since(before, self.kernel_path_switches(sc))
@@ -1162,6 +1158,16 @@ impl<'a> Bench<'a> {
         ])
     }
 
+    /// What a scenario's resource figures measure: its peer's processes, the proxy's, or
+    /// nothing (direct).
+    fn under_test<'b>(&'b self, peer: Option<&'b Managed>, kind: Kind) -> UnderTest<'b> {
+        match (peer, kind) {
+            (Some(m), _) => UnderTest::Peer(m),
+            (None, Kind::Proxy { .. }) => UnderTest::Proxy(&self.node),
+            _ => UnderTest::Nothing,
+        }
+    }
+
     /// The kernel counters of a short-circuit scenario's proxy (`None` for other scenarios,
     /// or if they cannot be read).
     fn short_circuit_counters(&self, sc: &Scenario) -> Option<HashMap<String, u64>> {
@@ -1239,11 +1245,7 @@ impl<'a> Bench<'a> {
                     let before = self.kernel_path_switches(&sc);
                     let counters = self.short_circuit_counters(&sc);
                     let runs = {
-                        let under = match (&peer, sc.kind) {
-                            (Some(m), _) => UnderTest::Peer(m),
-                            (None, Kind::Proxy { .. }) => UnderTest::Proxy(&self.node),
-                            _ => UnderTest::Nothing,
-                        };
+                        let under = self.under_test(peer.as_ref(), sc.kind);
                         let t = totals.entry(sc.name).or_default();
                         self.sizes
                             .stream_conns
