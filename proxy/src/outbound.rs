@@ -556,7 +556,12 @@ async fn copy_both(
         }
         s.take_back();
     }
-    if let Some((workloads, proxy)) = pacer.as_ref().map(Pacer::detached)
+    let detached = match (&splicer, &pacer) {
+        (Some(s), _) => Some(s.detached()),
+        (None, Some(p)) => Some(p.detached()),
+        (None, None) => None,
+    };
+    if let Some((workloads, proxy)) = detached
         && workloads + proxy > 0
     {
         ob.metrics.detached_sockets(workloads, proxy);

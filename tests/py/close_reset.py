@@ -4,6 +4,10 @@
 Standard library only. Run with /usr/bin/python3. Every socket operation has a timeout, and
 each run prints exactly one result line (on stdout) that the test checks.
 
+Every connection starts with the server's greeting (GREETING), which the client reads
+before anything else: a turn, after which the proxy opens the kernel-only path (with the
+stream rule on, the default, a connection whose bytes only ever went one way never takes it).
+
 Server (one connection, then exits):
     close_reset.py serve PORT MODE
   MODE read   reads to the end; prints "eof N" (clean end of stream after N bytes) or
@@ -36,6 +40,7 @@ PIECE = 8 * 1024
 REPLY = 1000
 ABORT_AFTER = 1000
 TIMEOUT = 20.0
+GREETING = b"hello\n"
 SECONDS = 15.0
 
 
@@ -79,6 +84,7 @@ def serve(port, mode):
     print("listening", flush=True)
     conn, _ = listener.accept()
     conn.settimeout(TIMEOUT)
+    conn.sendall(GREETING)
     if mode == "read":
         how, n = read_to_end(conn)
         print(f"{how} {n}", flush=True)
@@ -113,6 +119,15 @@ def connect(host, port, mode):
 
 def run_client(host, port, mode):
     sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    got = b""
+    while len(got) < len(GREETING):
+        data = sock.recv(len(GREETING) - len(got))
+        if not data:
+            print("eof 0", flush=True)
+            return
+        got += data
+    if got != GREETING:
+        sys.exit(f"greeting: got {got!r}, expected {GREETING!r}")
     if mode == "close":
         send_pieces(sock, SEND)
         sock.shutdown(socket.SHUT_WR)

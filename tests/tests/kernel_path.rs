@@ -401,3 +401,76 @@ fn authorization_keeps_denied_connections_off_and_a_reload_takes_them_back() -> 
     drop(server);
     Ok(())
 }
+
+/// A one-way stream never takes the kernel-only path (with the stream rule on, the default,
+/// the path opens only after a turn: both directions carried bytes) and leaves the SOCKHASH
+/// whole like any per-hop stream: direct small writes are what the kernel-only path does
+/// worst. Uploads of 32 MiB in writes up to 1 KiB, the server's one-byte verdict after the
+/// client's half-close: every byte verified, directions asked to leave as streams, whole
+/// connections out, and not one direction switched to the kernel-only path (the only turn
+/// comes with the server's last write, after which nothing is left to switch).
+#[test]
+fn one_way_streams_stay_off_the_kernel_only_path_and_leave_the_sockhash_whole() -> Result<()> {
+    require!();
+    const CONNECTIONS: u64 = 8;
+    const UPLOAD: u64 = 32 << 20;
+    let mut kp = Kp::new(true)?;
+    kp.start()?;
+    let server = kp.serve(
+        &kp.node.bins.meshtest.display().to_string(),
+        &["serve", "--listen", &format!("[::]:{PORT}"), "--io", "poll"],
+        "listening",
+        "serve",
+    )?;
+    let (switched, streams) = (kp.counter("splice_started")?, kp.counter("detach_stream")?);
+    let out = kp.meshtest_client(
+        &format!("{}:{PORT}", kp.server.ipv4),
+        &[
+            "client",
+            "--connections",
+            &CONNECTIONS.to_string(),
+            "--send",
+            &UPLOAD.to_string(),
+            "--reply",
+            "0",
+            "--max-write",
+            "1024",
+            "--io",
+            "poll",
+        ],
+    )?;
+    ensure!(out.contains("\"ok\":true"), "client: {out}");
+    let verified = format!("received={UPLOAD} verified=true");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while (server.output().lines())
+        .filter(|l| l.contains(&verified))
+        .count()
+        < CONNECTIONS as usize
+    {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the server did not verify every upload: {}",
+            server.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let switched = kp.counter("splice_started")? - switched;
+    let streams = kp.counter("detach_stream")? - streams;
+    let metrics = kp.node.admin_metrics()?;
+    let sum = |name| metric_sum(&metrics, name, &[]);
+    let detached = sum("mesh_tcp_short_circuit_detached_sockets_total");
+    let detached_proxy = sum("mesh_tcp_short_circuit_detached_proxy_sockets_total");
+    eprintln!(
+        "{streams} stream directions asked to leave; {detached} workload and {detached_proxy} proxy sockets left the SOCKHASH; {switched} kernel-only path switches"
+    );
+    ensure!(
+        switched == 0,
+        "{switched} directions of one-way streams switched to the kernel-only path"
+    );
+    ensure!(streams > 0, "no direction was taken for a stream");
+    ensure!(
+        detached >= 2.0 && detached_proxy >= 2.0,
+        "{detached} workload and {detached_proxy} proxy sockets left the SOCKHASH: no connection left it whole"
+    );
+    Ok(())
+}

@@ -11,6 +11,12 @@
 //! compares it with the sender's own count (proxy-ebpf/src/redirect.rs, `splice_target`).
 //! The proxy's write has returned by then, so its bytes are already queued at the far
 //! workload: the direct bytes land behind them.
+//!
+//! With the stream rule on (the default) the path opens only after a turn, once both
+//! directions carried bytes: a one-way stream stays on the per-hop short-circuit and leaves
+//! the SOCKHASH like any stream there (`Pacer`), and a connection that started leaving never
+//! opens it. A spliced connection never leaves the SOCKHASH: the far workload could write
+//! straight into a socket being removed, and only that workload's own lock orders it.
 
 use std::{
     net::SocketAddr,
@@ -51,16 +57,22 @@ pub struct Splicer {
     up: AtomicU64,
     down: AtomicU64,
     state: AtomicU32,
-    /// The pause sk_msg asks for when a workload falls behind (also while bytes still pass
-    /// through the proxy, which is when it matters: the first bytes, or after a memory rule).
+    /// Directions that carried bytes so far: bit 0 to upstream, bit 1 to the client.
+    carried: AtomicU8,
+    /// The path opens only once both directions carried bytes (the stream rule on: see
+    /// [`Splicer::relayed`]); else at once.
+    after_turn: bool,
+    /// Until the path opens (and if it never does), the per-hop short-circuit's pauses and
+    /// leaving; once open, the pause sk_msg asks for when a workload falls behind (bytes
+    /// still pass through the proxy then: after a memory rule took a direction off).
     pacer: Pacer,
 }
 
 impl Splicer {
     /// A candidate for the kernel-only path if the client is a workload paired with the
     /// proxy's socket (`None` otherwise: a full SOCKHASH, the short-circuit off for it). The
-    /// path is allowed once the upstream socket is paired too, checked now and after the
-    /// proxy's writes, so the copy never waits for it.
+    /// path is allowed once the upstream socket is paired too (and, with the stream rule on,
+    /// after a turn), checked after the proxy's writes, so the copy never waits for it.
     pub fn attach(maps: &Arc<Maps>, client: &TcpStream, upstream: &TcpStream) -> Option<Splicer> {
         let addrs = |s: &TcpStream| -> Option<(SocketAddr, SocketAddr)> {
             Some((s.local_addr().ok()?, s.peer_addr().ok()?))
@@ -69,6 +81,9 @@ impl Splicer {
         if !maps.paired(&inbound) {
             return None;
         }
+        // Before the copy's first write: until the path opens, a stream asks to leave.
+        maps.mark_leaves(&inbound);
+        maps.mark_leaves(&outbound);
         let s = Splicer {
             maps: Arc::clone(maps),
             inbound,
@@ -77,9 +92,19 @@ impl Splicer {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             state: AtomicU32::new(0),
+            carried: AtomicU8::new(0),
+            after_turn: maps.streams_leave(),
         };
-        s.try_activate();
+        if !s.after_turn {
+            s.try_activate();
+        }
         Some(s)
+    }
+
+    /// How many of the connection's sockets left the SOCKHASH before the path opened:
+    /// (workloads', proxy's), each 0 to 2.
+    pub fn detached(&self) -> (u64, u64) {
+        self.pacer.detached()
     }
 
     /// If the upstream socket is paired now, publishes both directions' relayed totals (the
@@ -90,6 +115,15 @@ impl Splicer {
             return true;
         }
         if checks == NEVER {
+            return false;
+        }
+        // A workload that asked to leave (a stream, or a writer the proxy cannot keep up
+        // with) keeps its connection off: the proxy acts on the ask at its next look. A
+        // spliced connection never leaves (the far workload could write straight into a
+        // socket being removed, and only that workload's lock orders it), so an ask that
+        // comes after this look only keeps its direction on TCP until it can go direct.
+        if (0..2).any(|i| self.pacer.asked(i)) {
+            self.state.store(NEVER, Ordering::Relaxed);
             return false;
         }
         if !self.maps.paired(&self.outbound) {
@@ -141,28 +175,49 @@ impl Splicer {
 }
 
 impl Relay for Splicer {
-    fn relayed(&self, to_upstream: bool, total: u64, _waited: bool) -> Option<Duration> {
-        let (count, from, to) = if to_upstream {
-            (&self.up, &self.inbound, &self.outbound)
+    /// With the stream rule on, the path opens only after a turn: once both directions
+    /// carried bytes (request and response, or a greeting and its answer). Until then the
+    /// connection is on the per-hop short-circuit and a stream leaves the SOCKHASH for plain
+    /// TCP like any other (`Pacer`). A one-way stream never turns, and direct small writes
+    /// are what the kernel-only path does worst: measured (`cargo xtask bench`, bbr,
+    /// interleaved), streams spliced at once ran at x0.39 (64 B x100) to x0.93 of plain TCP
+    /// through the proxy, 1 KiB x10 at x0.61. Request/response loses nothing: its first
+    /// exchange went through the proxy before too (the proxy relays it before the byte
+    /// counts allow a switch).
+    fn relayed(&self, to_upstream: bool, total: u64, waited: bool) -> Option<Duration> {
+        let (count, from, to, bit) = if to_upstream {
+            (&self.up, &self.inbound, &self.outbound, 1)
         } else {
-            (&self.down, &self.outbound, &self.inbound)
+            (&self.down, &self.outbound, &self.inbound, 2)
         };
         count.store(total, Ordering::Relaxed);
+        let carried = self.carried.fetch_or(bit, Ordering::Relaxed) | bit;
         match self.state.load(Ordering::Relaxed) {
-            // Publishes this total along with the other direction's.
-            s if s < NEVER => {
-                self.try_activate();
-            }
             ACTIVE => {
                 // A failed update leaves the older, smaller total: the kernel then keeps this
                 // direction on the proxy's path, which is always safe.
                 if let Err(e) = self.maps.set_splice(from, to, total) {
                     debug!(error = %e, "could not publish the relayed byte count");
                 }
+                return self.pacer.held(to_upstream);
+            }
+            // A connection that started leaving the SOCKHASH never opens the path: its
+            // sockets are about to leave, which is safe only while nothing but the proxy's
+            // sockets can redirect into them.
+            s if s < NEVER && !self.pacer.watching() => {
+                self.state.store(NEVER, Ordering::Relaxed);
+            }
+            // Publishes this total along with the other direction's.
+            s if s < NEVER && (!self.after_turn || carried == 3) && self.try_activate() => {
+                return self.pacer.held(to_upstream);
             }
             _ => {}
         }
-        self.pacer.held(to_upstream)
+        self.pacer.relayed(to_upstream, total, waited)
+    }
+
+    fn left(&self) -> bool {
+        self.pacer.left()
     }
 }
 
@@ -294,6 +349,18 @@ impl Pacer {
                 .count() as u64
         };
         (count(|s| &s.workload_out), count(|s| &s.proxy_out))
+    }
+
+    /// No workload of the connection asked to leave, or the proxy has not acted on it yet.
+    fn watching(&self) -> bool {
+        self.phase.load(Ordering::Relaxed) == WATCHING
+    }
+
+    /// Side `i`'s workload asked to leave the SOCKHASH (`Flow::detach` set).
+    fn asked(&self, i: usize) -> bool {
+        self.workload(i)
+            .and_then(|w| self.maps.flow(&w))
+            .is_some_and(|f| f.detach != 0)
     }
 
     /// The proxy's socket facing side `i` (0: the client).
