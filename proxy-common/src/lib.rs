@@ -26,14 +26,18 @@ pub mod program {
     /// iter/task_file, run once at start-up with the short-circuit on: records in
     /// `MESH_LISTEN` the TCP listeners that called `listen()` before sock_ops was attached.
     pub const LISTENERS: &str = "mesh_listeners";
+    /// iter/tcp over the proxy's own sockets, run when the proxy asks (with the short-circuit
+    /// on): lets leaving proxy sockets go that no write of the proxy's reaches.
+    pub const RELEASE: &str = "mesh_release";
     /// Every program, in load order.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         CONNECT4,
         CONNECT6,
         SOCKOPS_WORKLOAD,
         SOCKOPS_PROXY,
         MSG_REDIRECT,
         LISTENERS,
+        RELEASE,
     ];
 }
 
@@ -179,6 +183,17 @@ pub struct Config {
     pub off_skc_num: u32,
     pub off_skc_net: u32,
     pub off_net_cookie: u32,
+    /// Byte offsets in `struct sock` (its `__sk_common`) of `skc_family`, `skc_dport` (the
+    /// remote port, network order), `skc_rcv_saddr` and `skc_daddr` (IPv4 local and remote
+    /// addresses), `skc_v6_rcv_saddr` and `skc_v6_daddr` (IPv6): the release sweep
+    /// (`program::RELEASE`) builds a proxy socket's `SockKey` from them. `off_skc_family` 0:
+    /// unknown, and the sweep does nothing (`skc_daddr` is at 0 on x86-64).
+    pub off_skc_family: u32,
+    pub off_skc_dport: u32,
+    pub off_skc_rcv_saddr: u32,
+    pub off_skc_daddr: u32,
+    pub off_skc_v6_rcv_saddr: u32,
+    pub off_skc_v6_daddr: u32,
 }
 
 /// How many ports `Config::sockmap_exclude_ports` holds.
@@ -608,7 +623,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             size_of::<Config>(),
-            8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8 + 4 * 4 + 6 * 4
+            8 + 4 + 4 + 16 + 4 + 11 * 4 + 2 * 8 + 4 * 4 + 12 * 4
         );
         assert_eq!(size_of::<ListenKey>(), 8 + 4 + 4);
         assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);

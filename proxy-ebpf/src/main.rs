@@ -9,6 +9,7 @@ mod listeners;
 mod maps;
 mod redirect;
 mod sockops;
+mod sweep;
 
 use aya_ebpf::{
     macros::{cgroup_sock_addr, sk_msg, sock_ops},
@@ -89,6 +90,15 @@ pub fn mesh_msg_redir(ctx: SkMsgContext) -> u32 {
 #[unsafe(link_section = "iter/task_file")]
 pub fn mesh_listeners(ctx: *mut core::ffi::c_void) -> i32 {
     listeners::visit(ctx);
+    0
+}
+
+/// iter/tcp over the proxy's network namespace, run when the proxy asks: lets leaving proxy
+/// sockets go that no write of the proxy's would reach (`sweep.rs`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn mesh_release(ctx: *mut core::ffi::c_void) -> i32 {
+    sweep::visit(ctx);
     0
 }
 

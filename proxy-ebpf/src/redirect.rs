@@ -522,9 +522,11 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
 }
 
 /// For a proxy socket the proxy marked `FLOW_TCP_DETACHING` (its connection is leaving the
-/// SOCKHASH), run on each of the proxy's writes on it: tells the proxy, through this socket's
-/// own `Flow::detach` (only this socket's messages, under its lock, and the proxy between
-/// its writes, write that entry), when the next socket may leave. True once nothing is left
+/// SOCKHASH), run on each of the proxy's writes on it, and by the sweep when the proxy asks
+/// (`sweep.rs`: for a socket facing a workload that only sends, which no write of the proxy's
+/// reaches): tells the proxy, through this socket's own `Flow::detach` (only this socket's
+/// messages, under its lock, the sweep, and the proxy between its writes, write that entry),
+/// when the next socket may leave. True once nothing is left
 /// to tell (this program then stops running for the socket).
 ///
 /// - `DETACH_PEER_EMPTY`: the workload `peer` behind this socket has an empty queue. Nothing
@@ -542,7 +544,7 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
 ///   could drop such a redirect (`sk_psock_queue_msg` frees a message for a psock being
 ///   dropped) or the bytes still in its queue.
 #[inline(always)]
-fn release(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> bool {
+pub(crate) fn release(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> bool {
     if flow.detach == DETACH_READY {
         return true;
     }

@@ -406,9 +406,11 @@ fn authorization_keeps_denied_connections_off_and_a_reload_takes_them_back() -> 
 /// the path opens only after a turn: both directions carried bytes) and leaves the SOCKHASH
 /// whole like any per-hop stream: direct small writes are what the kernel-only path does
 /// worst. Uploads of 32 MiB in writes up to 1 KiB, the server's one-byte verdict after the
-/// client's half-close: every byte verified, directions asked to leave as streams, whole
-/// connections out, and not one direction switched to the kernel-only path (the only turn
-/// comes with the server's last write, after which nothing is left to switch).
+/// client's half-close: every byte verified, directions asked to leave as streams, and not
+/// one direction switched to the kernel-only path (the only turn comes with the server's
+/// last write, after which nothing is left to switch). Every proxy socket leaves with its
+/// workload, also the one facing the client, which no write of the proxy's reaches before
+/// the upload ends: the release sweep lets it go (`mesh_release`, iter/tcp).
 #[test]
 fn one_way_streams_stay_off_the_kernel_only_path_and_leave_the_sockhash_whole() -> Result<()> {
     require!();
@@ -471,6 +473,10 @@ fn one_way_streams_stay_off_the_kernel_only_path_and_leave_the_sockhash_whole() 
     ensure!(
         detached >= 2.0 && detached_proxy >= 2.0,
         "{detached} workload and {detached_proxy} proxy sockets left the SOCKHASH: no connection left it whole"
+    );
+    ensure!(
+        detached_proxy == detached,
+        "{detached} workload but {detached_proxy} proxy sockets left the SOCKHASH: a proxy socket facing a client that only sends stayed"
     );
     Ok(())
 }

@@ -46,6 +46,14 @@ pub struct KernelOffsets {
     pub skc_num: u32,
     pub skc_net: u32,
     pub net_cookie: u32,
+    /// Byte offsets in `struct sock` (its `__sk_common`) of the family, remote port and the
+    /// IPv4 and IPv6 local and remote addresses: the release sweep's key of a proxy socket.
+    pub skc_family: u32,
+    pub skc_dport: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
 }
 
 impl KernelOffsets {
@@ -141,6 +149,12 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         // possible_net_t's only member, `net`, is at its start.
         skc_net: common(&btf, "skc_net")?,
         net_cookie: btf.offset("net", "net_cookie")?,
+        skc_family: common(&btf, "skc_family")?,
+        skc_dport: common(&btf, "skc_dport")?,
+        skc_rcv_saddr: common(&btf, "skc_rcv_saddr")?,
+        skc_daddr: common(&btf, "skc_daddr")?,
+        skc_v6_rcv_saddr: common(&btf, "skc_v6_rcv_saddr")?,
+        skc_v6_daddr: common(&btf, "skc_v6_daddr")?,
     })
 }
 
@@ -656,6 +670,15 @@ mod tests {
         );
         assert!(k.socket_sk > 0 && k.socket_sk < 128, "{k:?}");
         assert!(k.net_cookie > 0 && k.net_cookie < 16384, "{k:?}");
+        // The addresses and ports open struct sock_common (skc_daddr 0, skc_rcv_saddr 4,
+        // skc_dport 12, skc_family 16 on x86-64); the IPv6 addresses come later in it.
+        assert_eq!((k.skc_daddr, k.skc_rcv_saddr), (0, 4), "{k:?}");
+        assert!(k.skc_dport < k.skc_num && k.skc_family > k.skc_num, "{k:?}");
+        assert!(
+            k.skc_v6_daddr > k.skc_family && k.skc_v6_rcv_saddr > k.skc_v6_daddr,
+            "{k:?}"
+        );
+        assert!(k.skc_v6_rcv_saddr < 136, "{k:?}");
         // A struct sk_msg holds MAX_MSG_FRAGS + 2 scatterlist entries: hundreds of bytes.
         assert!((256..4096).contains(&k.sk_msg_size), "{k:?}");
         assert!(k.msg_cost() >= k.sk_msg_size, "{k:?}");

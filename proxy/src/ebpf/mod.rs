@@ -11,6 +11,7 @@
 
 pub mod btf;
 mod pins;
+mod sweep;
 
 use std::{
     fs::File,
@@ -157,6 +158,9 @@ pub struct Maps {
     /// The stream rule is on (`sockmap_small_streak` > 0): streams belong on plain TCP, so
     /// every connection that asks to leave does (`transport::splice::Pacer`).
     streams_leave: bool,
+    /// The release sweep (`program::RELEASE`), if it could be set up: leaving proxy sockets
+    /// that no write of the proxy's reaches wait for it.
+    release: Option<sweep::Sweep>,
 }
 
 /// Forwards the kernel programs' aya-log records to the proxy's log (target
@@ -264,6 +268,11 @@ impl Datapath {
         if cfg.sockmap {
             load_listener_scan(&mut ebpf, Some(pins))?;
         }
+        let release = if cfg.sockmap {
+            load_release_sweep(&mut ebpf, pins)
+        } else {
+            None
+        };
 
         let workload_cg = open_cgroup(plan.workload_cgroup)?;
         let proxy_cg = open_cgroup(plan.proxy_cgroup)?;
@@ -354,6 +363,7 @@ impl Datapath {
                 flows_write: std::sync::Mutex::new(flows_write),
                 proxy_netns: plan.proxy_netns,
                 streams_leave: cfg.short_circuit.small_streak != 0,
+                release,
             },
         ))
     }
@@ -405,6 +415,15 @@ impl Maps {
     /// True if the stream rule is on: see the field.
     pub fn streams_leave(&self) -> bool {
         self.streams_leave
+    }
+
+    /// Asks for the release sweep: a leaving connection's proxy socket waits for a verdict
+    /// no write of the proxy's would bring. Paced and run off the async workers; the caller
+    /// looks again later.
+    pub fn sweep(&self) {
+        if let Some(s) = &self.release {
+            s.request();
+        }
     }
 
     /// Takes (reads and deletes) the original destination of a connection the proxy accepted
@@ -789,6 +808,12 @@ fn configure(ebpf: &mut Ebpf, plan: &Plan<'_>) -> Result<(), EbpfError> {
         off_skc_num: k.skc_num,
         off_skc_net: k.skc_net,
         off_net_cookie: k.net_cookie,
+        off_skc_family: k.skc_family,
+        off_skc_dport: k.skc_dport,
+        off_skc_rcv_saddr: k.skc_rcv_saddr,
+        off_skc_daddr: k.skc_daddr,
+        off_skc_v6_rcv_saddr: k.skc_v6_rcv_saddr,
+        off_skc_v6_daddr: k.skc_v6_daddr,
     };
     {
         let m = ebpf
@@ -890,6 +915,41 @@ fn load_listener_scan(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(), Ebpf
         })?;
     }
     Ok(())
+}
+
+/// Loads the release sweep (an iter/tcp program; `proxy-ebpf/src/sweep.rs`), pins it, and
+/// pins its link, which the proxy reads to run it (`sweep::Sweep`). Not fatal: without it a
+/// leaving connection's proxy socket that faces a workload that only sends stays in the
+/// SOCKHASH until the connection ends, correct but slower, as before the sweep existed.
+fn load_release_sweep(ebpf: &mut Ebpf, pins: &PinDir) -> Option<sweep::Sweep> {
+    let name = program::RELEASE;
+    let mut set_up = || -> Result<PathBuf, String> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| chain(&e))?;
+        let p: &mut Iter = program_mut(ebpf, name).map_err(|e| e.to_string())?;
+        p.load("tcp", &btf).map_err(|e| chain(&e))?;
+        p.pin(pins.prog_path(name)).map_err(|e| chain(&e))?;
+        let id = p.attach().map_err(|e| chain(&e))?;
+        let link =
+            FdLink::try_from(p.take_link(id).map_err(|e| chain(&e))?).map_err(|e| chain(&e))?;
+        let path = pins.link_path(name);
+        // The pin keeps the link (and the program) after this handle goes; the proxy's
+        // orderly stop removes it with every other pin.
+        link.pin(&path).map_err(|e| chain(&e))?;
+        Ok(path)
+    };
+    match set_up() {
+        Ok(path) => Some(sweep::Sweep::new(path)),
+        Err(e) => {
+            warn!(
+                error = %e,
+                "could not set up the release sweep (mesh_release): a connection that leaves \
+                 the short-circuit while its client only sends keeps the proxy's socket facing \
+                 that client in the SOCKHASH until it ends (correct, a little slower); \
+                 `proxy check` says what this kernel lacks"
+            );
+            None
+        }
+    }
 }
 
 /// Runs the listener scan once: records the TCP listeners that called `listen()` before
@@ -1025,6 +1085,13 @@ pub fn verify_loadable() -> Result<usize, EbpfError> {
     let p: &mut SkMsg = program_mut(&mut ebpf, program::MSG_REDIRECT)?;
     p.load().map_err(prog_err(program::MSG_REDIRECT, "load"))?;
     load_listener_scan(&mut ebpf, None)?;
+    {
+        let name = program::RELEASE;
+        let btf = aya::Btf::from_sys_fs()
+            .map_err(|e| prog_err(name, "read the kernel's BTF for")(e.into()))?;
+        let p: &mut Iter = program_mut(&mut ebpf, name)?;
+        p.load("tcp", &btf).map_err(prog_err(name, "load"))?;
+    }
     Ok(program::ALL.len())
 }
 

@@ -244,6 +244,10 @@ const CALM_LOOKS: u32 = 16;
 /// connection ends, and its looks must not cost every write a system call.
 const MAX_LEAVE_BACKOFF: u32 = 1024;
 
+/// The backoff's ceiling while a proxy socket waits for the verdict the release sweep brings
+/// (`Maps::sweep`): one map lookup per this many writes, so the socket leaves soon after.
+const SWEEP_BACKOFF: u32 = 64;
+
 /// `Pacer::phase`: watching; leaving (both of the proxy's sockets marked
 /// `FLOW_TCP_DETACHING`); finished (left, or nothing to do any more).
 const WATCHING: u8 = 0;
@@ -277,13 +281,15 @@ const SIDE_DONE: u8 = 2;
 ///    proxy's socket facing it did (`DETACH_PEER_EMPTY`, on the proxy's next write to it);
 /// 3. the proxy's socket is removed once the kernel saw the workload's psock gone (no send
 ///    of it still under way) and the proxy's own queue empty (`DETACH_READY` of the proxy's
-///    socket, on the proxy's next write on it; `release` in redirect.rs).
+///    socket, on the proxy's next write on it, or by the release sweep the proxy asks for
+///    while it waits, for a workload that only sends; `release` in redirect.rs).
 ///
 /// Every step happens in [`Relay::relayed`], which the copy calls between writes from the
 /// one task that writes both ways (`copy::bidirectional`), so no write on a marked socket is
-/// under way when it is marked. A side whose next step needs a write that never comes (the
-/// proxy's socket facing a workload that only sends) stays in the SOCKHASH until the
-/// connection ends, on the TCP path: correct, only not as fast.
+/// under way when it is marked. Every step but the last for a workload that only sends
+/// comes with writes the proxy makes anyway; that one comes from the release sweep
+/// (`Maps::sweep`; without it, that proxy socket stays in the SOCKHASH until the connection
+/// ends, on the TCP path: correct, only not as fast).
 pub struct Pacer {
     maps: Arc<Maps>,
     inbound: SockKey,
@@ -404,10 +410,20 @@ impl Pacer {
                     self.phase.store(FINISHED, Ordering::Relaxed);
                     return;
                 }
+                // Waiting for the release sweep: look again soon, it runs within milliseconds.
+                let sweeping = self
+                    .sides
+                    .iter()
+                    .any(|s| s.step.load(Ordering::Relaxed) == PROXY_IN);
+                let most = if sweeping {
+                    SWEEP_BACKOFF
+                } else {
+                    MAX_LEAVE_BACKOFF
+                };
                 let backoff = if moved {
                     0
                 } else {
-                    (self.backoff.load(Ordering::Relaxed) * 2).clamp(1, MAX_LEAVE_BACKOFF)
+                    (self.backoff.load(Ordering::Relaxed) * 2).clamp(1, most)
                 };
                 self.backoff.store(backoff, Ordering::Relaxed);
                 self.skip.store(backoff, Ordering::Relaxed);
@@ -498,7 +514,12 @@ impl Pacer {
                     side.step.store(SIDE_DONE, Ordering::Relaxed);
                     true
                 }
-                Some(_) => false,
+                Some(_) => {
+                    // The verdict comes with the proxy's next write to this workload, or
+                    // from the release sweep for one that only sends (which gets none).
+                    self.maps.sweep();
+                    false
+                }
                 None => {
                     side.step.store(SIDE_DONE, Ordering::Relaxed);
                     false
