@@ -108,6 +108,10 @@ pub struct Metrics {
     pub kernel_path: Counter,
     pub detached: Counter,
     pub detached_proxy: Counter,
+    /// Connections that left the short-circuit: from the copy's start until the proxy began
+    /// to take them off, and from then until all four sockets were out.
+    pub leave_start: Histogram,
+    pub leave_move: Histogram,
     /// Sums over every label set of the TCP families, for /debug/summary (cheaper than
     /// walking the families, whose label sets grow with workloads and services).
     sums: ConnSums,
@@ -261,6 +265,8 @@ impl Metrics {
             kernel_path: Counter::default(),
             detached: Counter::default(),
             detached_proxy: Counter::default(),
+            leave_start: duration_histogram(),
+            leave_move: duration_histogram(),
             sums: ConnSums::default(),
             http_requests: Family::default(),
             http_latency: Family::new_with_constructor(latency_histogram),
@@ -317,6 +323,18 @@ impl Metrics {
             "tcp_short_circuit_detached_proxy_sockets",
             "The proxy's own sockets that left the short-circuit for plain TCP with their connection, after the workload they face",
             m.detached_proxy.clone(),
+        );
+        r.register_with_unit(
+            "tcp_short_circuit_leave_start",
+            "Connections that left the short-circuit: time from the proxy's first relayed byte until it began to take the connection off (a stream or a writer the proxy could not keep up with asked)",
+            Unit::Seconds,
+            m.leave_start.clone(),
+        );
+        r.register_with_unit(
+            "tcp_short_circuit_leave_move",
+            "Connections that left the short-circuit: time from the start of leaving until all four sockets (two workloads', two of the proxy's) were out of the SOCKHASH",
+            Unit::Seconds,
+            m.leave_move.clone(),
         );
         r.register_with_unit(
             "tcp_connection_duration",
@@ -431,6 +449,15 @@ impl Metrics {
     pub fn detached_sockets(&self, workloads: u64, proxy: u64) {
         self.detached.inc_by(workloads);
         self.detached_proxy.inc_by(proxy);
+    }
+
+    /// Records how long a connection that left the short-circuit took to start leaving and,
+    /// if all four sockets got out, to finish (`Pacer::leave_times`).
+    pub fn leave_times(&self, start: std::time::Duration, moved: Option<std::time::Duration>) {
+        self.leave_start.observe(start.as_secs_f64());
+        if let Some(m) = moved {
+            self.leave_move.observe(m.as_secs_f64());
+        }
     }
 
     /// Counts an outbound connection the proxy closed or reset, by reason.

@@ -556,11 +556,14 @@ async fn copy_both(
         }
         s.take_back();
     }
-    let detached = match (&splicer, &pacer) {
-        (Some(s), _) => Some(s.detached()),
-        (None, Some(p)) => Some(p.detached()),
-        (None, None) => None,
+    let (detached, leave_times) = match (&splicer, &pacer) {
+        (Some(s), _) => (Some(s.detached()), s.leave_times()),
+        (None, Some(p)) => (Some(p.detached()), p.leave_times()),
+        (None, None) => (None, None),
     };
+    if let Some((start, moved)) = leave_times {
+        ob.metrics.leave_times(start, moved);
+    }
     if let Some((workloads, proxy)) = detached
         && workloads + proxy > 0
     {

@@ -478,5 +478,17 @@ fn one_way_streams_stay_off_the_kernel_only_path_and_leave_the_sockhash_whole() 
         detached_proxy == detached,
         "{detached} workload but {detached_proxy} proxy sockets left the SOCKHASH: a proxy socket facing a client that only sends stayed"
     );
+    // How long leaving took, per connection that left whole (two workload sockets each).
+    let started = sum("mesh_tcp_short_circuit_leave_start_seconds_count");
+    let moved = sum("mesh_tcp_short_circuit_leave_move_seconds_count");
+    eprintln!(
+        "leave times: {started} connections started leaving (mean {:.1} ms in), {moved} moved whole (mean {:.1} ms)",
+        sum("mesh_tcp_short_circuit_leave_start_seconds_sum") * 1000.0 / started.max(1.0),
+        sum("mesh_tcp_short_circuit_leave_move_seconds_sum") * 1000.0 / moved.max(1.0),
+    );
+    ensure!(
+        moved * 2.0 == detached && started >= moved,
+        "{started} leave starts and {moved} whole moves recorded for {detached} workload sockets out"
+    );
     Ok(())
 }

@@ -24,7 +24,7 @@ use std::{
         Arc, OnceLock,
         atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use proxy_common::{DETACH_READY, DETACH_STREAM, DETACH_WANTED, SockKey};
@@ -105,6 +105,11 @@ impl Splicer {
     /// (workloads', proxy's), each 0 to 2.
     pub fn detached(&self) -> (u64, u64) {
         self.pacer.detached()
+    }
+
+    /// See [`Pacer::leave_times`].
+    pub fn leave_times(&self) -> Option<(Duration, Option<Duration>)> {
+        self.pacer.leave_times()
     }
 
     /// If the upstream socket is paired now, publishes both directions' relayed totals (the
@@ -239,14 +244,18 @@ const DETACH_CHECK_BYTES: u64 = 64 * 1024;
 const CALM_LOOKS: u32 = 16;
 
 /// While a connection leaves, the proxy looks at the kernel's progress (up to four map
-/// lookups) after a write, then after 2, 4, ... up to this many writes while nothing moves:
-/// a proxy socket that the proxy no longer writes to can stay in the SOCKHASH until the
-/// connection ends, and its looks must not cost every write a system call.
-const MAX_LEAVE_BACKOFF: u32 = 1024;
+/// lookups) at its next write after a step, then at the first write 1, 2, 4, ... ms later
+/// while nothing moves, up to this many microseconds apart: a stalled move costs a few
+/// lookups a second however fast the proxy writes (a wait counted in writes, doubling up to
+/// 1024, looked up to a hundred times a second at 10 GB/s in 64 KiB writes). What a move
+/// waits for is the kernel: measured (`cargo xtask bench --streams-only`, per hop, 100
+/// connections), moves took about as long as the receiving workload needs to read the
+/// short-circuit queue it had when leaving began (4 MiB at its share of the stream: 150 to
+/// 260 ms from 16 KiB up, about 1.1 s at 64 B) with either kind of wait.
+const MAX_LEAVE_WAIT_US: u64 = 64_000;
 
-/// The backoff's ceiling while a proxy socket waits for the verdict the release sweep brings
-/// (`Maps::sweep`): one map lookup per this many writes, so the socket leaves soon after.
-const SWEEP_BACKOFF: u32 = 64;
+/// The first wait after a look that found nothing moved.
+const MIN_LEAVE_WAIT_US: u64 = 1_000;
 
 /// `Pacer::phase`: watching; leaving (both of the proxy's sockets marked
 /// `FLOW_TCP_DETACHING`); finished (left, or nothing to do any more).
@@ -301,9 +310,15 @@ pub struct Pacer {
     /// The client's side, then the server's.
     sides: [Side; 2],
     phase: AtomicU8,
-    /// While leaving: writes to skip before the next look, and the current backoff.
-    skip: AtomicU32,
-    backoff: AtomicU32,
+    /// While leaving: when to look next (microseconds after `started`), and the current
+    /// wait between looks (0 after a step).
+    next_look: AtomicU64,
+    wait: AtomicU64,
+    /// When the copy started (the Pacer is made just before), and how long after it leaving
+    /// started and finished (all four sockets out), for `mesh_tcp_short_circuit_leave_*`.
+    started: Instant,
+    leave_started: OnceLock<Duration>,
+    left: OnceLock<Duration>,
 }
 
 /// One workload of a connection, with the proxy's socket facing it.
@@ -340,9 +355,20 @@ impl Pacer {
             misses: [AtomicU32::new(0), AtomicU32::new(0)],
             sides: [Side::default(), Side::default()],
             phase: AtomicU8::new(WATCHING),
-            skip: AtomicU32::new(0),
-            backoff: AtomicU32::new(0),
+            next_look: AtomicU64::new(0),
+            wait: AtomicU64::new(0),
+            started: Instant::now(),
+            leave_started: OnceLock::new(),
+            left: OnceLock::new(),
         }
+    }
+
+    /// For a connection that started leaving: how long after the copy's start it did, and
+    /// how long the move then took if all four sockets got out.
+    pub fn leave_times(&self) -> Option<(Duration, Option<Duration>)> {
+        let start = *self.leave_started.get()?;
+        let moved = self.left.get().map(|l| l.saturating_sub(start));
+        Some((start, moved))
     }
 
     /// How many of the connection's sockets left the SOCKHASH: (workloads', proxy's), each
@@ -396,9 +422,8 @@ impl Pacer {
         match self.phase.load(Ordering::Relaxed) {
             WATCHING => self.look(usize::from(!from_client), total),
             LEAVING => {
-                let skip = self.skip.load(Ordering::Relaxed);
-                if skip > 0 {
-                    self.skip.store(skip - 1, Ordering::Relaxed);
+                let now = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                if now < self.next_look.load(Ordering::Relaxed) {
                     return;
                 }
                 let moved = self.leave_step(0) | self.leave_step(1);
@@ -408,25 +433,20 @@ impl Pacer {
                     .all(|s| s.step.load(Ordering::Relaxed) == SIDE_DONE);
                 if done {
                     self.phase.store(FINISHED, Ordering::Relaxed);
+                    if self.detached() == (2, 2) {
+                        let _ = self.left.set(self.started.elapsed());
+                    }
                     return;
                 }
-                // Waiting for the release sweep: look again soon, it runs within milliseconds.
-                let sweeping = self
-                    .sides
-                    .iter()
-                    .any(|s| s.step.load(Ordering::Relaxed) == PROXY_IN);
-                let most = if sweeping {
-                    SWEEP_BACKOFF
-                } else {
-                    MAX_LEAVE_BACKOFF
-                };
-                let backoff = if moved {
+                let wait = if moved {
                     0
                 } else {
-                    (self.backoff.load(Ordering::Relaxed) * 2).clamp(1, most)
+                    (self.wait.load(Ordering::Relaxed) * 2)
+                        .clamp(MIN_LEAVE_WAIT_US, MAX_LEAVE_WAIT_US)
                 };
-                self.backoff.store(backoff, Ordering::Relaxed);
-                self.skip.store(backoff, Ordering::Relaxed);
+                self.wait.store(wait, Ordering::Relaxed);
+                self.next_look
+                    .store(now.saturating_add(wait), Ordering::Relaxed);
             }
             _ => {}
         }
@@ -470,6 +490,7 @@ impl Pacer {
         let _ = self.maps.quiesce(&self.inbound);
         let _ = self.maps.quiesce(&self.outbound);
         self.phase.store(LEAVING, Ordering::Relaxed);
+        let _ = self.leave_started.set(self.started.elapsed());
         debug!(
             client = i == 0,
             stream, "a workload asked its connection to leave the short-circuit"

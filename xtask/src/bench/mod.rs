@@ -1203,15 +1203,34 @@ impl<'a> Bench<'a> {
             })
             .collect();
         say(&format!(
-            "{} {}: {}",
+            "{} {}: {}{}",
             sc.name,
             human(size),
             if grew.is_empty() {
                 "no short-circuit counter moved".to_string()
             } else {
                 grew.join(", ")
-            }
+            },
+            self.leave_times().unwrap_or_default()
         ));
+    }
+
+    /// "; left: ..." with the mean times connections took to start leaving the short-circuit
+    /// and to get all four sockets out, from the proxy's metrics (this scenario's proxy only
+    /// ran this size); `None` if no connection left or the metrics cannot be had.
+    fn leave_times(&self) -> Option<String> {
+        let text = self.node.admin_metrics().ok()?;
+        let mean = |name: &str| {
+            let sum = tests::metric_sum(&text, &format!("{name}_sum"), &[]);
+            let count = tests::metric_sum(&text, &format!("{name}_count"), &[]);
+            (count > 0.0).then(|| (sum / count * 1000.0, count))
+        };
+        let (start, n) = mean("mesh_tcp_short_circuit_leave_start_seconds")?;
+        let moved = mean("mesh_tcp_short_circuit_leave_move_seconds")
+            .map_or("-".to_string(), |(m, k)| format!("{m:.1} ms ({k} whole)"));
+        Some(format!(
+            "; {n} connections left: started after {start:.1} ms, moved in {moved} (means)"
+        ))
     }
 
     /// The stream figures of the scenarios the short-circuit table compares, measured
