@@ -314,9 +314,11 @@ pub struct Pacer {
     /// wait between looks (0 after a step).
     next_look: AtomicU64,
     wait: AtomicU64,
-    /// When the copy started (the Pacer is made just before), and how long after it leaving
+    /// When the proxy relayed the connection's first bytes, and how long after that leaving
     /// started and finished (all four sockets out), for `mesh_tcp_short_circuit_leave_*`.
-    started: Instant,
+    /// From the first bytes, not from accept: a client may connect long before it writes
+    /// (the bench's clients wait for each other, up to half a second at 100 connections).
+    started: OnceLock<Instant>,
     leave_started: OnceLock<Duration>,
     left: OnceLock<Duration>,
 }
@@ -357,14 +359,19 @@ impl Pacer {
             phase: AtomicU8::new(WATCHING),
             next_look: AtomicU64::new(0),
             wait: AtomicU64::new(0),
-            started: Instant::now(),
+            started: OnceLock::new(),
             leave_started: OnceLock::new(),
             left: OnceLock::new(),
         }
     }
 
-    /// For a connection that started leaving: how long after the copy's start it did, and
-    /// how long the move then took if all four sockets got out.
+    /// Time since the proxy relayed the connection's first bytes.
+    fn since_first(&self) -> Duration {
+        self.started.get_or_init(Instant::now).elapsed()
+    }
+
+    /// For a connection that started leaving: how long after its first relayed bytes it did,
+    /// and how long the move then took if all four sockets got out.
     pub fn leave_times(&self) -> Option<(Duration, Option<Duration>)> {
         let start = *self.leave_started.get()?;
         let moved = self.left.get().map(|l| l.saturating_sub(start));
@@ -422,7 +429,7 @@ impl Pacer {
         match self.phase.load(Ordering::Relaxed) {
             WATCHING => self.look(usize::from(!from_client), total),
             LEAVING => {
-                let now = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let now = u64::try_from(self.since_first().as_micros()).unwrap_or(u64::MAX);
                 if now < self.next_look.load(Ordering::Relaxed) {
                     return;
                 }
@@ -434,7 +441,7 @@ impl Pacer {
                 if done {
                     self.phase.store(FINISHED, Ordering::Relaxed);
                     if self.detached() == (2, 2) {
-                        let _ = self.left.set(self.started.elapsed());
+                        let _ = self.left.set(self.since_first());
                     }
                     return;
                 }
@@ -490,7 +497,7 @@ impl Pacer {
         let _ = self.maps.quiesce(&self.inbound);
         let _ = self.maps.quiesce(&self.outbound);
         self.phase.store(LEAVING, Ordering::Relaxed);
-        let _ = self.leave_started.set(self.started.elapsed());
+        let _ = self.leave_started.set(self.since_first());
         debug!(
             client = i == 0,
             stream, "a workload asked its connection to leave the short-circuit"
@@ -596,6 +603,7 @@ impl Pacer {
 
 impl Relay for Pacer {
     fn relayed(&self, to_upstream: bool, total: u64, waited: bool) -> Option<Duration> {
+        self.started.get_or_init(Instant::now);
         let pause = self.held(to_upstream);
         // The workload whose bytes these are is held back by the reader on the other side
         // (a paced or waiting write), not by the proxy's speed: leaving would not help it.
