@@ -279,17 +279,36 @@ pub struct SockKey {
 }
 
 impl SockKey {
-    /// The key the other end of this connection has, if it lives in namespace `netns`.
-    pub const fn reversed_in(&self, netns: u64) -> SockKey {
+    /// A key with its padding zeroed: `(family, local, remote)` as the kernel hands them to
+    /// programs (addresses network order, ports host order; see the fields).
+    #[inline(always)]
+    pub const fn new(
+        netns: u64,
+        family: u32,
+        (local_port, remote_port): (u32, u32),
+        local_ip: [u32; 4],
+        remote_ip: [u32; 4],
+    ) -> SockKey {
         SockKey {
             netns,
-            family: self.family,
-            local_port: self.remote_port,
-            remote_port: self.local_port,
+            family,
+            local_port,
+            remote_port,
             _pad: 0,
-            local_ip: self.remote_ip,
-            remote_ip: self.local_ip,
+            local_ip,
+            remote_ip,
         }
+    }
+
+    /// The key the other end of this connection has, if it lives in namespace `netns`.
+    pub const fn reversed_in(&self, netns: u64) -> SockKey {
+        SockKey::new(
+            netns,
+            self.family,
+            (self.remote_port, self.local_port),
+            self.remote_ip,
+            self.local_ip,
+        )
     }
 
     /// The same 4-tuple with the namespace left out, as `MESH_EXPECT` keys it.

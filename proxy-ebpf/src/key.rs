@@ -44,14 +44,14 @@ macro_rules! sock_key {
         } else {
             None
         };
-        ends.map(|(family, local_ip, remote_ip)| SockKey {
-            netns: $netns,
-            family,
-            local_port,
-            remote_port,
-            _pad: 0,
-            local_ip,
-            remote_ip,
+        ends.map(|(family, local_ip, remote_ip)| {
+            SockKey::new(
+                $netns,
+                family,
+                (local_port, remote_port),
+                local_ip,
+                remote_ip,
+            )
         })
     }};
 }

@@ -87,13 +87,11 @@ fn key_of(sk: u64) -> Option<SockKey> {
     } else {
         return None;
     };
-    Some(SockKey {
+    Some(SockKey::new(
         netns,
         family,
-        local_port,
-        remote_port,
-        _pad: 0,
+        (local_port, remote_port),
         local_ip,
         remote_ip,
-    })
+    ))
 }
