@@ -903,10 +903,7 @@ fn load_sock_ops(ebpf: &mut Ebpf, name: &'static str, pins: &PinDir) -> Result<(
 /// and pins it if `pins` is given. A tracing program needs the running kernel's BTF to load.
 fn load_listener_scan(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(), EbpfError> {
     let name = program::LISTENERS;
-    let btf = aya::Btf::from_sys_fs()
-        .map_err(|e| prog_err(name, "read the kernel's BTF for")(e.into()))?;
-    let p: &mut Iter = program_mut(ebpf, name)?;
-    p.load("task_file", &btf).map_err(prog_err(name, "load"))?;
+    let p = load_iter(ebpf, name, "task_file")?;
     if let Some(pins) = pins {
         let path = pins.prog_path(name);
         p.pin(&path).map_err(|source| EbpfError::Pin {
@@ -917,6 +914,21 @@ fn load_listener_scan(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(), Ebpf
     Ok(())
 }
 
+/// Loads iterator program `name` of kind `iter_type` (`bpf_iter_<iter_type>`): a tracing
+/// program, which needs the running kernel's BTF to load (the listener scan and the release
+/// sweep; `proxy check` loads both).
+fn load_iter<'e>(
+    ebpf: &'e mut Ebpf,
+    name: &'static str,
+    iter_type: &str,
+) -> Result<&'e mut Iter, EbpfError> {
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| prog_err(name, "read the kernel's BTF for")(e.into()))?;
+    let p: &mut Iter = program_mut(ebpf, name)?;
+    p.load(iter_type, &btf).map_err(prog_err(name, "load"))?;
+    Ok(p)
+}
+
 /// Loads the release sweep (an iter/tcp program; `proxy-ebpf/src/sweep.rs`), pins it, and
 /// pins its link, which the proxy reads to run it (`sweep::Sweep`). Not fatal: without it a
 /// leaving connection's proxy socket that faces a workload that only sends stays in the
@@ -924,9 +936,7 @@ fn load_listener_scan(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Result<(), Ebpf
 fn load_release_sweep(ebpf: &mut Ebpf, pins: &PinDir) -> Option<sweep::Sweep> {
     let name = program::RELEASE;
     let mut set_up = || -> Result<PathBuf, String> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| chain(&e))?;
-        let p: &mut Iter = program_mut(ebpf, name).map_err(|e| e.to_string())?;
-        p.load("tcp", &btf).map_err(|e| chain(&e))?;
+        let p = load_iter(ebpf, name, "tcp").map_err(|e| e.to_string())?;
         p.pin(pins.prog_path(name)).map_err(|e| chain(&e))?;
         let id = p.attach().map_err(|e| chain(&e))?;
         let link =
@@ -1085,13 +1095,7 @@ pub fn verify_loadable() -> Result<usize, EbpfError> {
     let p: &mut SkMsg = program_mut(&mut ebpf, program::MSG_REDIRECT)?;
     p.load().map_err(prog_err(program::MSG_REDIRECT, "load"))?;
     load_listener_scan(&mut ebpf, None)?;
-    {
-        let name = program::RELEASE;
-        let btf = aya::Btf::from_sys_fs()
-            .map_err(|e| prog_err(name, "read the kernel's BTF for")(e.into()))?;
-        let p: &mut Iter = program_mut(&mut ebpf, name)?;
-        p.load("tcp", &btf).map_err(prog_err(name, "load"))?;
-    }
+    load_iter(&mut ebpf, program::RELEASE, "tcp")?;
     Ok(program::ALL.len())
 }
 
