@@ -399,6 +399,13 @@ pub struct Flow {
     /// may be removed itself. The proxy reads them and removes the sockets (see
     /// proxy-ebpf/src/redirect.rs, `detach` and `release`).
     pub detach: u16,
+    /// Workload sockets only: small messages (below `Config::small_msg`) sent in a row over
+    /// TCP while the proxy had not read everything this socket sent (the direction cannot
+    /// come back yet). `Config::small_streak` of them make the direction a stream, as
+    /// `streak` does on the short-circuit.
+    pub behind: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
     /// This socket's messages that may still wait at its peer (the per-hop short-circuit:
     /// the proxy, or for a proxy socket the workload) and at the far workload (the
     /// kernel-only path). Kept per receiver and across changes of path: a direction that
@@ -648,7 +655,7 @@ mod tests {
         assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);
         assert_eq!(
             size_of::<Flow>(),
-            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 2 * 24
+            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 2 * 24
         );
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);

@@ -125,6 +125,12 @@ pub fn handle(ctx: &SkMsgContext) {
     }
     if flow.state != FLOW_REDIRECT {
         if !may_resume(cfg, flow, peer.as_ref(), size) {
+            if let Some(peer) = peer.as_ref()
+                && stream_on_tcp(cfg, flow, peer, size)
+            {
+                leave(ctx, flow, FLOW_TCP_STREAM, size);
+                return;
+            }
             count(counter::MSG_PASSED_TAINTED, 1);
             passed(size);
             if !resumable(flow) {
@@ -141,6 +147,7 @@ pub fn handle(ctx: &SkMsgContext) {
         }
         flow.state = FLOW_REDIRECT;
         flow.streak = 0;
+        flow.behind = 0;
         count(counter::FLOW_RESUMED, 1);
     }
     let Some(mut peer) = peer else {
@@ -318,6 +325,44 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         }
     }
     None
+}
+
+/// For a workload's direction on the TCP path that may not come back yet (`may_resume`: the
+/// proxy has not read everything it sent): true once it turns out to be a stream, as on the
+/// short-circuit (`policy`), with `Config::small_streak` small messages in a row that found
+/// the proxy behind; it then asks for its connection to leave (`DETACH_STREAM`) and stays on
+/// TCP (`FLOW_TCP_STREAM`). Only where the stream rule applies (`PROXY_LEAVES`).
+///
+/// Why: a direction whose first bytes took TCP (written right after connect, before the proxy
+/// socket was in the SOCKHASH), or that met the limit before the proxy marked its sockets,
+/// stays there while its writer keeps the proxy behind, never reaching `policy`. Otherwise it
+/// asks only after 2 x `RESUME_TRIES` messages (`note_pressure`: `DETACH_WANTED`).
+#[inline(always)]
+fn stream_on_tcp(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> bool {
+    if cfg.small_streak == 0
+        || flow.proxy != 0
+        || flow.detach != 0
+        || flow.state == FLOW_TCP_STREAM
+        || size >= cfg.small_msg
+    {
+        flow.behind = 0;
+        return false;
+    }
+    // Counted before the proxy marks its sockets too, so that a stream asks with its first
+    // message after the mark.
+    flow.behind = flow.behind.saturating_add(1);
+    if flow.behind < cfg.small_streak {
+        return false;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(receiver) = (unsafe { MESH_FLOWS.get(peer) }).copied() else {
+        return false;
+    };
+    if receiver.proxy & PROXY_LEAVES == 0 {
+        return false;
+    }
+    want_detach(cfg, flow, peer, DETACH_STREAM);
+    flow.detach == DETACH_STREAM
 }
 
 /// True if a direction on the TCP path may come back to the short-circuit with this message

@@ -21,6 +21,13 @@ use prometheus_client::{
 };
 
 use crate::ebpf::Maps;
+use crate::transport::splice::{LEAVE_SOCKETS, LeaveTimes};
+
+/// Label of `mesh_tcp_short_circuit_leave_socket_seconds`: one of `transport::splice::LEAVE_SOCKETS`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaveLabels {
+    pub socket: &'static str,
+}
 
 /// Labels of the TCP connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,6 +119,8 @@ pub struct Metrics {
     /// to take them off, and from then until all four sockets were out.
     pub leave_start: Histogram,
     pub leave_move: Histogram,
+    /// From the start of leaving until each socket was out (`transport::splice::LEAVE_SOCKETS`).
+    pub leave_socket: Family<LeaveLabels, Histogram>,
     /// Sums over every label set of the TCP families, for /debug/summary (cheaper than
     /// walking the families, whose label sets grow with workloads and services).
     sums: ConnSums,
@@ -267,6 +276,7 @@ impl Metrics {
             detached_proxy: Counter::default(),
             leave_start: duration_histogram(),
             leave_move: duration_histogram(),
+            leave_socket: Family::new_with_constructor(duration_histogram),
             sums: ConnSums::default(),
             http_requests: Family::default(),
             http_latency: Family::new_with_constructor(latency_histogram),
@@ -335,6 +345,12 @@ impl Metrics {
             "Connections that left the short-circuit: time from the start of leaving until all four sockets (two workloads', two of the proxy's) were out of the SOCKHASH",
             Unit::Seconds,
             m.leave_move.clone(),
+        );
+        r.register_with_unit(
+            "tcp_short_circuit_leave_socket",
+            "Connections that left the short-circuit: time from the start of leaving until this socket was out of the SOCKHASH (client, server: the workloads'; client_proxy, server_proxy: the proxy's facing each), to see which one holds a move up",
+            Unit::Seconds,
+            m.leave_socket.clone(),
         );
         r.register_with_unit(
             "tcp_connection_duration",
@@ -451,11 +467,18 @@ impl Metrics {
         self.detached_proxy.inc_by(proxy);
     }
 
-    /// Records how long a connection that left the short-circuit took to start leaving and,
-    /// if all four sockets got out, to finish (`Pacer::leave_times`).
-    pub fn leave_times(&self, start: std::time::Duration, moved: Option<std::time::Duration>) {
-        self.leave_start.observe(start.as_secs_f64());
-        if let Some(m) = moved {
+    /// Records how long a connection that left the short-circuit took to start leaving, to
+    /// get each socket out and, if all four got out, to finish (`Pacer::leave_times`).
+    pub fn leave_times(&self, t: &LeaveTimes) {
+        self.leave_start.observe(t.start.as_secs_f64());
+        for (socket, out) in LEAVE_SOCKETS.into_iter().zip(t.out) {
+            if let Some(out) = out {
+                self.leave_socket
+                    .get_or_create(&LeaveLabels { socket })
+                    .observe(out.as_secs_f64());
+            }
+        }
+        if let Some(m) = t.moved() {
             self.leave_move.observe(m.as_secs_f64());
         }
     }

@@ -561,8 +561,8 @@ async fn copy_both(
         (None, Some(p)) => (Some(p.detached()), p.leave_times()),
         (None, None) => (None, None),
     };
-    if let Some((start, moved)) = leave_times {
-        ob.metrics.leave_times(start, moved);
+    if let Some(t) = leave_times {
+        ob.metrics.leave_times(&t);
     }
     if let Some((workloads, proxy)) = detached
         && workloads + proxy > 0

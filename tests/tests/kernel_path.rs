@@ -490,5 +490,25 @@ fn one_way_streams_stay_off_the_kernel_only_path_and_leave_the_sockhash_whole() 
         moved * 2.0 == detached && started >= moved,
         "{started} leave starts and {moved} whole moves recorded for {detached} workload sockets out"
     );
+    // Each socket's time out, recorded once per socket that got out.
+    let mut out = Vec::new();
+    for socket in ["client", "client_proxy", "server", "server_proxy"] {
+        let label = format!("socket=\"{socket}\"");
+        let per = |suffix: &str| {
+            metric_sum(
+                &metrics,
+                &format!("mesh_tcp_short_circuit_leave_socket_seconds_{suffix}"),
+                &[label.as_str()],
+            )
+        };
+        let n = per("count");
+        out.push((socket, n, per("sum") * 1000.0 / n.max(1.0)));
+    }
+    eprintln!("sockets out after leaving began (count, mean ms): {out:?}");
+    let count = |i: usize| out[i].1;
+    ensure!(
+        count(0) + count(2) == detached && count(1) + count(3) == detached_proxy,
+        "per-socket leave times recorded {out:?} for {detached} workload and {detached_proxy} proxy sockets out"
+    );
     Ok(())
 }

@@ -419,11 +419,15 @@ impl Maps {
 
     /// Asks for the release sweep: a leaving connection's proxy socket waits for a verdict
     /// no write of the proxy's would bring. Paced and run off the async workers; the caller
-    /// looks again later.
-    pub fn sweep(&self) {
-        if let Some(s) = &self.release {
-            s.request();
-        }
+    /// looks again once [`Maps::sweeps_done`] reaches the number returned (`None`: no sweep
+    /// on this node), or later.
+    pub fn sweep(&self) -> Option<u64> {
+        self.release.as_ref().map(|s| s.request())
+    }
+
+    /// How many release sweeps have finished (see [`Maps::sweep`]).
+    pub fn sweeps_done(&self) -> u64 {
+        self.release.as_ref().map_or(0, |s| s.done())
     }
 
     /// Takes (reads and deletes) the original destination of a connection the proxy accepted

@@ -141,6 +141,35 @@ pub trait Relay: Sync {
     fn left(&self) -> bool {
         false
     }
+
+    /// Signalled (`notify_one`) when the relay starts something it must look at between
+    /// writes too ([`Relay::next_tick`]); `None` if it never does.
+    fn ticking(&self) -> Option<&tokio::sync::Notify> {
+        None
+    }
+
+    /// How long until the relay wants to look again without waiting for a write ([`Relay::tick`]);
+    /// `None` once there is nothing to look at.
+    fn next_tick(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Looks (between the copy's reads and writes: never while a syscall of the copy is under
+    /// way, as for `relayed`).
+    fn tick(&self) {}
+}
+
+/// The copy's third leg: calls [`Relay::tick`] at the times the relay asks for, from its
+/// first signal until it has nothing left to look at. Never returns.
+async fn ticks(relay: &dyn Relay) -> std::convert::Infallible {
+    if let Some(started) = relay.ticking() {
+        started.notified().await;
+        while let Some(d) = relay.next_tick() {
+            tokio::time::sleep(d).await;
+            relay.tick();
+        }
+    }
+    std::future::pending().await
 }
 
 /// How long the copy pauses after a write that sk_msg redirected into a workload whose queue
@@ -281,11 +310,20 @@ pub async fn bidirectional(
     };
     // Both directions in this one task, never spawned apart: `Pacer` relies on it (it marks
     // the socket towards the client from the other direction's `relayed`, which must not run
-    // while a write towards the client is under way).
-    tokio::try_join!(
-        one_way(&mut cr, &mut uw, buffer, recheck, up, &progress.to_upstream),
-        one_way(&mut ur, &mut cw, buffer, recheck, down, &progress.to_client),
-    )?;
+    // while a write towards the client is under way); so are the relay's ticks.
+    let copy = async {
+        tokio::try_join!(
+            one_way(&mut cr, &mut uw, buffer, recheck, up, &progress.to_upstream),
+            one_way(&mut ur, &mut cw, buffer, recheck, down, &progress.to_client),
+        )
+    };
+    match relay {
+        Some(relay) => tokio::select! {
+            r = copy => r?,
+            never = ticks(relay) => match never {},
+        },
+        None => copy.await?,
+    };
     Ok(progress.snapshot())
 }
 
@@ -399,6 +437,64 @@ mod tests {
         for t in tasks {
             assert!(matches!(t.await, Ok(true)));
         }
+    }
+
+    /// A relay that asks for ticks once a write told it to, three of them, then no more.
+    struct Ticking {
+        notify: tokio::sync::Notify,
+        left: std::sync::atomic::AtomicU32,
+        ticks: std::sync::atomic::AtomicU32,
+    }
+
+    impl Relay for Ticking {
+        fn relayed(&self, _to_upstream: bool, _total: u64, _waited: bool) -> Option<Duration> {
+            self.notify.notify_one();
+            None
+        }
+        fn ticking(&self) -> Option<&tokio::sync::Notify> {
+            Some(&self.notify)
+        }
+        fn next_tick(&self) -> Option<Duration> {
+            (self.left.load(Ordering::Relaxed) > 0).then_some(Duration::from_millis(1))
+        }
+        fn tick(&self) {
+            self.left.fetch_sub(1, Ordering::Relaxed);
+            self.ticks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_relay_ticks_between_writes_and_the_copy_still_ends() -> io::Result<()> {
+        let (mut client, mut proxy_in) = tcp_pair().await?;
+        let (mut proxy_out, mut server) = tcp_pair().await?;
+        let relay = std::sync::Arc::new(Ticking {
+            notify: tokio::sync::Notify::new(),
+            left: std::sync::atomic::AtomicU32::new(3),
+            ticks: std::sync::atomic::AtomicU32::new(0),
+        });
+        let r = std::sync::Arc::clone(&relay);
+        let copier = tokio::spawn(async move {
+            let p = Progress::default();
+            bidirectional(&mut proxy_in, &mut proxy_out, 1024, false, Some(&*r), &p).await
+        });
+        // One write starts the ticks; none follows until they are done.
+        client.write_all(b"hello").await?;
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while relay.ticks.load(Ordering::Relaxed) < 3 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(relay.ticks.load(Ordering::Relaxed), 3);
+        client.shutdown().await?;
+        server.shutdown().await?;
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await?;
+        client.read_to_end(&mut rest).await?;
+        let t = copier.await.map_err(io::Error::other)??;
+        assert_eq!(t.to_upstream, 5);
+        assert_eq!(relay.ticks.load(Ordering::Relaxed), 3);
+        Ok(())
     }
 
     #[tokio::test]

@@ -108,7 +108,7 @@ impl Splicer {
     }
 
     /// See [`Pacer::leave_times`].
-    pub fn leave_times(&self) -> Option<(Duration, Option<Duration>)> {
+    pub fn leave_times(&self) -> Option<LeaveTimes> {
         self.pacer.leave_times()
     }
 
@@ -224,6 +224,19 @@ impl Relay for Splicer {
     fn left(&self) -> bool {
         self.pacer.left()
     }
+
+    /// The pacer's: a connection on the kernel-only path never leaves, so never ticks.
+    fn ticking(&self) -> Option<&tokio::sync::Notify> {
+        self.pacer.ticking()
+    }
+
+    fn next_tick(&self) -> Option<Duration> {
+        self.pacer.next_tick()
+    }
+
+    fn tick(&self) {
+        self.pacer.tick();
+    }
 }
 
 impl Drop for Splicer {
@@ -238,9 +251,10 @@ impl Drop for Splicer {
 const DETACH_CHECK_BYTES: u64 = 64 * 1024;
 
 /// Looks at `Flow::detach` before a workload that met the queue limit may take its connection
-/// off the short-circuit: 1 MiB of it relayed at [`DETACH_CHECK_BYTES`], so a short burst
-/// that met the limit does not. A stream (`DETACH_STREAM`: `Config::small_streak`
-/// writes in a row found its reader behind) has shown what it is already and leaves at once.
+/// off the short-circuit with the stream rule off: 1 MiB of it relayed at
+/// [`DETACH_CHECK_BYTES`], so a short burst that met the limit does not. A stream
+/// (`DETACH_STREAM`: `Config::small_streak` writes in a row found its reader behind, or it met
+/// the limit with the rule on) has shown what it is already and leaves at once.
 const CALM_LOOKS: u32 = 16;
 
 /// While a connection leaves, the proxy looks at the kernel's progress (up to four map
@@ -314,13 +328,48 @@ pub struct Pacer {
     /// wait between looks (0 after a step).
     next_look: AtomicU64,
     wait: AtomicU64,
+    /// While a proxy socket of the connection waits for the release sweep: the number of the
+    /// sweep that brings its verdict (`Maps::sweep`), 0 otherwise. The copy looks at its
+    /// next write once that sweep is done, whatever the wait: measured (100 uploads of 64 B
+    /// writes), waiting out the doubled waits instead, the proxy socket facing the client
+    /// left 300 to 500 ms after the client's socket, the longest step of a move by far.
+    sweep_wait: AtomicU64,
+    /// Signalled when leaving starts: from then on the copy also looks between writes, at
+    /// the times `next_look` says (`Relay::tick`). Measured before (100 uploads of 64 B
+    /// writes through the proxy): looking only at the proxy's writes, which come a few dozen
+    /// times a second per connection when the proxy reads whole buffers of small writes,
+    /// looks came 0.3 to 0.8 s apart and moves took 0.8 to 0.9 s.
+    leaving: tokio::sync::Notify,
     /// When the proxy relayed the connection's first bytes, and how long after that leaving
-    /// started and finished (all four sockets out), for `mesh_tcp_short_circuit_leave_*`.
-    /// From the first bytes, not from accept: a client may connect long before it writes
-    /// (the bench's clients wait for each other, up to half a second at 100 connections).
+    /// started, for `mesh_tcp_short_circuit_leave_*` (each socket's time out is its
+    /// `Side`'s). From the first bytes, not from accept: a client may connect long before
+    /// it writes (the bench's clients wait for each other, up to half a second at 100
+    /// connections).
     started: OnceLock<Instant>,
     leave_started: OnceLock<Duration>,
-    left: OnceLock<Duration>,
+}
+
+/// The sockets of a connection in [`LeaveTimes::out`]'s order, as the label of
+/// `mesh_tcp_short_circuit_leave_socket_seconds`.
+pub const LEAVE_SOCKETS: [&str; 4] = ["client", "client_proxy", "server", "server_proxy"];
+
+/// How long a connection that left the short-circuit took (`Pacer::leave_times`).
+#[derive(Clone, Copy, Debug)]
+pub struct LeaveTimes {
+    /// From the proxy's first relayed bytes to the start of leaving.
+    pub start: Duration,
+    /// From the start of leaving until each socket was out of the SOCKHASH, in
+    /// [`LEAVE_SOCKETS`] order; `None` for one that stayed (the connection ended first).
+    pub out: [Option<Duration>; 4],
+}
+
+impl LeaveTimes {
+    /// The whole move, if all four sockets got out: until the last one did.
+    pub fn moved(&self) -> Option<Duration> {
+        self.out
+            .iter()
+            .try_fold(Duration::ZERO, |last, t| t.map(|t| last.max(t)))
+    }
 }
 
 /// One workload of a connection, with the proxy's socket facing it.
@@ -343,9 +392,10 @@ struct Side {
     looks: AtomicU32,
     /// While leaving: `WORKLOAD_IN`, `PROXY_IN` or `SIDE_DONE`.
     step: AtomicU8,
-    /// Sockets of this side removed from the SOCKHASH: the workload's, the proxy's.
-    workload_out: AtomicBool,
-    proxy_out: AtomicBool,
+    /// When the sockets of this side were removed from the SOCKHASH (the workload's, the
+    /// proxy's), after the proxy's first relayed bytes.
+    workload_out: OnceLock<Duration>,
+    proxy_out: OnceLock<Duration>,
 }
 
 impl Pacer {
@@ -359,9 +409,10 @@ impl Pacer {
             phase: AtomicU8::new(WATCHING),
             next_look: AtomicU64::new(0),
             wait: AtomicU64::new(0),
+            sweep_wait: AtomicU64::new(0),
+            leaving: tokio::sync::Notify::new(),
             started: OnceLock::new(),
             leave_started: OnceLock::new(),
-            left: OnceLock::new(),
         }
     }
 
@@ -371,21 +422,27 @@ impl Pacer {
     }
 
     /// For a connection that started leaving: how long after its first relayed bytes it did,
-    /// and how long the move then took if all four sockets got out.
-    pub fn leave_times(&self) -> Option<(Duration, Option<Duration>)> {
+    /// and how long after that each socket got out.
+    pub fn leave_times(&self) -> Option<LeaveTimes> {
         let start = *self.leave_started.get()?;
-        let moved = self.left.get().map(|l| l.saturating_sub(start));
-        Some((start, moved))
+        let after = |t: &OnceLock<Duration>| t.get().map(|t| t.saturating_sub(start));
+        let [client, server] = &self.sides;
+        Some(LeaveTimes {
+            start,
+            out: [
+                after(&client.workload_out),
+                after(&client.proxy_out),
+                after(&server.workload_out),
+                after(&server.proxy_out),
+            ],
+        })
     }
 
     /// How many of the connection's sockets left the SOCKHASH: (workloads', proxy's), each
     /// 0 to 2.
     pub fn detached(&self) -> (u64, u64) {
-        let count = |f: fn(&Side) -> &AtomicBool| {
-            self.sides
-                .iter()
-                .filter(|s| f(s).load(Ordering::Relaxed))
-                .count() as u64
+        let count = |f: fn(&Side) -> &OnceLock<Duration>| {
+            self.sides.iter().filter(|s| f(s).get().is_some()).count() as u64
         };
         (count(|s| &s.workload_out), count(|s| &s.proxy_out))
     }
@@ -428,35 +485,44 @@ impl Pacer {
     fn watch_detach(&self, from_client: bool, total: u64) {
         match self.phase.load(Ordering::Relaxed) {
             WATCHING => self.look(usize::from(!from_client), total),
-            LEAVING => {
-                let now = u64::try_from(self.since_first().as_micros()).unwrap_or(u64::MAX);
-                if now < self.next_look.load(Ordering::Relaxed) {
-                    return;
-                }
-                let moved = self.leave_step(0) | self.leave_step(1);
-                let done = self
-                    .sides
-                    .iter()
-                    .all(|s| s.step.load(Ordering::Relaxed) == SIDE_DONE);
-                if done {
-                    self.phase.store(FINISHED, Ordering::Relaxed);
-                    if self.detached() == (2, 2) {
-                        let _ = self.left.set(self.since_first());
-                    }
-                    return;
-                }
-                let wait = if moved {
-                    0
-                } else {
-                    (self.wait.load(Ordering::Relaxed) * 2)
-                        .clamp(MIN_LEAVE_WAIT_US, MAX_LEAVE_WAIT_US)
-                };
-                self.wait.store(wait, Ordering::Relaxed);
-                self.next_look
-                    .store(now.saturating_add(wait), Ordering::Relaxed);
-            }
+            LEAVING => self.look_leaving(),
             _ => {}
         }
+    }
+
+    /// While leaving, at a write or a tick: moves the connection on if it is time to look
+    /// (see [`MAX_LEAVE_WAIT_US`]) or the release sweep it waits for is done.
+    fn look_leaving(&self) {
+        let now = self.micros();
+        if now < self.next_look.load(Ordering::Relaxed) {
+            let swept = self.sweep_wait.load(Ordering::Relaxed);
+            if swept == 0 || self.maps.sweeps_done() < swept {
+                return;
+            }
+        }
+        self.sweep_wait.store(0, Ordering::Relaxed);
+        let moved = self.leave_step(0) | self.leave_step(1);
+        let done = self
+            .sides
+            .iter()
+            .all(|s| s.step.load(Ordering::Relaxed) == SIDE_DONE);
+        if done {
+            self.phase.store(FINISHED, Ordering::Relaxed);
+            return;
+        }
+        let wait = if moved {
+            0
+        } else {
+            (self.wait.load(Ordering::Relaxed) * 2).clamp(MIN_LEAVE_WAIT_US, MAX_LEAVE_WAIT_US)
+        };
+        self.wait.store(wait, Ordering::Relaxed);
+        self.next_look
+            .store(now.saturating_add(wait), Ordering::Relaxed);
+    }
+
+    /// Microseconds since the proxy relayed the connection's first bytes.
+    fn micros(&self) -> u64 {
+        u64::try_from(self.since_first().as_micros()).unwrap_or(u64::MAX)
     }
 
     /// Looks at whether side `i`'s workload asks its connection to leave (every
@@ -486,10 +552,18 @@ impl Pacer {
         // 1 MiB writes meet the limit before they look like a stream. Measured (cubic,
         // interleaved, rule on): connections of 16 KiB and 1 MiB streams held here by a
         // single paced write ran at x0.83 to x0.93 of plain TCP through the proxy.
+        //
+        // With the rule on, a workload that met the limit leaves at once as well: it asked
+        // as `DETACH_WANTED` only because the kernel could not call it a stream yet (its
+        // writes met the limit, or kept the proxy behind on TCP, before this copy marked the
+        // proxy's sockets `PROXY_LEAVES`: at 100 connections the proxy accepts, detects and
+        // connects late). Measured (`cargo xtask bench --streams-only`, 64 B x100): about
+        // half of the connections asked that way, and waiting [`CALM_LOOKS`] for them started
+        // leaving about 1 s into a 2 s stream.
         let stream = flow.detach == DETACH_STREAM;
         let wanted = flow.detach == DETACH_WANTED
-            && looks >= CALM_LOOKS
-            && (self.maps.streams_leave() || !side.downstream_slow.load(Ordering::Relaxed));
+            && (self.maps.streams_leave()
+                || (looks >= CALM_LOOKS && !side.downstream_slow.load(Ordering::Relaxed)));
         if !(stream || wanted) {
             return;
         }
@@ -498,6 +572,7 @@ impl Pacer {
         let _ = self.maps.quiesce(&self.outbound);
         self.phase.store(LEAVING, Ordering::Relaxed);
         let _ = self.leave_started.set(self.since_first());
+        self.leaving.notify_one();
         debug!(
             client = i == 0,
             stream, "a workload asked its connection to leave the short-circuit"
@@ -522,7 +597,7 @@ impl Pacer {
                     return false;
                 }
                 if self.maps.detach(&workload) {
-                    side.workload_out.store(true, Ordering::Relaxed);
+                    let _ = side.workload_out.set(self.since_first());
                     side.step.store(PROXY_IN, Ordering::Relaxed);
                     debug!(
                         client = i == 0,
@@ -537,7 +612,11 @@ impl Pacer {
             PROXY_IN => match self.maps.flow(facing) {
                 Some(p) if p.detach == DETACH_READY => {
                     if self.maps.detach(facing) {
-                        side.proxy_out.store(true, Ordering::Relaxed);
+                        let _ = side.proxy_out.set(self.since_first());
+                        debug!(
+                            client = i == 0,
+                            "a proxy socket left the SOCKHASH for plain TCP"
+                        );
                     }
                     side.step.store(SIDE_DONE, Ordering::Relaxed);
                     true
@@ -545,7 +624,9 @@ impl Pacer {
                 Some(_) => {
                     // The verdict comes with the proxy's next write to this workload, or
                     // from the release sweep for one that only sends (which gets none).
-                    self.maps.sweep();
+                    if let Some(n) = self.maps.sweep() {
+                        self.sweep_wait.store(n, Ordering::Relaxed);
+                    }
                     false
                 }
                 None => {
@@ -617,5 +698,43 @@ impl Relay for Pacer {
 
     fn left(&self) -> bool {
         self.detached() == (2, 2)
+    }
+
+    fn ticking(&self) -> Option<&tokio::sync::Notify> {
+        Some(&self.leaving)
+    }
+
+    /// While leaving: until the next look is due (at least [`MIN_LEAVE_WAIT_US`], also after
+    /// a look that moved a socket: the next step waits for the kernel).
+    fn next_tick(&self) -> Option<Duration> {
+        if self.phase.load(Ordering::Relaxed) != LEAVING {
+            return None;
+        }
+        let due = self.next_look.load(Ordering::Relaxed);
+        let wait = due.saturating_sub(self.micros()).max(MIN_LEAVE_WAIT_US);
+        Some(Duration::from_micros(wait))
+    }
+
+    fn tick(&self) {
+        if self.phase.load(Ordering::Relaxed) == LEAVING {
+            self.look_leaving();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_move_is_whole_only_once_every_socket_is_out() {
+        let ms = Duration::from_millis;
+        let mut t = LeaveTimes {
+            start: ms(5),
+            out: [Some(ms(20)), Some(ms(70)), Some(ms(10)), Some(ms(15))],
+        };
+        assert_eq!(t.moved(), Some(ms(70)));
+        t.out[2] = None;
+        assert_eq!(t.moved(), None);
     }
 }

@@ -1228,8 +1228,25 @@ impl<'a> Bench<'a> {
         let (start, n) = mean("mesh_tcp_short_circuit_leave_start_seconds")?;
         let moved = mean("mesh_tcp_short_circuit_leave_move_seconds")
             .map_or("-".to_string(), |(m, k)| format!("{m:.1} ms ({k} whole)"));
+        // Which socket holds a move up: each one's mean time out after leaving began.
+        let sockets: Vec<String> = ["client", "client_proxy", "server", "server_proxy"]
+            .iter()
+            .filter_map(|socket| {
+                let label = format!("socket=\"{socket}\"");
+                let per = |suffix: &str| {
+                    tests::metric_sum(
+                        &text,
+                        &format!("mesh_tcp_short_circuit_leave_socket_seconds_{suffix}"),
+                        &[label.as_str()],
+                    )
+                };
+                let count = per("count");
+                (count > 0.0).then(|| format!("{socket} {:.1}", per("sum") / count * 1000.0))
+            })
+            .collect();
         Some(format!(
-            "; {n} connections left: started after {start:.1} ms, moved in {moved} (means)"
+            "; {n} connections left: started after {start:.1} ms, moved in {moved}; sockets out after {} ms (means)",
+            sockets.join(", ")
         ))
     }
 
