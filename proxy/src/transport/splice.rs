@@ -258,14 +258,17 @@ const DETACH_CHECK_BYTES: u64 = 64 * 1024;
 const CALM_LOOKS: u32 = 16;
 
 /// While a connection leaves, the proxy looks at the kernel's progress (up to four map
-/// lookups) at its next write after a step, then at the first write 1, 2, 4, ... ms later
-/// while nothing moves, up to this many microseconds apart: a stalled move costs a few
-/// lookups a second however fast the proxy writes (a wait counted in writes, doubling up to
-/// 1024, looked up to a hundred times a second at 10 GB/s in 64 KiB writes). What a move
-/// waits for is the kernel: measured (`cargo xtask bench --streams-only`, per hop, 100
-/// connections), moves took about as long as the receiving workload needs to read the
-/// short-circuit queue it had when leaving began (4 MiB at its share of the stream: 150 to
-/// 260 ms from 16 KiB up, about 1.1 s at 64 B) with either kind of wait.
+/// lookups) at its next write or tick after a step (a tick at least [`MIN_LEAVE_WAIT_US`]
+/// later), then 1, 2, 4, ... ms later while nothing moves, up to this many microseconds
+/// apart, and at once when the release sweep it waits for is done: a stalled move costs a
+/// few lookups a second however fast the proxy writes (a wait counted in writes, doubling up
+/// to 1024, looked up to a hundred times a second at 10 GB/s in 64 KiB writes). What a move
+/// waits for is the kernel and the threads that drive it: measured (`cargo xtask bench
+/// --streams-only`, per hop and per socket, `mesh_tcp_short_circuit_leave_socket_seconds`),
+/// the proxy's socket facing the client, which needs a sweep after the client's socket is
+/// out, is the last out (150 to 230 ms from 16 KiB up, 0.6 to 1.1 s at 64 B x100, where
+/// about 200 load threads share 2 CPUs per thread with the proxy's few; 45 to 150 ms at
+/// 64 B with the proxy at nice -10).
 const MAX_LEAVE_WAIT_US: u64 = 64_000;
 
 /// The first wait after a look that found nothing moved.
