@@ -49,6 +49,9 @@ pub const PCAP_HEADER_LEN: usize = 24;
 pub const MAX_NODE_NUMBER: u8 = 15;
 
 /// First octet / hextet after 10. / fd00: of node 0's pod prefixes.
+/// Where the cgroup v1 `cpu` controller is mounted (see [`Node::share_cpu_per_pod`]).
+pub const CPU_V1_MOUNT: &str = "/sys/fs/cgroup/cpu";
+
 const POD_NET4: u8 = 77;
 const POD_NET6: u16 = 0x77;
 /// The network between linked nodes: 10.99.0.0/24 and fd00:99::/64.
@@ -264,6 +267,9 @@ pub struct Node {
     link_if: String,
     /// Number of the node [`link`] joined this one to.
     link_peer: Option<u8>,
+    /// With [`Node::share_cpu_per_pod`]: this node's directory in the cgroup v1 `cpu`
+    /// hierarchy, with one child per pod and one for the proxy.
+    cpu_root: Option<PathBuf>,
     cleaned: bool,
 }
 
@@ -277,6 +283,8 @@ pub struct Pod {
     /// The node end of this pod's veth: the source address the proxy uses towards it.
     pub gateway4: Ipv4Addr,
     pub gateway6: Ipv6Addr,
+    /// With [`Node::share_cpu_per_pod`]: the pod's own cgroup v1 `cpu` group.
+    pub cpu_cgroup: Option<PathBuf>,
 }
 
 impl Node {
@@ -316,6 +324,7 @@ impl Node {
             if_prefix: format!("{if_base}p"),
             link_if: format!("{if_base}l"),
             link_peer: None,
+            cpu_root: None,
             id,
             cleaned: false,
         };
@@ -359,6 +368,7 @@ impl Node {
             ipv6: Ipv6Addr::new(0xfd00, net6, u16::from(i8), 0, 0, 0, 0, 2),
             gateway4: Ipv4Addr::new(10, net4, i8, 1),
             gateway6: Ipv6Addr::new(0xfd00, net6, u16::from(i8), 0, 0, 0, 0, 1),
+            cpu_cgroup: self.cpu_root.as_ref().map(|r| r.join(name)),
             netns,
         };
         let (node, ns) = (self.netns.as_str(), pod.netns.as_str());
@@ -366,6 +376,9 @@ impl Node {
         // Registered before anything else can fail, so Drop removes it.
         self.pods.push(pod.clone());
         fs::create_dir_all(&pod.cgroup)?;
+        if let Some(cpu) = &pod.cpu_cgroup {
+            fs::create_dir_all(cpu).with_context(|| format!("creating {}", cpu.display()))?;
+        }
         let (g4, g6, a4, a6) = (pod.gateway4, pod.gateway6, pod.ipv4, pod.ipv6);
         for cmd in [
             format!("ip -n {ns} link set lo up"),
@@ -382,6 +395,33 @@ impl Node {
             shw(&cmd)?;
         }
         Ok(pod)
+    }
+
+    /// Gives each pod added from now on, and the proxy, a CPU group of its own with equal
+    /// weight (the cgroup v1 `cpu` controller: this machine's cgroup v2 hierarchy has none),
+    /// as a node's kubelet does: under contention the CPUs are shared per group, not per
+    /// thread. Without it a pod of 100 busy threads gets 50 times the CPU of a proxy with 2.
+    pub fn share_cpu_per_pod(&mut self) -> Result<()> {
+        let v1 = Path::new(CPU_V1_MOUNT);
+        if !v1.join("cpu.shares").is_file() {
+            bail!(
+                "no cgroup v1 cpu controller at {CPU_V1_MOUNT} (cpu.shares missing): mount it (mount -t cgroup -o cpu cgroup {CPU_V1_MOUNT}) or measure without per-pod CPU groups"
+            );
+        }
+        if !self.pods.is_empty() {
+            bail!("share_cpu_per_pod must come before the node's first pod");
+        }
+        let root = v1.join(&self.id);
+        let proxy = root.join("proxy");
+        fs::create_dir_all(&proxy).with_context(|| format!("creating {}", proxy.display()))?;
+        self.cpu_root = Some(root);
+        Ok(())
+    }
+
+    /// The proxy's CPU group (and the peer proxies' the bench runs), with
+    /// [`Node::share_cpu_per_pod`].
+    pub fn proxy_cpu_cgroup(&self) -> Option<PathBuf> {
+        self.cpu_root.as_ref().map(|r| r.join("proxy"))
     }
 
     /// Turns on receive packet steering over every CPU for every interface of the node and
@@ -463,7 +503,7 @@ impl Node {
         // kill tcpdump together with everything else of the node, even after a crash.
         let cgroup = self.cgroup_root.join(format!("capture-{n}"));
         fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
-        let mut cmd = in_cgroup_and_netns(&cgroup, &self.netns, tcpdump);
+        let mut cmd = in_cgroup_and_netns(&cgroup, None, &self.netns, tcpdump);
         cmd.arg("-i")
             .arg(&self.link_if)
             .arg("-w")
@@ -531,15 +571,20 @@ impl Node {
             .create(true)
             .append(true)
             .open(&self.proxy_log)?;
-        let mut cmd = match &opts.cpus {
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", cpus, "nsenter"]);
+        let mut cmd = match self.proxy_cpu_cgroup() {
+            Some(cpu) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+                    .arg(cpu);
                 c
             }
-            None => Command::new("nsenter"),
+            None => Command::new("env"),
         };
+        if let Some(cpus) = &opts.cpus {
+            cmd.args(["taskset", "-c", cpus]);
+        }
         let child = cmd
+            .arg("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg("--")
             .arg(&self.bins.proxy)
@@ -698,6 +743,10 @@ impl Node {
             let _ = child.wait();
         }
         remove_cgroup_tree(&self.cgroup_root);
+        if let Some(cpu) = &self.cpu_root {
+            // Its processes are gone with the v2 tree above; v1 directories only need rmdir.
+            remove_cgroup_tree(cpu);
+        }
         for pod in &self.pods {
             let _ = sh(&["ip", "netns", "del", &pod.netns]);
         }
@@ -843,22 +892,29 @@ impl Pod {
     /// The cgroup is joined first because `ip netns exec` remounts /sys and would hide the
     /// cgroup mount; nsenter --net does not remount anything.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        in_cgroup_and_netns(&self.cgroup, &self.netns, program)
+        in_cgroup_and_netns(
+            &self.cgroup,
+            self.cpu_cgroup.as_deref(),
+            &self.netns,
+            program,
+        )
     }
 }
 
-/// A command that joins `cgroup`, then enters the network namespace `netns` (see
-/// [`Pod::command`] for the order).
+/// A command that joins `cgroup` (and the CPU group `cpu`, if any), then enters the network
+/// namespace `netns` (see [`Pod::command`] for the order).
 fn in_cgroup_and_netns(
     cgroup: &Path,
+    cpu: Option<&Path>,
     netns: &str,
     program: impl AsRef<std::ffi::OsStr>,
 ) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c")
-        .arg(r#"echo $$ > "$0/cgroup.procs" && ns=$1 && shift && exec nsenter --net="/run/netns/$ns" -- "$@""#)
+        .arg(r#"echo $$ > "$0/cgroup.procs" && { [ -z "$2" ] || echo $$ > "$2/cgroup.procs"; } && ns=$1 && shift 2 && exec nsenter --net="/run/netns/$ns" -- "$@""#)
         .arg(cgroup)
         .arg(netns)
+        .arg(cpu.map(Path::as_os_str).unwrap_or_default())
         .arg(program);
     c
 }
@@ -1050,12 +1106,16 @@ pub fn cleanup_live_nodes() -> Vec<String> {
 
 fn cleanup_where(matches: impl Fn(&str) -> bool) -> Result<Vec<String>> {
     let mut removed = Vec::new();
-    if let Ok(mount) = cgroup2_mount()
-        && let Ok(rd) = fs::read_dir(&mount)
-    {
+    // The v2 trees first: removing them kills their processes, which the v1 `cpu` groups
+    // (`Node::share_cpu_per_pod`) share.
+    let mounts = [cgroup2_mount().ok(), Some(PathBuf::from(CPU_V1_MOUNT))];
+    for mount in mounts.iter().flatten() {
+        let Ok(rd) = fs::read_dir(mount) else {
+            continue;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if matches(&name) {
+            if e.path().is_dir() && matches(&name) {
                 remove_cgroup_tree(&e.path());
                 removed.push(format!("cgroup {}", e.path().display()));
             }

@@ -171,6 +171,70 @@ fn pod_reaches_pod_through_proxy_with_original_destination() -> Result<()> {
     Ok(())
 }
 
+/// `Node::share_cpu_per_pod` (the bench's `--cpu-per-pod`): each pod's processes and the
+/// proxy land in CPU groups of their own (cgroup v1 `cpu`), traffic still flows, and the
+/// groups are gone with the node.
+#[test]
+fn cpu_groups_per_pod_hold_the_pods_and_the_proxy() -> Result<()> {
+    require!();
+    let mut node = Node::new(&bins()?)?;
+    node.share_cpu_per_pod()?;
+    let client = node.add_pod("client")?;
+    let server = node.add_pod("server")?;
+    let mut cmd = server.command(&node.bins.meshtest);
+    cmd.args(["serve", "--listen", &format!("[::]:{SERVER_PORT}")]);
+    let mut bg = Background::spawn(cmd, node.scratch.join("server.out"))?;
+    bg.wait_for("listening")?;
+    node.start_proxy(&ProxyOptions::default())?;
+    let mut cat = client.command("cat");
+    cat.arg("/proc/self/cgroup");
+    let out = run_bounded(cat, Duration::from_secs(10))?;
+    let groups = String::from_utf8_lossy(&out.stdout).into_owned();
+    let want = format!(":cpu:/{}/client\n", node.id);
+    ensure!(
+        groups.contains(&want),
+        "the client pod's process is not in its CPU group ({want:?}): {groups}"
+    );
+    let proxy_group = node
+        .proxy_cpu_cgroup()
+        .context("the node has no proxy CPU group")?;
+    let procs = std::fs::read_to_string(proxy_group.join("cgroup.procs"))?;
+    let names: Vec<String> = procs
+        .lines()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    ensure!(
+        names.iter().any(|n| n == "proxy"),
+        "the proxy is not in its CPU group {}: {names:?}",
+        proxy_group.display()
+    );
+    let target = format!("{}:{SERVER_PORT}", server.ipv4);
+    let mut c = client.command(&node.bins.meshtest);
+    c.args([
+        "client",
+        "--connect",
+        &target,
+        "--send",
+        "1000",
+        "--reply",
+        "10",
+    ]);
+    node.client_ok(run_bounded(c, CLIENT_LIMIT)?)?;
+    let root = proxy_group
+        .parent()
+        .context("the proxy CPU group has no parent")?
+        .to_path_buf();
+    drop(bg);
+    drop(node);
+    ensure!(
+        !root.exists(),
+        "the node's CPU groups outlived it: {}",
+        root.display()
+    );
+    Ok(())
+}
+
 #[test]
 fn ipv6_and_v4_mapped_end_to_end() -> Result<()> {
     require!();

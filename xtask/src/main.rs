@@ -131,6 +131,12 @@ enum Command {
         /// ebpf+naive, haproxy, nginx, iptables); by default all of them.
         #[arg(long, value_name = "NAME")]
         scenario: Vec<String>,
+        /// Give each pod and the proxies a CPU group of their own with equal weight (the
+        /// cgroup v1 cpu controller), as a node's kubelet does, instead of this machine's
+        /// default of sharing the CPUs per thread, where 100 connections' load threads leave
+        /// a proxy of a few threads a few per cent of the CPU. Recorded in the results.
+        #[arg(long)]
+        cpu_per_pod: bool,
     },
 }
 
@@ -154,8 +160,10 @@ fn main() -> ExitCode {
             streams_only,
             sockmap_arg,
             scenario,
+            cpu_per_pod,
         } => bench::run(bench::Options {
             scenarios: scenario,
+            cpu_per_pod,
             quick,
             reps,
             tcp_congestion,

@@ -140,6 +140,7 @@ fn run_steps(summary: &mut Summary, extra: &[String]) -> Result<()> {
                 streams_only: false,
                 sockmap_args: Vec::new(),
                 scenarios: Vec::new(),
+                cpu_per_pod: false,
             })?;
             crate::bench::validate(&dir)
         })?;

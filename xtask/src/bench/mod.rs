@@ -55,6 +55,8 @@ pub struct Options {
     pub sockmap_args: Vec<String>,
     /// Only the scenarios of these names; empty: all.
     pub scenarios: Vec<String>,
+    /// A CPU group per pod and one for the proxies (`Node::share_cpu_per_pod`).
+    pub cpu_per_pod: bool,
 }
 
 /// How big each workload is.
@@ -183,6 +185,7 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
         sizes,
         reps,
         opts.tcp_congestion.as_deref(),
+        opts.cpu_per_pod,
     )?;
     bench.sockmap_args = opts.sockmap_args.clone();
     bench.streams_only = opts.streams_only;
@@ -190,6 +193,12 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
     say(&format!(
         "TCP congestion control in the bench's namespaces: {congestion}"
     ));
+    let cpu_sharing = if opts.cpu_per_pod {
+        "per pod (a cgroup v1 cpu group each, and one for the proxies)"
+    } else {
+        "per thread (no CPU groups)"
+    };
+    say(&format!("CPU sharing under contention: {cpu_sharing}"));
     let mut samples = Vec::new();
     let mut traces = Vec::new();
     // First, while no iptables rule has turned conntrack on in the namespaces.
@@ -215,7 +224,7 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
         samples.extend(s);
         traces.push(t);
     }
-    let machine = report::machine_info(&bins.proxy, &congestion);
+    let machine = report::machine_info(&bins.proxy, &congestion, cpu_sharing);
     fs::create_dir_all(&dir)?;
     report::write_all(
         &dir,
@@ -612,8 +621,12 @@ impl<'a> Bench<'a> {
         sizes: &'a Sizes,
         reps: usize,
         congestion: Option<&str>,
+        cpu_per_pod: bool,
     ) -> Result<Bench<'a>> {
         let mut node = Node::new(bins)?;
+        if cpu_per_pod {
+            node.share_cpu_per_pod()?;
+        }
         let client = node.add_pod("client")?;
         let server = node.add_pod("server")?;
         // Before any socket exists: a socket takes its namespace's setting when it is made
@@ -644,6 +657,7 @@ impl<'a> Bench<'a> {
         let mut origin = Managed::start(
             "nginx origin",
             &node.cgroup_root.join("origin"),
+            server.cpu_cgroup.as_deref(),
             &server.netns,
             None,
             &[
@@ -836,6 +850,7 @@ impl<'a> Bench<'a> {
                 let mut m = Managed::start(
                     name,
                     &self.node.cgroup_root.join(name),
+                    self.node.proxy_cpu_cgroup().as_deref(),
                     &self.node.netns,
                     cpus,
                     &argv,

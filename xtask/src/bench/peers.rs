@@ -29,11 +29,12 @@ pub struct Managed {
 }
 
 impl Managed {
-    /// Starts `cmd` (argv) inside `cgroup`, optionally in network namespace `netns`, pinned
-    /// to `cpus` if given.
+    /// Starts `cmd` (argv) inside `cgroup` (and the CPU group `cpu`, if any), in network
+    /// namespace `netns`, pinned to `cpus` if given.
     pub fn start(
         name: &str,
         cgroup: &Path,
+        cpu: Option<&Path>,
         netns: &str,
         cpus: Option<&str>,
         argv: &[String],
@@ -41,6 +42,13 @@ impl Managed {
     ) -> Result<Managed> {
         fs::create_dir_all(cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
         let mut script = String::from(r#"echo $$ > "$0/cgroup.procs" && ns=$1 && shift && "#);
+        if let Some(cpu) = cpu {
+            // A path from this program (the node's id), never from outside: no quoting issue.
+            script.push_str(&format!(
+                r#"echo $$ > "{}/cgroup.procs" && "#,
+                cpu.display()
+            ));
+        }
         if cpus.is_some() {
             script.push_str(r#"cpus=$1 && shift && exec taskset -c "$cpus" nsenter --net="/run/netns/$ns" -- "$@""#);
         } else {

@@ -511,7 +511,7 @@ pub fn timestamp(_now: SystemTime) -> String {
 }
 
 /// Kernel, CPUs and the versions of everything measured.
-pub fn machine_info(proxy: &Path, congestion: &str) -> Value {
+pub fn machine_info(proxy: &Path, congestion: &str, cpu_sharing: &str) -> Value {
     let run = |cmd: &str, args: &[&str]| -> String {
         Command::new(cmd)
             .args(args)
@@ -537,6 +537,7 @@ pub fn machine_info(proxy: &Path, congestion: &str) -> Value {
         "cpus": run("nproc", &[]),
         "cpu_model": cpu,
         "tcp_congestion_control": congestion,
+        "cpu_sharing": cpu_sharing,
         "rustc": run("rustc", &["--version"]),
         "proxy": run(&proxy.display().to_string(), &["--version"]),
         "haproxy": run("haproxy", &["-v"]),
@@ -620,11 +621,12 @@ pub fn write_all(dir: &Path, run: &Run<'_>) -> Result<()> {
     let _ = writeln!(md, "# Bench {stamp}\n");
     let _ = writeln!(
         md,
-        "Machine: kernel {}, {} CPUs ({}), TCP congestion control {}; {}; {}; {}; {}; {}.\n",
+        "Machine: kernel {}, {} CPUs ({}), TCP congestion control {}, CPU sharing {}; {}; {}; {}; {}; {}.\n",
         machine["kernel"].as_str().unwrap_or("?"),
         machine["cpus"].as_str().unwrap_or("?"),
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["tcp_congestion_control"].as_str().unwrap_or("?"),
+        machine["cpu_sharing"].as_str().unwrap_or("?"),
         machine["rustc"].as_str().unwrap_or("?"),
         machine["haproxy"].as_str().unwrap_or("?"),
         machine["nginx"].as_str().unwrap_or("?"),
