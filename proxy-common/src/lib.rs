@@ -124,9 +124,9 @@ pub struct Config {
     pub queue_limit: u32,
     /// Messages smaller than this many bytes count towards `small_streak`.
     pub small_msg: u32,
-    /// A direction that sends this many small messages in a row while its receiver still has
-    /// unread short-circuit bytes is a stream of small writes, which TCP carries faster:
-    /// it moves to the TCP path. 0: never.
+    /// A direction that sends this many small messages in a row, each while its receiver
+    /// still has unread short-circuit bytes or with no reply since the one before, is a
+    /// stream of small writes, which TCP carries faster: it moves to the TCP path. 0: never.
     pub small_streak: u32,
     /// Byte offset of `sk_user_data` in `struct sock` on the running kernel (from its BTF).
     pub off_sk_user_data: u32,
@@ -406,6 +406,11 @@ pub struct Flow {
     pub behind: u32,
     /// Explicit padding; always 0.
     pub _pad: u32,
+    /// Workload sockets only: what the proxy's socket facing this one had sent it (redirected
+    /// plus TCP bytes, wrapping) at this socket's last judged message. Unchanged at the next
+    /// message means no reply came in between: the writes are one-way, a stream's mark even
+    /// when the proxy keeps up (`Config::small_streak`).
+    pub peer_sent: u64,
     /// This socket's messages that may still wait at its peer (the per-hop short-circuit:
     /// the proxy, or for a proxy socket the workload) and at the far workload (the
     /// kernel-only path). Kept per receiver and across changes of path: a direction that
@@ -655,7 +660,7 @@ mod tests {
         assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);
         assert_eq!(
             size_of::<Flow>(),
-            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 2 * 24
+            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 8 + 2 * 24
         );
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);

@@ -284,8 +284,8 @@ pub struct ShortCircuit {
     pub queue_limit: u32,
     /// Writes below this size are "small".
     pub small_write: u32,
-    /// Small writes in a row, each finding the receiver with unread bytes, that move a
-    /// direction to TCP (which coalesces them; see `cargo xtask bench`).
+    /// Small writes in a row, each finding the receiver with unread bytes or with no reply
+    /// since the one before, that move a direction to TCP (which coalesces them; see `cargo xtask bench`).
     pub small_streak: u32,
     /// Times a workload's direction may meet the queue limit before its socket leaves the
     /// SOCKHASH for plain TCP (`proxy_common::Config::detach_after`); 0: never.

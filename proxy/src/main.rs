@@ -177,7 +177,8 @@ struct ConfigArgs {
     #[arg(long, value_name = "BYTES")]
     sockmap_queue_limit: Option<u32>,
     /// Writes (below --sockmap-small-write) in a row, each finding the receiver with unread
-    /// bytes, that make a workload's direction a stream (so does meeting the queue limit):
+    /// bytes or coming with no reply since the one before, that make a workload's direction
+    /// a stream (so does meeting the queue limit):
     /// its connection leaves the short-circuit for plain TCP, all four sockets (per hop),
     /// where streams run at least as fast; 0 keeps streams on the short-circuit [default:
     /// 16; README "Benchmarks"].
