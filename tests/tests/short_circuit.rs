@@ -497,6 +497,11 @@ fn bytes_stay_in_order_when_softirq_is_spread_over_every_cpu() -> Result<()> {
         order_run(&mut p, 1000, 50, delay, false)?;
     }
     order_run(&mut p, 300, 1, 0, false)?;
+    println!(
+        "{} directions switched to the kernel-only path, {} judged streams",
+        p.counter("splice_started")? - switched,
+        p.counter("detach_stream")?
+    );
     ensure!(
         p.counter("msg_redirected")? > redirected && p.counter("splice_started")? > switched,
         "the bytes did not take both the proxy's short-circuit and the kernel-only path: the test would not show a reorder"
@@ -1157,5 +1162,72 @@ fn a_proxy_restart_loses_no_redirected_byte_a_reader_has_not_read_yet() -> Resul
     if let Some(bad) = lines.iter().find(|l| !l.contains("verified=true")) {
         bail!("a server lost bytes across the restart: {bad}");
     }
+    Ok(())
+}
+
+/// The stream rule's "no reply" criterion: one-way small writes 2 ms apart, which the proxy
+/// reads one by one (its queue is empty at each write, so the queue alone would never call
+/// them a stream), are judged a stream after `sockmap_small_streak` writes with no reply in
+/// between, and each connection leaves the SOCKHASH whole; every byte arrives. Request/
+/// response of the same size, where each request follows a reply, is never judged one.
+#[test]
+fn one_way_writes_the_proxy_keeps_up_with_are_a_stream_and_request_response_is_not() -> Result<()> {
+    require!();
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/py/paced_writes.py");
+    const CONNECTIONS: u64 = 4;
+    let p = Pair::new(&ProxyOptions::default(), false)?;
+    let port = PORT.to_string();
+    let n = CONNECTIONS.to_string();
+    let mut cmd = p.server_pod.command("/usr/bin/python3");
+    cmd.args([SCRIPT, "serve", &port, &n]);
+    let mut server = Background::spawn(cmd, p.node.scratch.join("paced_server.out"))?;
+    server.wait_for("listening")?;
+    let streams = p.counter("detach_stream")?;
+    let mut cmd = p.client.command("/usr/bin/python3");
+    cmd.args([SCRIPT, "connect", &p.server_pod.ipv4.to_string(), &port, &n]);
+    let out = run_bounded(cmd, LIMIT)?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(text == format!("ok {CONNECTIONS}"), "client: {text}");
+    server.wait_for(&format!("ok {CONNECTIONS}"))?;
+    let streams = p.counter("detach_stream")? - streams;
+    let metrics = p.node.admin_metrics()?;
+    let detached = tests::metric_sum(
+        &metrics,
+        "mesh_tcp_short_circuit_detached_sockets_total",
+        &[],
+    );
+    println!(
+        "one-way paced writes: {streams} directions judged streams, {detached} workload sockets left the SOCKHASH"
+    );
+    ensure!(
+        streams == CONNECTIONS,
+        "{streams} of {CONNECTIONS} one-way connections judged streams"
+    );
+    ensure!(
+        detached == 2.0 * CONNECTIONS as f64,
+        "{detached} workload sockets of {CONNECTIONS} one-way connections left the SOCKHASH"
+    );
+    // Request/response of 64 B, 200 rounds per connection: never a stream.
+    let mut p = p;
+    p.serve(&["rr-serve"])?;
+    let streams = p.counter("detach_stream")?;
+    let out = p.run_client(&[
+        "rr",
+        "--connections",
+        "4",
+        "--concurrency",
+        "4",
+        "--requests",
+        "200",
+        "--size",
+        "64",
+    ])?;
+    ensure!(out.contains("\"mismatches\":0"), "{out}");
+    let rr_streams = p.counter("detach_stream")? - streams;
+    println!("request/response: {rr_streams} directions judged streams");
+    ensure!(
+        rr_streams == 0,
+        "{rr_streams} request/response directions were judged streams"
+    );
     Ok(())
 }

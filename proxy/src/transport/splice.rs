@@ -250,6 +250,13 @@ impl Drop for Splicer {
 /// Only a writer that keeps the proxy behind, or a stream, asks, so the look comes soon after.
 const DETACH_CHECK_BYTES: u64 = 64 * 1024;
 
+/// Microseconds between two looks at `Flow::detach` at most, for a direction that relays
+/// fewer than [`DETACH_CHECK_BYTES`] meanwhile: a slow stream (small writes, far apart) that
+/// asked would otherwise stay in the SOCKHASH, on TCP for good, until 64 KiB of it went by
+/// (test `one_way_writes_the_proxy_keeps_up_with_are_a_stream_and_request_response_is_not`:
+/// 100 writes of 64 B, 2 ms apart, never left).
+const DETACH_CHECK_US: u64 = 10_000;
+
 /// Looks at `Flow::detach` before a workload that met the queue limit may take its connection
 /// off the short-circuit with the stream rule off: 1 MiB of it relayed at
 /// [`DETACH_CHECK_BYTES`], so a short burst that met the limit does not. A stream
@@ -380,8 +387,10 @@ impl LeaveTimes {
 struct Side {
     /// The workload's socket (the peer of the proxy's socket facing it), once looked up.
     workload: OnceLock<SockKey>,
-    /// Relayed bytes of its direction at which to look at `Flow::detach` next.
+    /// Relayed bytes of its direction at which to look at `Flow::detach` next, and the time
+    /// (microseconds after the first relayed bytes) at which to look anyway.
     next_check: AtomicU64,
+    next_check_at: AtomicU64,
     /// A write of its bytes was ever paced (sk_msg found the reader's queue 3/4 full) or had
     /// to wait for room: the reader on the other side holds this workload back, not the
     /// proxy, and plain TCP would not make it faster. Such a workload's meeting the limit
@@ -532,17 +541,27 @@ impl Pacer {
     /// [`DETACH_CHECK_BYTES`] of its direction), and if so starts leaving.
     fn look(&self, i: usize, total: u64) {
         let side = &self.sides[i];
-        if total < side.next_check.load(Ordering::Relaxed) {
+        let by_bytes = total >= side.next_check.load(Ordering::Relaxed);
+        let now = self.micros();
+        if !by_bytes && now < side.next_check_at.load(Ordering::Relaxed) {
             return;
         }
         side.next_check
             .store(total.saturating_add(DETACH_CHECK_BYTES), Ordering::Relaxed);
+        side.next_check_at
+            .store(now.saturating_add(DETACH_CHECK_US), Ordering::Relaxed);
         let Some(workload) = self.workload(i) else {
             // Not paired: never on the short-circuit, never asks.
             side.next_check.store(u64::MAX, Ordering::Relaxed);
+            side.next_check_at.store(u64::MAX, Ordering::Relaxed);
             return;
         };
-        let looks = side.looks.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        // Only looks that come by bytes count towards `CALM_LOOKS` (1 MiB relayed).
+        let looks = if by_bytes {
+            side.looks.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+        } else {
+            side.looks.load(Ordering::Relaxed)
+        };
         let Some(flow) = self.maps.flow(&workload) else {
             // Closed (its close callback removed the entry): the connection is ending.
             self.phase.store(FINISHED, Ordering::Relaxed);
