@@ -129,6 +129,15 @@ macro_rules! require {
     };
 }
 
+/// `meshtest serve` on [`SERVER_PORT`] in `pod`, once it listens.
+fn meshtest_server(node: &Node, pod: &Pod) -> Result<Background> {
+    let mut cmd = pod.command(&node.bins.meshtest);
+    cmd.args(["serve", "--listen", &format!("[::]:{SERVER_PORT}")]);
+    let mut bg = Background::spawn(cmd, node.scratch.join("server.out"))?;
+    bg.wait_for("listening")?;
+    Ok(bg)
+}
+
 fn counter(node: &Node, name: &str) -> Result<u64> {
     node.counter(name)
 }
@@ -181,10 +190,7 @@ fn cpu_groups_per_pod_hold_the_pods_and_the_proxy() -> Result<()> {
     node.share_cpu_per_pod()?;
     let client = node.add_pod("client")?;
     let server = node.add_pod("server")?;
-    let mut cmd = server.command(&node.bins.meshtest);
-    cmd.args(["serve", "--listen", &format!("[::]:{SERVER_PORT}")]);
-    let mut bg = Background::spawn(cmd, node.scratch.join("server.out"))?;
-    bg.wait_for("listening")?;
+    let bg = meshtest_server(&node, &server)?;
     node.start_proxy(&ProxyOptions::default())?;
     let mut cat = client.command("cat");
     cat.arg("/proc/self/cgroup");
@@ -1088,10 +1094,7 @@ fn workloads_only_intercepts_declared_workloads_and_follows_reloads() -> Result<
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
     let server = node.add_pod("server")?;
-    let mut cmd = server.command(&node.bins.meshtest);
-    cmd.args(["serve", "--listen", &format!("[::]:{SERVER_PORT}")]);
-    let mut srv = Background::spawn(cmd, node.scratch.join("server.out"))?;
-    srv.wait_for("listening")?;
+    let srv = meshtest_server(&node, &server)?;
     let config = node.scratch.join("proxy.toml");
     let rel = node.workload_cgroup_rel.clone();
     let workloads = |names: &[&str]| {

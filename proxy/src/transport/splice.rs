@@ -538,7 +538,8 @@ impl Pacer {
     }
 
     /// Looks at whether side `i`'s workload asks its connection to leave (every
-    /// [`DETACH_CHECK_BYTES`] of its direction), and if so starts leaving.
+    /// [`DETACH_CHECK_BYTES`] of its direction, or [`DETACH_CHECK_US`] at its next write),
+    /// and if so starts leaving.
     fn look(&self, i: usize, total: u64) {
         let side = &self.sides[i];
         let by_bytes = total >= side.next_check.load(Ordering::Relaxed);
