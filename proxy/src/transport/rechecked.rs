@@ -86,15 +86,6 @@ impl<T> Rechecked<T> {
         }
     }
 
-    /// Stops asking the socket directly: its connection left the short-circuit (every one
-    /// of its sockets is out of the SOCKHASH), and plain TCP never loses readiness. Saves a
-    /// timer per wait, which a busy stream pays on most reads.
-    pub fn stop_rechecking(&mut self) {
-        self.recheck = false;
-        self.read = Wait::new();
-        self.write = Wait::new();
-    }
-
     /// True if a write had to wait for room since the last call: the receiver, not the
     /// writer, set the pace.
     pub fn take_write_blocked(&mut self) -> bool {

@@ -221,10 +221,6 @@ impl Relay for Splicer {
         self.pacer.relayed(to_upstream, total, waited)
     }
 
-    fn left(&self) -> bool {
-        self.pacer.left()
-    }
-
     /// The pacer's: a connection on the kernel-only path never leaves, so never ticks.
     fn ticking(&self) -> Option<&tokio::sync::Notify> {
         self.pacer.ticking()
@@ -305,7 +301,7 @@ const SIDE_DONE: u8 = 2;
 /// faster on plain TCP, and a socket left in the SOCKHASH keeps paying for sk_msg on every
 /// send and receive even on the TCP path (measured: with only the asking workload removed,
 /// 16 KiB streams ran at 0.72x to 0.89x of plain TCP; with all four sockets removed, 0.98x
-/// to 1.24x). Once all four are out the copy stops rechecking them (`Relay::left`). The
+/// to 1.24x). The copy keeps its readiness rechecks after (see `copy::one_way`). The
 /// order keeps every byte:
 /// 1. both of the proxy's sockets are marked `FLOW_TCP_DETACHING`: the proxy never redirects
 ///    again, in either direction;
@@ -717,10 +713,6 @@ impl Relay for Pacer {
         }
         self.watch_detach(to_upstream, total);
         pause
-    }
-
-    fn left(&self) -> bool {
-        self.detached() == (2, 2)
     }
 
     fn ticking(&self) -> Option<&tokio::sync::Notify> {
