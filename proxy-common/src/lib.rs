@@ -417,7 +417,18 @@ pub struct Flow {
     /// leaves the kernel-only path and comes back must still count what it left unread there.
     pub to_peer: Queued,
     pub to_far: Queued,
+    /// Workload sockets only: 0, or [`STREAM_SENT_KNOWN`] with, in the low 32 bits, what this
+    /// socket had sent (redirected plus TCP bytes, modulo 2^32) before the message that made
+    /// its direction a stream (`DETACH_STREAM`). Every redirect into the proxy's socket
+    /// facing it came before that message, under this socket's lock; none comes after (the
+    /// direction stays on TCP). So once the proxy has read that many bytes from its socket,
+    /// that socket's short-circuit queue is empty for good, and it may leave the SOCKHASH
+    /// without waiting for the kernel's verdict (proxy/src/transport/splice.rs, `Pacer`).
+    pub stream_sent: u64,
 }
+
+/// `Flow::stream_sent` holds a count.
+pub const STREAM_SENT_KNOWN: u64 = 1 << 32;
 
 /// What one sender knows of its messages in one receiver's short-circuit queue (`Flow`).
 /// The queue counts bytes (`msg_tot_len`) but not messages, and the kernel holds a
@@ -660,7 +671,7 @@ mod tests {
         assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);
         assert_eq!(
             size_of::<Flow>(),
-            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 8 + 2 * 24
+            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 8 + 2 * 24 + 8
         );
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);

@@ -37,7 +37,7 @@ use aya_ebpf::{
 use proxy_common::{
     Config, DETACH_PEER_EMPTY, DETACH_READY, DETACH_STREAM, DETACH_WANTED, FLOW_DIRECT,
     FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_DETACHING, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER,
-    FLOW_TCP_STREAM, Flow, PROXY_LEAVES, Queued, SockKey, counter,
+    FLOW_TCP_STREAM, Flow, PROXY_LEAVES, Queued, STREAM_SENT_KNOWN, SockKey, counter,
 };
 
 use crate::maps::{MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, config, count};
@@ -583,7 +583,31 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
         flow.detach = why;
         if why == DETACH_WANTED {
             count(counter::DETACH_WANTED, 1); // a stream is counted by `leave`
+        } else if why == DETACH_STREAM {
+            flow.stream_sent = sent_so_far(cfg, flow);
         }
+    }
+}
+
+/// `Flow::stream_sent` for this workload's direction, judged a stream at the message being
+/// judged (which takes TCP, like every later one): what it sent before, redirected
+/// (`redirected_bytes`) plus over TCP (`write_seq - seq0`: the message being judged is not
+/// queued yet), modulo 2^32 with `STREAM_SENT_KNOWN`; 0 if `write_seq` cannot be read.
+/// The proxy compares it with what it read (modulo 2^32, as a signed difference: what it is
+/// behind by is bounded by the queue limit and TCP's buffers, far below 2^31).
+#[inline(always)]
+fn sent_so_far(cfg: &Config, flow: &Flow) -> u64 {
+    if cfg.off_tcp_write_seq == 0 || flow.sk == 0 {
+        return 0;
+    }
+    match read_kernel::<u32>(flow.sk, cfg.off_tcp_write_seq) {
+        Some(written) => {
+            let sent = written
+                .wrapping_sub(flow.seq0)
+                .wrapping_add(flow.redirected_bytes as u32);
+            STREAM_SENT_KNOWN | u64::from(sent)
+        }
+        None => 0,
     }
 }
 

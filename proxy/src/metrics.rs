@@ -21,7 +21,7 @@ use prometheus_client::{
 };
 
 use crate::ebpf::Maps;
-use crate::transport::splice::{LEAVE_SOCKETS, LeaveTimes};
+use crate::transport::splice::{Detached, LEAVE_SOCKETS, LeaveTimes};
 
 /// Label of `mesh_tcp_short_circuit_leave_socket_seconds`: one of `transport::splice::LEAVE_SOCKETS`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +115,7 @@ pub struct Metrics {
     pub kernel_path: Counter,
     pub detached: Counter,
     pub detached_proxy: Counter,
+    pub detached_proxy_by_count: Counter,
     /// Connections that left the short-circuit: from the copy's start until the proxy began
     /// to take them off, and from then until all four sockets were out.
     pub leave_start: Histogram,
@@ -274,6 +275,7 @@ impl Metrics {
             kernel_path: Counter::default(),
             detached: Counter::default(),
             detached_proxy: Counter::default(),
+            detached_proxy_by_count: Counter::default(),
             leave_start: duration_histogram(),
             leave_move: duration_histogram(),
             leave_socket: Family::new_with_constructor(duration_histogram),
@@ -333,6 +335,11 @@ impl Metrics {
             "tcp_short_circuit_detached_proxy_sockets",
             "The proxy's own sockets that left the short-circuit for plain TCP with their connection, after the workload they face",
             m.detached_proxy.clone(),
+        );
+        r.register(
+            "tcp_short_circuit_detached_proxy_sockets_by_count",
+            "Of those, the ones that left as soon as the proxy had read everything their workload sent before its writes were judged a stream, without waiting for the kernel to see their queue empty",
+            m.detached_proxy_by_count.clone(),
         );
         r.register_with_unit(
             "tcp_short_circuit_leave_start",
@@ -462,9 +469,10 @@ impl Metrics {
     }
 
     /// Counts sockets that left the SOCKHASH (`Pacer::detached`): workloads', the proxy's.
-    pub fn detached_sockets(&self, workloads: u64, proxy: u64) {
-        self.detached.inc_by(workloads);
-        self.detached_proxy.inc_by(proxy);
+    pub fn detached_sockets(&self, d: &Detached) {
+        self.detached.inc_by(d.workloads);
+        self.detached_proxy.inc_by(d.proxy);
+        self.detached_proxy_by_count.inc_by(d.proxy_by_count);
     }
 
     /// Records how long a connection that left the short-circuit took to start leaving, to

@@ -564,10 +564,10 @@ async fn copy_both(
     if let Some(t) = leave_times {
         ob.metrics.leave_times(&t);
     }
-    if let Some((workloads, proxy)) = detached
-        && workloads + proxy > 0
+    if let Some(d) = detached
+        && d.workloads + d.proxy > 0
     {
-        ob.metrics.detached_sockets(workloads, proxy);
+        ob.metrics.detached_sockets(&d);
     }
     match copied {
         Some(Ok(_)) => {

@@ -137,6 +137,18 @@ enum Command {
         /// a proxy of a few threads a few per cent of the CPU. Recorded in the results.
         #[arg(long)]
         cpu_per_pod: bool,
+        /// Only this stream write size in bytes (repeatable; 64, 1024, 16384, 65536 and
+        /// 1048576 by default), e.g. to study one size of `--streams-only` at length.
+        #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..=16 << 20))]
+        stream_size: Vec<u64>,
+        /// Only this number of concurrent stream connections (repeatable; 1, 10 and 100 by
+        /// default).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000))]
+        stream_connections: Vec<u64>,
+        /// Seconds each stream run lasts (2 by default, 0.2 with --quick). Longer runs
+        /// weigh what a connection does once settled more than how it starts.
+        #[arg(long, value_name = "SECONDS")]
+        stream_seconds: Option<f64>,
     },
 }
 
@@ -161,7 +173,13 @@ fn main() -> ExitCode {
             sockmap_arg,
             scenario,
             cpu_per_pod,
+            stream_size,
+            stream_connections,
+            stream_seconds,
         } => bench::run(bench::Options {
+            stream_sizes: stream_size,
+            stream_connections,
+            stream_seconds,
             scenarios: scenario,
             cpu_per_pod,
             quick,

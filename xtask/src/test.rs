@@ -141,6 +141,9 @@ fn run_steps(summary: &mut Summary, extra: &[String]) -> Result<()> {
                 sockmap_args: Vec::new(),
                 scenarios: Vec::new(),
                 cpu_per_pod: false,
+                stream_sizes: Vec::new(),
+                stream_connections: Vec::new(),
+                stream_seconds: None,
             })?;
             crate::bench::validate(&dir)
         })?;

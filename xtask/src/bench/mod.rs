@@ -57,6 +57,12 @@ pub struct Options {
     pub scenarios: Vec<String>,
     /// A CPU group per pod and one for the proxies (`Node::share_cpu_per_pod`).
     pub cpu_per_pod: bool,
+    /// Only these stream write sizes (bytes); empty: all of `STREAM_SIZES`.
+    pub stream_sizes: Vec<u64>,
+    /// Only these stream connection counts; empty: all of `STREAM_CONNS`.
+    pub stream_connections: Vec<u64>,
+    /// Seconds per stream run instead of the profile's.
+    pub stream_seconds: Option<f64>,
 }
 
 /// How big each workload is.
@@ -64,37 +70,46 @@ struct Sizes {
     rounds: u64,
     warmup: u64,
     stream_seconds: f64,
-    stream_sizes: &'static [u64],
-    stream_conns: &'static [u64],
+    stream_sizes: Vec<u64>,
+    stream_conns: Vec<u64>,
     connrate_count: u64,
     http_seconds: u64,
     h2_requests: u64,
     hold_conns: u64,
 }
 
-const QUICK: Sizes = Sizes {
-    rounds: 300,
-    warmup: 50,
-    stream_seconds: 0.2,
-    stream_sizes: &[64, 1024, 16384, 65536, 1 << 20],
-    stream_conns: &[1, 10, 100],
-    connrate_count: 200,
-    http_seconds: 1,
-    h2_requests: 2000,
-    hold_conns: 200,
-};
+/// The stream sizes and connection counts measured unless `--stream-size` or
+/// `--stream-connections` narrow them.
+const STREAM_SIZES: [u64; 5] = [64, 1024, 16384, 65536, 1 << 20];
+const STREAM_CONNS: [u64; 3] = [1, 10, 100];
 
-const FULL: Sizes = Sizes {
-    rounds: 20000,
-    warmup: 1000,
-    stream_seconds: 2.0,
-    stream_sizes: &[64, 1024, 16384, 65536, 1 << 20],
-    stream_conns: &[1, 10, 100],
-    connrate_count: 5000,
-    http_seconds: 5,
-    h2_requests: 50000,
-    hold_conns: 1000,
-};
+fn quick() -> Sizes {
+    Sizes {
+        rounds: 300,
+        warmup: 50,
+        stream_seconds: 0.2,
+        stream_sizes: STREAM_SIZES.to_vec(),
+        stream_conns: STREAM_CONNS.to_vec(),
+        connrate_count: 200,
+        http_seconds: 1,
+        h2_requests: 2000,
+        hold_conns: 200,
+    }
+}
+
+fn full() -> Sizes {
+    Sizes {
+        rounds: 20000,
+        warmup: 1000,
+        stream_seconds: 2.0,
+        stream_sizes: STREAM_SIZES.to_vec(),
+        stream_conns: STREAM_CONNS.to_vec(),
+        connrate_count: 5000,
+        http_seconds: 5,
+        h2_requests: 50000,
+        hold_conns: 1000,
+    }
+}
 
 /// One figure of one repetition.
 #[derive(Clone, Debug)]
@@ -126,6 +141,9 @@ pub struct Streams {
 struct StreamTotals {
     bytes: f64,
     cpu_seconds: f64,
+    /// meshbench's mean wait at the start gate of each run since the last `say_decisions`,
+    /// with the run's connection count.
+    gate_waits_ms: Vec<(f64, f64)>,
 }
 
 impl StreamTotals {
@@ -176,7 +194,20 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
     let meshbench = out.profile_dir.join("meshbench");
     let stamp = report::timestamp(SystemTime::now());
     let dir = out.target_dir.join("bench").join(&stamp);
-    let sizes = if opts.quick { &QUICK } else { &FULL };
+    let mut sizes = if opts.quick { quick() } else { full() };
+    if !opts.stream_sizes.is_empty() {
+        sizes.stream_sizes = opts.stream_sizes.clone();
+    }
+    if !opts.stream_connections.is_empty() {
+        sizes.stream_conns = opts.stream_connections.clone();
+    }
+    if let Some(seconds) = opts.stream_seconds {
+        if !(seconds.is_finite() && seconds > 0.0) {
+            bail!("--stream-seconds {seconds}: give a positive number of seconds, e.g. 2 or 0.5");
+        }
+        sizes.stream_seconds = seconds;
+    }
+    let sizes = &sizes;
     let reps = if opts.quick { 1 } else { opts.reps.max(1) };
 
     let mut bench = Bench::new(
@@ -943,8 +974,8 @@ impl<'a> Bench<'a> {
             Some(done) => out.extend(done.samples.iter().cloned()),
             None => {
                 let mut totals = StreamTotals::default();
-                for &size in self.sizes.stream_sizes {
-                    for &conns in self.sizes.stream_conns {
+                for &size in &self.sizes.stream_sizes {
+                    for &conns in &self.sizes.stream_conns {
                         for _ in 0..self.reps {
                             out.extend(self.stream(
                                 scenario,
@@ -1159,6 +1190,11 @@ impl<'a> Bench<'a> {
         )?;
         totals.cpu_seconds += under.cpu_seconds() - cpu0;
         totals.bytes += num(&j, "bytes")?;
+        totals.gate_waits_ms.extend(
+            j.get("gate_wait_ms")
+                .and_then(Value::as_f64)
+                .map(|ms| (conns as f64, ms)),
+        );
         let workload = format!("stream {} x{conns}", human(size));
         let sample = |metric: &str, unit: &'static str, value: f64| Sample {
             scenario: scenario.to_string(),
@@ -1194,7 +1230,16 @@ impl<'a> Bench<'a> {
 
     /// `--streams-only`: what the short-circuit decided during one scenario's streams at
     /// `size`: how many bytes it redirected or passed to TCP, and the leave decisions.
-    fn say_decisions(&self, sc: &Scenario, size: u64, before: Option<HashMap<String, u64>>) {
+    /// `gate_waits_ms`: meshbench's mean wait at its start gate in each run, with the run's
+    /// connection count; the leave start (timed from the first bytes the proxy relayed, the
+    /// header) includes it.
+    fn say_decisions(
+        &self,
+        sc: &Scenario,
+        size: u64,
+        before: Option<HashMap<String, u64>>,
+        gate_waits_ms: &[(f64, f64)],
+    ) {
         const SHOWN: [&str; 8] = [
             "msg_redirected_bytes",
             "msg_passed_bytes",
@@ -1226,14 +1271,14 @@ impl<'a> Bench<'a> {
             } else {
                 grew.join(", ")
             },
-            self.leave_times().unwrap_or_default()
+            self.leave_times(gate_waits_ms).unwrap_or_default()
         ));
     }
 
     /// "; left: ..." with the mean times connections took to start leaving the short-circuit
     /// and to get all four sockets out, from the proxy's metrics (this scenario's proxy only
     /// ran this size); `None` if no connection left or the metrics cannot be had.
-    fn leave_times(&self) -> Option<String> {
+    fn leave_times(&self, gate_waits_ms: &[(f64, f64)]) -> Option<String> {
         let text = self.node.admin_metrics().ok()?;
         let mean = |name: &str| {
             let sum = tests::metric_sum(&text, &format!("{name}_sum"), &[]);
@@ -1259,8 +1304,16 @@ impl<'a> Bench<'a> {
                 (count > 0.0).then(|| format!("{socket} {:.1}", per("sum") / count * 1000.0))
             })
             .collect();
+        // Weighted by connections, as the proxy's mean is over connections.
+        let conns: f64 = gate_waits_ms.iter().map(|(n, _)| n).sum();
+        let gate = if conns > 0.0 {
+            let mean = gate_waits_ms.iter().map(|(n, ms)| n * ms).sum::<f64>() / conns;
+            format!(" (of which the clients' start gate {mean:.1} ms)")
+        } else {
+            String::new()
+        };
         Some(format!(
-            "; {n} connections left: started after {start:.1} ms, moved in {moved}; sockets out after {} ms (means)",
+            "; {n} connections left: started after {start:.1} ms{gate}, moved in {moved}; sockets out after {} ms (means)",
             sockets.join(", ")
         ))
     }
@@ -1287,7 +1340,7 @@ impl<'a> Bench<'a> {
         let mut done: BTreeMap<&'static str, Streams> = BTreeMap::new();
         let mut totals: BTreeMap<&'static str, StreamTotals> = BTreeMap::new();
         let mut turn = 0;
-        for &size in self.sizes.stream_sizes {
+        for &size in &self.sizes.stream_sizes {
             for _ in 0..self.reps {
                 for k in 0..scenarios.len() {
                     let sc = scenarios[(turn + k) % scenarios.len()];
@@ -1308,7 +1361,11 @@ impl<'a> Bench<'a> {
                     };
                     let switches = since(before, self.kernel_path_switches(&sc));
                     if self.streams_only {
-                        self.say_decisions(&sc, size, counters);
+                        let waits = totals
+                            .get_mut(sc.name)
+                            .map(|t| std::mem::take(&mut t.gate_waits_ms))
+                            .unwrap_or_default();
+                        self.say_decisions(&sc, size, counters, &waits);
                     }
                     self.teardown(&sc, peer)?;
                     let runs = runs.with_context(|| format!("scenario {}", sc.name))?;

@@ -1343,8 +1343,8 @@ mod tests {
             assert_eq!(super::super::human(*bytes), *name);
         }
         for (bytes, _) in SHORT_CIRCUIT_SIZES {
-            assert!(super::super::QUICK.stream_sizes.contains(&bytes));
-            assert!(super::super::FULL.stream_sizes.contains(&bytes));
+            assert!(super::super::quick().stream_sizes.contains(&bytes));
+            assert!(super::super::full().stream_sizes.contains(&bytes));
         }
     }
 }
