@@ -723,6 +723,10 @@ struct StreamReport {
     /// the start gate for the others), in ms: what a proxy's figures timed from the first
     /// bytes it relayed include before the stream itself began.
     gate_wait_ms: Option<f64>,
+    /// The longest time from the common end of writing to a connection's confirmed count, in
+    /// ms: what draining the queues took. One slow connection stretches the run's time and
+    /// cuts its figure, so this tells a stall apart from a slower path.
+    drain_ms_max: Option<f64>,
     errors: u64,
     failures: Vec<String>,
 }
@@ -730,6 +734,8 @@ struct StreamReport {
 struct StreamDone {
     /// When the header went out (the connection was open).
     opened: Instant,
+    /// When writing was to stop (the common start plus `--seconds`).
+    end: Instant,
     /// None when the connection started too late to write anything.
     first_write: Option<Instant>,
     confirmed: Instant,
@@ -763,6 +769,10 @@ fn stream(a: &StreamArgs) -> StreamReport {
         .filter_map(|d| d.first_write.map(|f| (f - d.opened).as_secs_f64() * 1000.0))
         .collect();
     let gate_wait_ms = (!waits.is_empty()).then(|| waits.iter().sum::<f64>() / waits.len() as f64);
+    let drain_ms_max = done
+        .iter()
+        .map(|d| d.confirmed.saturating_duration_since(d.end).as_secs_f64() * 1000.0)
+        .reduce(f64::max);
     StreamReport {
         size: a.size,
         connections: a.connections,
@@ -770,6 +780,7 @@ fn stream(a: &StreamArgs) -> StreamReport {
         bytes: done.iter().map(|d| d.bytes).sum(),
         msgs: done.iter().map(|d| d.msgs).sum(),
         gate_wait_ms,
+        drain_ms_max,
         errors: failures.len() as u64,
         failures,
     }
@@ -832,6 +843,7 @@ fn stream_send(
     }
     Ok(StreamDone {
         opened,
+        end,
         first_write,
         confirmed,
         bytes: sent,
@@ -850,6 +862,7 @@ impl StreamReport {
             .num("gbit_per_s", rate(self.bytes).map(|r| r * 8.0 / 1e9), 3)
             .num("msgs_per_s", rate(self.msgs), 1)
             .num("gate_wait_ms", self.gate_wait_ms, 1)
+            .num("drain_ms_max", self.drain_ms_max, 1)
             .int("errors", self.errors)
             .finish()
     }

@@ -111,6 +111,11 @@ fn full() -> Sizes {
     }
 }
 
+/// `--streams-only` says when a stream run's slowest connection took longer than this to
+/// drain after writing ended: one such connection stretches the run's time and cuts its
+/// figure.
+const DRAIN_SHOWN_MS: f64 = 100.0;
+
 /// One figure of one repetition.
 #[derive(Clone, Debug)]
 pub struct Sample {
@@ -1195,6 +1200,15 @@ impl<'a> Bench<'a> {
                 .and_then(Value::as_f64)
                 .map(|ms| (conns as f64, ms)),
         );
+        if self.streams_only
+            && let Some(drain) = j.get("drain_ms_max").and_then(Value::as_f64)
+            && drain > DRAIN_SHOWN_MS
+        {
+            say(&format!(
+                "{scenario} stream {} x{conns}: a connection confirmed its count {drain:.0} ms after writing ended (a stall, or deep queues)",
+                human(size)
+            ));
+        }
         let workload = format!("stream {} x{conns}", human(size));
         let sample = |metric: &str, unit: &'static str, value: f64| Sample {
             scenario: scenario.to_string(),
