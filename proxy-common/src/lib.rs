@@ -418,12 +418,14 @@ pub struct Flow {
     pub to_peer: Queued,
     pub to_far: Queued,
     /// Workload sockets only: 0, or [`STREAM_SENT_KNOWN`] with, in the low 32 bits, what this
-    /// socket had sent (redirected plus TCP bytes, modulo 2^32) before the message that made
-    /// its direction a stream (`DETACH_STREAM`). Every redirect into the proxy's socket
-    /// facing it came before that message, under this socket's lock; none comes after (the
-    /// direction stays on TCP). So once the proxy has read that many bytes from its socket,
-    /// that socket's short-circuit queue is empty for good, and it may leave the SOCKHASH
-    /// without waiting for the kernel's verdict (proxy/src/transport/splice.rs, `Pacer`).
+    /// socket had sent (redirected plus TCP bytes, modulo 2^32) before the message from which
+    /// its direction stays on TCP for good: the one that made it a stream (`DETACH_STREAM`),
+    /// or for one that asked as `DETACH_WANTED`, its first after the proxy began taking the
+    /// connection off. Every redirect into the proxy's socket facing it came before that
+    /// message, under this socket's lock; none comes after. So once the proxy has read that
+    /// many bytes from its socket, that socket's short-circuit queue is empty for good, and it
+    /// may leave the SOCKHASH without waiting for the kernel's verdict
+    /// (proxy/src/transport/splice.rs, `Pacer`).
     pub stream_sent: u64,
 }
 

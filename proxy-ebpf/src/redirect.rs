@@ -589,8 +589,8 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
     }
 }
 
-/// `Flow::stream_sent` for this workload's direction, judged a stream at the message being
-/// judged (which takes TCP, like every later one): what it sent before, redirected
+/// `Flow::stream_sent` for this workload's direction, which stays on TCP from the message
+/// being judged on (judged a stream, or its connection is leaving): what it sent before, redirected
 /// (`redirected_bytes`) plus over TCP (`write_seq - seq0`: the message being judged is not
 /// queued yet), modulo 2^32 with `STREAM_SENT_KNOWN`; 0 if `write_seq` cannot be read.
 /// The proxy compares it with what it read (modulo 2^32, as a signed difference: what it is
@@ -704,13 +704,21 @@ fn detach(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> bool {
     if receiver.proxy == 0 || receiver.state != FLOW_TCP_DETACHING {
         return false;
     }
+    // The proxy is taking the connection off: from this message on the direction stays on
+    // TCP (it never comes back: `may_resume` says no to a stream), so what it sent before is
+    // all the proxy's socket facing it can ever get by redirect, and once the proxy relayed
+    // that much, that socket may leave without waiting for the kernel's verdict
+    // (`Flow::stream_sent`). A stream recorded it when it was judged (and has stayed on TCP
+    // since); a workload that asked as `DETACH_WANTED` may have come back to the
+    // short-circuit since it asked, and records it here.
+    if flow.stream_sent & STREAM_SENT_KNOWN == 0 {
+        flow.stream_sent = sent_so_far(cfg, flow);
+    }
+    flow.state = FLOW_TCP_STREAM;
     if cfg.off_psock_msg_len == 0 || queue_len(cfg, flow.sk) != 0 {
         return false;
     }
     flow.detach = DETACH_READY;
-    if flow.state == FLOW_REDIRECT {
-        flow.state = FLOW_TCP_BACKPRESSURE;
-    }
     count(counter::DETACH_READY, 1);
     true
 }

@@ -653,8 +653,12 @@ impl Pacer {
                     // proxy's next write to it, or the release sweep (`release` on the
                     // proxy's socket), which is the only one for a workload that asked and
                     // then went quiet: a download's client, say, whose proxy socket gets no
-                    // writes either.
-                    self.wait_for_sweep();
+                    // writes either. Not at the first look (`wait` 0): a workload that
+                    // writes gives its verdict within a millisecond, and a sweep walks
+                    // every TCP socket of the namespace.
+                    if self.wait.load(Ordering::Relaxed) != 0 {
+                        self.wait_for_sweep();
+                    }
                     return false;
                 }
                 if self.maps.detach(&workload) {
