@@ -685,6 +685,10 @@ pub(crate) fn release(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> 
 ///   whose far workload could also write here, is never asked for: `note_pressure`);
 /// - then the queue can only shrink, and we read it empty (`msg_tot_len`).
 ///
+/// From the first message that sees the mark, this direction stays on TCP too
+/// (`FLOW_TCP_STREAM`), and what it sent before is recorded (`Flow::stream_sent`): the
+/// proxy's socket facing it then leaves once the proxy relayed that much.
+///
 /// A reader in `tcp_bpf_recvmsg` when the socket leaves keeps its psock reference until it
 /// returns and then reads the TCP queue, where every later byte is: nothing is reordered
 /// (psock bytes are older than TCP bytes from the mark on).
