@@ -230,11 +230,11 @@ pub fn streams_vs_plain(samples: &[Sample]) -> String {
             .push(s.value);
     }
     let mut out = String::from(
-        "\nstreams vs plain TCP through the proxy (median of per-repetition ratios, interleaved runs)\n",
+        "\nstreams vs plain TCP through the proxy (median of per-repetition ratios, interleaved runs; lowest-highest repetition in brackets)\n",
     );
     let _ = writeln!(
         out,
-        "{:<16} {:>11} {:>10} {:>10} {:>10}",
+        "{:<16} {:>11} {:>18} {:>18} {:>18}",
         "workload", "TCP Gbit/s", "adaptive", "kernel", "naive"
     );
     // Per policy (adaptive, kernel-only path): where it is slower, and whether it was measured.
@@ -253,18 +253,29 @@ pub fn streams_vs_plain(samples: &[Sample]) -> String {
                 .map(|(p, x)| x / p)
                 .collect();
             let m = median(&r);
-            m.is_finite().then_some(m)
+            let (lo, hi) = r
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                    (lo.min(*x), hi.max(*x))
+                });
+            m.is_finite().then_some((m, lo, hi))
         };
         let [a, k, n] = [ADAPTIVE, KERNEL, NAIVE].map(ratio);
-        let cell = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("x{r:.2}"));
+        // One repetition has no spread to show.
+        let cell = |r: Option<(f64, f64, f64)>| match r {
+            None => "-".to_string(),
+            Some((m, lo, hi)) if hi > lo => format!("x{m:.2} ({lo:.2}-{hi:.2})"),
+            Some((m, _, _)) => format!("x{m:.2}"),
+        };
         let _ = writeln!(
             out,
-            "{w:<16} {:>11} {:>10} {:>10} {:>10}",
+            "{w:<16} {:>11} {:>18} {:>18} {:>18}",
             fmt(median(plain)),
             cell(a),
             cell(k),
             cell(n)
         );
+        let [a, k] = [a, k].map(|r| r.map(|(m, _, _)| m));
         for (i, r) in [a, k].into_iter().enumerate() {
             measured[i] |= r.is_some();
             if let Some(r) = r.filter(|r| *r < 1.0) {
@@ -1148,7 +1159,10 @@ mod tests {
         let line = |w: &str| t.lines().find(|l| l.starts_with(w)).unwrap_or_default();
         assert!(line("stream 16KiB x10 ").contains("9.00"), "{t}");
         assert!(line("stream 16KiB x10 ").contains("x1.10"), "{t}");
-        assert!(line("stream 1MiB x100 ").contains("x0.85"), "{t}");
+        assert!(
+            line("stream 1MiB x100 ").contains("x0.85 (0.80-0.90)"),
+            "{t}"
+        );
         assert!(
             t.contains("adaptive per-hop policy SLOWER than plain TCP at: 1MiB x100 x0.85"),
             "{t}"
