@@ -113,8 +113,10 @@ fn full() -> Sizes {
 
 /// `--streams-only` says when a stream run's slowest connection took longer than this to
 /// drain after writing ended: one such connection stretches the run's time and cuts its
-/// figure.
-const DRAIN_SHOWN_MS: f64 = 100.0;
+/// figure. Measured here, 100 connections of 16 KiB to 1 MiB writes drain in 150 to 350 ms
+/// through the proxy (deep TCP buffers) with or without the short-circuit; the stall fixed
+/// in be36094 held a connection for the client's 30 s timeout.
+const DRAIN_SHOWN_MS: f64 = 1000.0;
 
 /// One figure of one repetition.
 #[derive(Clone, Debug)]
@@ -1205,7 +1207,7 @@ impl<'a> Bench<'a> {
             && drain > DRAIN_SHOWN_MS
         {
             say(&format!(
-                "{scenario} stream {} x{conns}: a connection confirmed its count {drain:.0} ms after writing ended (a stall, or deep queues)",
+                "{scenario} stream {} x{conns}: a connection confirmed its count {drain:.0} ms after writing ended (a stall?)",
                 human(size)
             ));
         }
