@@ -427,6 +427,10 @@ pub struct Flow {
     /// may leave the SOCKHASH without waiting for the kernel's verdict
     /// (proxy/src/transport/splice.rs, `Pacer`).
     pub stream_sent: u64,
+    /// Workload sockets only: `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when it asked to leave
+    /// (`detach` set), 0 before. The proxy times how long it took to notice
+    /// (`mesh_tcp_short_circuit_leave_notice_seconds`).
+    pub asked_ns: u64,
 }
 
 /// `Flow::stream_sent` holds a count.
@@ -673,7 +677,7 @@ mod tests {
         assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);
         assert_eq!(
             size_of::<Flow>(),
-            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 8 + 2 * 24 + 8
+            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 8 + 2 * 24 + 8 + 8
         );
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);

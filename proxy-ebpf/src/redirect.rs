@@ -31,7 +31,7 @@ use crate::key::sock_key;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
-    helpers::{bpf_get_netns_cookie, bpf_msg_apply_bytes, bpf_probe_read_kernel},
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns, bpf_msg_apply_bytes, bpf_probe_read_kernel},
     programs::SkMsgContext,
 };
 use proxy_common::{
@@ -581,6 +581,8 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
     // SAFETY: only tested for presence.
     if flow.detach == 0 && cfg.detach_after != 0 && unsafe { MESH_SPLICE.get(peer) }.is_none() {
         flow.detach = why;
+        // SAFETY: bpf_ktime_get_ns takes no arguments and is allowed in every program type.
+        flow.asked_ns = unsafe { bpf_ktime_get_ns() };
         if why == DETACH_WANTED {
             count(counter::DETACH_WANTED, 1); // a stream is counted by `leave`
         } else if why == DETACH_STREAM {

@@ -119,6 +119,7 @@ pub struct Metrics {
     /// Connections that left the short-circuit: from the copy's start until the proxy began
     /// to take them off, and from then until all four sockets were out.
     pub leave_start: Histogram,
+    pub leave_notice: Histogram,
     pub leave_move: Histogram,
     /// From the start of leaving until each socket was out (`transport::splice::LEAVE_SOCKETS`).
     pub leave_socket: Family<LeaveLabels, Histogram>,
@@ -277,6 +278,7 @@ impl Metrics {
             detached_proxy: Counter::default(),
             detached_proxy_by_count: Counter::default(),
             leave_start: duration_histogram(),
+            leave_notice: duration_histogram(),
             leave_move: duration_histogram(),
             leave_socket: Family::new_with_constructor(duration_histogram),
             sums: ConnSums::default(),
@@ -346,6 +348,12 @@ impl Metrics {
             "Connections that left the short-circuit: time from the proxy's first relayed byte until it began to take the connection off (a stream or a writer the proxy could not keep up with asked)",
             Unit::Seconds,
             m.leave_start.clone(),
+        );
+        r.register_with_unit(
+            "tcp_short_circuit_leave_notice",
+            "Connections that left the short-circuit: time from the workload's ask (recorded by the kernel when its writes were judged a stream or kept meeting the queue limit) until the proxy began to take the connection off",
+            Unit::Seconds,
+            m.leave_notice.clone(),
         );
         r.register_with_unit(
             "tcp_short_circuit_leave_move",
@@ -479,6 +487,9 @@ impl Metrics {
     /// get each socket out and, if all four got out, to finish (`Pacer::leave_times`).
     pub fn leave_times(&self, t: &LeaveTimes) {
         self.leave_start.observe(t.start.as_secs_f64());
+        if let Some(n) = t.noticed {
+            self.leave_notice.observe(n.as_secs_f64());
+        }
         for (socket, out) in LEAVE_SOCKETS.into_iter().zip(t.out) {
             if let Some(out) = out {
                 self.leave_socket

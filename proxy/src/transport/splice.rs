@@ -353,6 +353,9 @@ pub struct Pacer {
     /// connections).
     started: OnceLock<Instant>,
     leave_started: OnceLock<Duration>,
+    /// From the workload's ask (its `Flow::asked_ns`, the kernel's clock) to the start of
+    /// leaving: how long the proxy took to notice.
+    leave_noticed: OnceLock<Duration>,
 }
 
 /// The sockets of a connection in [`LeaveTimes::out`]'s order, as the label of
@@ -369,11 +372,21 @@ pub struct Detached {
     pub proxy_by_count: u64,
 }
 
+/// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> Option<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let secs = u64::try_from(t.tv_sec()).ok()?;
+    let nanos = u64::try_from(t.tv_nsec()).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+}
+
 /// How long a connection that left the short-circuit took (`Pacer::leave_times`).
 #[derive(Clone, Copy, Debug)]
 pub struct LeaveTimes {
     /// From the proxy's first relayed bytes to the start of leaving.
     pub start: Duration,
+    /// From the workload's ask to the start of leaving, if the kernel's clock could be read.
+    pub noticed: Option<Duration>,
     /// From the start of leaving until each socket was out of the SOCKHASH, in
     /// [`LEAVE_SOCKETS`] order; `None` for one that stayed (the connection ended first).
     pub out: [Option<Duration>; 4],
@@ -436,6 +449,7 @@ impl Pacer {
             leaving: tokio::sync::Notify::new(),
             started: OnceLock::new(),
             leave_started: OnceLock::new(),
+            leave_noticed: OnceLock::new(),
         }
     }
 
@@ -452,6 +466,7 @@ impl Pacer {
         let [client, server] = &self.sides;
         Some(LeaveTimes {
             start,
+            noticed: self.leave_noticed.get().copied(),
             out: [
                 after(&client.workload_out),
                 after(&client.proxy_out),
@@ -614,6 +629,13 @@ impl Pacer {
         let _ = self.maps.quiesce(&self.outbound);
         self.phase.store(LEAVING, Ordering::Relaxed);
         let _ = self.leave_started.set(self.since_first());
+        if flow.asked_ns != 0
+            && let Some(now) = monotonic_ns()
+        {
+            let _ = self
+                .leave_noticed
+                .set(Duration::from_nanos(now.saturating_sub(flow.asked_ns)));
+        }
         // The first look at once: a workload whose queue is empty may go now, and one that
         // needs the release sweep's verdict gets it asked for without waiting for a write.
         self.look_leaving();
@@ -830,10 +852,36 @@ mod tests {
         let ms = Duration::from_millis;
         let mut t = LeaveTimes {
             start: ms(5),
+            noticed: None,
             out: [Some(ms(20)), Some(ms(70)), Some(ms(10)), Some(ms(15))],
         };
         assert_eq!(t.moved(), Some(ms(70)));
         t.out[2] = None;
         assert_eq!(t.moved(), None);
+    }
+
+    #[test]
+    fn the_monotonic_clock_is_the_kernels_and_moves_forward() {
+        let a = monotonic_ns();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = monotonic_ns();
+        assert!(
+            matches!((a, b), (Some(a), Some(b)) if b >= a + 1_000_000),
+            "{a:?} {b:?}"
+        );
+        // Within a second of the uptime the kernel reports (CLOCK_MONOTONIC counts from boot,
+        // like bpf_ktime_get_ns; /proc/uptime adds suspended time, none on a VM here).
+        let uptime = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+        if let Some(up) = uptime
+            .split_whitespace()
+            .next()
+            .and_then(|u| u.parse::<f64>().ok())
+        {
+            let mono = b.unwrap_or(0) as f64 / 1e9;
+            assert!(
+                (mono - up).abs() < 5.0,
+                "CLOCK_MONOTONIC {mono} s, uptime {up} s"
+            );
+        }
     }
 }

@@ -1328,8 +1328,14 @@ impl<'a> Bench<'a> {
         } else {
             String::new()
         };
+        // How long the proxy took to act on the kernel's ask (the rest of the start is the
+        // stream's own time until its writes were judged).
+        let noticed = mean("mesh_tcp_short_circuit_leave_notice_seconds")
+            .map_or(String::new(), |(m, _)| {
+                format!(", {m:.1} ms after the workload asked")
+            });
         Some(format!(
-            "; {n} connections left: started after {start:.1} ms{gate}, moved in {moved}; sockets out after {} ms (means)",
+            "; {n} connections left: started after {start:.1} ms{gate}{noticed}, moved in {moved}; sockets out after {} ms (means)",
             sockets.join(", ")
         ))
     }
