@@ -210,12 +210,9 @@ fn splice_target(
         return Err(FLOW_TCP_NO_PEER);
     }
     if flow.state != FLOW_DIRECT {
-        let Some(written) = read_kernel::<u32>(flow.sk, cfg.off_tcp_write_seq) else {
+        let Some(sent) = sent32(cfg, flow) else {
             return Err(FLOW_TCP_NO_PEER);
         };
-        let sent = written
-            .wrapping_sub(flow.seq0)
-            .wrapping_add(flow.redirected_bytes as u32);
         if sent != splice.relayed as u32 {
             return Err(FLOW_TCP_NO_PEER);
         }
@@ -592,25 +589,28 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
 }
 
 /// `Flow::stream_sent` for this workload's direction, which stays on TCP from the message
-/// being judged on (judged a stream, or its connection is leaving): what it sent before, redirected
-/// (`redirected_bytes`) plus over TCP (`write_seq - seq0`: the message being judged is not
-/// queued yet), modulo 2^32 with `STREAM_SENT_KNOWN`; 0 if `write_seq` cannot be read.
+/// being judged on (judged a stream, or its connection is leaving): what it sent before
+/// (`sent32`) with `STREAM_SENT_KNOWN`; 0 if `write_seq` cannot be read.
 /// The proxy compares it with what it read (modulo 2^32, as a signed difference: what it is
 /// behind by is bounded by the queue limit and TCP's buffers, far below 2^31).
 #[inline(always)]
 fn sent_so_far(cfg: &Config, flow: &Flow) -> u64 {
+    sent32(cfg, flow).map_or(0, |sent| STREAM_SENT_KNOWN | u64::from(sent))
+}
+
+/// What this socket has sent, modulo 2^32: redirected bytes plus TCP bytes (`write_seq -
+/// seq0`; the message being judged is not queued yet). `None` if `write_seq` cannot be read.
+#[inline(always)]
+fn sent32(cfg: &Config, flow: &Flow) -> Option<u32> {
     if cfg.off_tcp_write_seq == 0 || flow.sk == 0 {
-        return 0;
+        return None;
     }
-    match read_kernel::<u32>(flow.sk, cfg.off_tcp_write_seq) {
-        Some(written) => {
-            let sent = written
-                .wrapping_sub(flow.seq0)
-                .wrapping_add(flow.redirected_bytes as u32);
-            STREAM_SENT_KNOWN | u64::from(sent)
-        }
-        None => 0,
-    }
+    let written = read_kernel::<u32>(flow.sk, cfg.off_tcp_write_seq)?;
+    Some(
+        written
+            .wrapping_sub(flow.seq0)
+            .wrapping_add(flow.redirected_bytes as u32),
+    )
 }
 
 /// For a proxy socket the proxy marked `FLOW_TCP_DETACHING` (its connection is leaving the

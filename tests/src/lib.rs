@@ -48,10 +48,10 @@ pub const PCAP_HEADER_LEN: usize = 24;
 /// Node numbers run from 0 to this; each shifts the pod prefixes by one (see the module doc).
 pub const MAX_NODE_NUMBER: u8 = 15;
 
-/// First octet / hextet after 10. / fd00: of node 0's pod prefixes.
 /// Where the cgroup v1 `cpu` controller is mounted (see [`Node::share_cpu_per_pod`]).
 pub const CPU_V1_MOUNT: &str = "/sys/fs/cgroup/cpu";
 
+/// First octet / hextet after 10. / fd00: of node 0's pod prefixes.
 const POD_NET4: u8 = 77;
 const POD_NET6: u16 = 0x77;
 /// The network between linked nodes: 10.99.0.0/24 and fd00:99::/64.

@@ -41,14 +41,11 @@ impl Managed {
         log: &Path,
     ) -> Result<Managed> {
         fs::create_dir_all(cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
-        let mut script = String::from(r#"echo $$ > "$0/cgroup.procs" && ns=$1 && shift && "#);
-        if let Some(cpu) = cpu {
-            // A path from this program (the node's id), never from outside: no quoting issue.
-            script.push_str(&format!(
-                r#"echo $$ > "{}/cgroup.procs" && "#,
-                cpu.display()
-            ));
-        }
+        // As `tests::Pod::command` does: the CPU group (or an empty argument) comes after the
+        // namespace, passed as an argument rather than written into the script.
+        let mut script = String::from(
+            r#"echo $$ > "$0/cgroup.procs" && { [ -z "$2" ] || echo $$ > "$2/cgroup.procs"; } && ns=$1 && shift 2 && "#,
+        );
         if cpus.is_some() {
             script.push_str(r#"cpus=$1 && shift && exec taskset -c "$cpus" nsenter --net="/run/netns/$ns" -- "$@""#);
         } else {
@@ -56,7 +53,11 @@ impl Managed {
         }
         let out = fs::File::create(log)?;
         let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(script).arg(cgroup).arg(netns);
+        cmd.arg("-c")
+            .arg(script)
+            .arg(cgroup)
+            .arg(netns)
+            .arg(cpu.map(Path::as_os_str).unwrap_or_default());
         if let Some(c) = cpus {
             cmd.arg(c);
         }
