@@ -327,6 +327,9 @@ pub const FLOW_TCP_BACKPRESSURE: u32 = counter::MSG_PASSED_BACKPRESSURE;
 pub const FLOW_TCP_MEMORY: u32 = counter::MSG_PASSED_MEMORY_PRESSURE;
 /// A workload's direction that is a stream and asked its connection to leave (`DETACH_STREAM`).
 pub const FLOW_TCP_STREAM: u32 = counter::DETACH_STREAM;
+/// A workload socket registered while non-blocking that was blocking at its first send: it
+/// leaves the SOCKHASH by itself (`GUARD_LEAVING`), its bytes on TCP from that send on.
+pub const FLOW_TCP_BLOCKING: u32 = counter::TURNED_BLOCKING_LEAVING;
 
 /// Bit of `Flow::proxy`, set by the proxy on both of its sockets of a connection it will take
 /// off the short-circuit when a workload asks (per hop, opaque TCP: `Pacer` in
@@ -431,7 +434,24 @@ pub struct Flow {
     /// (`detach` set), 0 before. The proxy times how long it took to notice
     /// (`mesh_tcp_short_circuit_leave_notice_seconds`).
     pub asked_ns: u64,
+    /// Workload sockets only: `GUARD_*` bits, changed only with atomic operations (the
+    /// socket's own sk_msg, and the sk_msg of any socket about to redirect into it, write
+    /// them concurrently; 64 bits because the BPF target has no 32-bit atomics). 0 when
+    /// registered.
+    pub guard: u64,
 }
+
+/// `Flow::guard` bit: a message is being or was redirected into this workload socket (set
+/// by the sender's sk_msg before its redirect, never cleared). Its queue may hold bytes, so
+/// it may not leave the SOCKHASH by itself (that would drop them).
+pub const GUARD_INGRESS: u64 = 1;
+/// `Flow::guard` bit: this workload socket was found blocking at its first send and leaves
+/// the SOCKHASH by itself (its sock_ops removes it while that send goes out): nothing may be
+/// redirected into it any more. Set only while `GUARD_INGRESS` is clear (one compare and
+/// swap), so of a sender and this socket exactly one wins.
+pub const GUARD_LEAVING: u64 = 2;
+/// `Flow::guard` bit: this workload socket's mode was looked at (its first send).
+pub const GUARD_MODE_CHECKED: u64 = 4;
 
 /// `Flow::stream_sent` holds a count.
 pub const STREAM_SENT_KNOWN: u64 = 1 << 32;
@@ -587,8 +607,20 @@ pub mod counter {
     /// workload behind them out of the SOCKHASH, their own queue empty); the proxy then
     /// removes them too.
     pub const DETACH_PROXY_READY: u32 = 33;
+    /// Workload sockets registered while non-blocking (a connect with a timeout: Rust's
+    /// `connect_timeout`, hiredis, libmysqlclient) and blocking at their first send, that
+    /// nothing had been redirected into: they leave the SOCKHASH at once (`GUARD_LEAVING`),
+    /// so their blocking reads never meet `tcp_bpf_recvmsg`'s spurious EAGAIN.
+    pub const TURNED_BLOCKING_LEAVING: u32 = 34;
+    /// Of those, the ones their sock_ops removed from the SOCKHASH (while that first send
+    /// went out, before the program could read anything).
+    pub const TURNED_BLOCKING_REMOVED: u32 = 35;
+    /// Workload sockets blocking at their first send that bytes had already been
+    /// redirected into (a server that spoke first): they ask the proxy to take their
+    /// connection off (`DETACH_WANTED`) instead, which waits until their queue is read.
+    pub const TURNED_BLOCKING_ASKED: u32 = 36;
     /// Number of counters.
-    pub const COUNT: u32 = 34;
+    pub const COUNT: u32 = 37;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -626,6 +658,9 @@ pub mod counter {
         "detach_ready",
         "sockhash_skipped_blocking",
         "detach_proxy_ready",
+        "turned_blocking_leaving",
+        "turned_blocking_removed",
+        "turned_blocking_asked",
     ];
 }
 
@@ -677,7 +712,7 @@ mod tests {
         assert_eq!(size_of::<Queued>(), 4 + 4 + 8 + 8);
         assert_eq!(
             size_of::<Flow>(),
-            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 8 + 2 * 24 + 8 + 8
+            4 + 4 + 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 8 + 2 * 24 + 8 + 8 + 8
         );
         assert_eq!(size_of::<Splice>(), size_of::<SockKey>() + 8);
         assert_eq!(size_of::<OrigDst>(), 4 + 4 + 16 + 8);

@@ -2,8 +2,12 @@
 //! See ARCHITECTURE.md for the connection path and the maps.
 #![no_std]
 #![no_main]
+// Atomic read-modify-write on map values (guard.rs).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod connect;
+mod guard;
 mod key;
 mod listeners;
 mod maps;

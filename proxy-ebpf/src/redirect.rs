@@ -35,12 +35,15 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use proxy_common::{
-    Config, DETACH_PEER_EMPTY, DETACH_READY, DETACH_STREAM, DETACH_WANTED, FLOW_DIRECT,
-    FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_DETACHING, FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER,
-    FLOW_TCP_STREAM, Flow, PROXY_LEAVES, Queued, STREAM_SENT_KNOWN, SockKey, counter,
+    Config, DETACH_PEER_EMPTY, DETACH_READY, DETACH_STREAM, DETACH_WANTED, FLAG_SOCKMAP_BLOCKING,
+    FLOW_DIRECT, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_BLOCKING, FLOW_TCP_DETACHING,
+    FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER, FLOW_TCP_STREAM, Flow, GUARD_INGRESS, GUARD_LEAVING,
+    GUARD_MODE_CHECKED, PROXY_LEAVES, Queued, STREAM_SENT_KNOWN, SockKey, counter,
 };
 
+use crate::guard;
 use crate::maps::{MESH_DIRECT, MESH_FLOWS, MESH_PEERS, MESH_SOCKS, MESH_SPLICE, config, count};
+use crate::sockops::is_blocking;
 
 /// The only verdict this program gives: a message is either redirected (the helper set the
 /// target) or takes the TCP path. It never drops.
@@ -75,6 +78,13 @@ pub fn handle(ctx: &SkMsgContext) {
     };
     // SAFETY: the value is copied out at once.
     let peer = (unsafe { MESH_PEERS.get(key) }).copied();
+    if flow.proxy == 0
+        && cfg.flags & FLAG_SOCKMAP_BLOCKING == 0
+        && guard::load(flow) & GUARD_MODE_CHECKED == 0
+        && turned_blocking(ctx, cfg, flow, peer.as_ref(), size)
+    {
+        return;
+    }
     if flow.proxy != 0 && flow.state == FLOW_TCP_DETACHING {
         // The proxy is taking this connection off the short-circuit: this message goes by
         // TCP like every later one; the program keeps running only to tell the proxy when
@@ -161,6 +171,11 @@ pub fn handle(ctx: &SkMsgContext) {
         leave(ctx, flow, reason, size);
         return;
     }
+    if flow.proxy != 0 && !claim_ingress(&peer) {
+        // The workload turned blocking and is leaving the SOCKHASH by itself.
+        leave(ctx, flow, FLOW_TCP_NO_PEER, size);
+        return;
+    }
     let ret = MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
     if ret == i64::from(SK_PASS) {
         note_queued(&mut flow.to_peer, size);
@@ -235,7 +250,84 @@ fn splice_target(
             return Err(reason);
         }
     }
+    if !claim_ingress(&target) {
+        return Err(FLOW_TCP_NO_PEER); // the far workload is leaving the SOCKHASH
+    }
     Ok(target)
+}
+
+/// Called right before redirecting a message into workload socket `receiver`: false if it
+/// is leaving the SOCKHASH by itself (`GUARD_LEAVING`), then nothing may go into its queue;
+/// else marks it `GUARD_INGRESS` so that it never will. One atomic `or` decides which came
+/// first (`turned_blocking` sets `GUARD_LEAVING` only while `GUARD_INGRESS` is clear): a
+/// redirect decided here is queued (under the receiver's lock, in `bpf_tcp_ingress`) after
+/// this program returns, too late for the receiver to see it. True when the receiver has no
+/// entry (the naive policy does not look).
+///
+/// A pointer into another socket's entry could meet it freed and reused by a socket that
+/// registered since (`MESH_FLOWS` is preallocated). That socket then carries a stray
+/// `GUARD_INGRESS` (it asks the proxy instead of leaving by itself if it turns blocking), or
+/// this message goes by TCP: both safe.
+#[inline(always)]
+fn claim_ingress(receiver: &SockKey) -> bool {
+    let Some(entry) = MESH_FLOWS.get_ptr_mut(receiver) else {
+        return true;
+    };
+    let seen = guard::load(entry);
+    if seen & GUARD_LEAVING != 0 {
+        return false;
+    }
+    if seen & GUARD_INGRESS != 0 {
+        return true; // claimed before: GUARD_LEAVING can no longer be set
+    }
+    guard::fetch_or(entry, GUARD_INGRESS) & GUARD_LEAVING == 0
+}
+
+/// For a workload socket's first send (`GUARD_MODE_CHECKED` clear): true if the socket turned
+/// blocking since sock_ops registered it and leaves the SOCKHASH now (this message went to
+/// TCP). A client is judged non-blocking in `connect()`, but a connect with a timeout makes
+/// the socket non-blocking only for the connect (Rust's `connect_timeout`, hiredis,
+/// libmysqlclient, a C program with `select()`), and its blocking reads then wait in
+/// `tcp_bpf_recvmsg`, which can return a spurious EAGAIN (ARCHITECTURE.md, "Kernel facts").
+/// Likewise a server whose accepted socket is blocking under a non-blocking listener
+/// (Python's `accept()` on a listener with a timeout).
+///
+/// Leaving at once is safe only while nothing was ever redirected into this socket (its
+/// queue is empty and stays so): `GUARD_LEAVING` is set with one compare-and-swap only
+/// while `GUARD_INGRESS` is clear, and senders check it (`claim_ingress`). This message and
+/// every later one go by TCP, in order (none was redirected before). The removal itself is
+/// sock_ops' (an sk_msg program may not delete from a SOCKHASH): it runs while this message
+/// goes out (`BPF_SOCK_OPS_HDR_OPT_LEN_CB`), inside this `sendmsg`, so the program's next
+/// read finds a plain TCP socket. A socket bytes were redirected into (its server spoke
+/// first) asks the proxy to take its connection off instead (`DETACH_WANTED`), which waits
+/// until its queue is read; false then, and the message is judged as usual.
+#[inline(always)]
+fn turned_blocking(
+    ctx: &SkMsgContext,
+    cfg: &Config,
+    flow: &mut Flow,
+    peer: Option<&SockKey>,
+    size: u32,
+) -> bool {
+    let seen = guard::fetch_or(flow, GUARD_MODE_CHECKED);
+    if !is_blocking(cfg, flow.sk) {
+        return false;
+    }
+    let claimed = seen & GUARD_INGRESS == 0
+        && guard::replace(
+            flow,
+            seen | GUARD_MODE_CHECKED,
+            seen | GUARD_MODE_CHECKED | GUARD_LEAVING,
+        );
+    if claimed {
+        leave(ctx, flow, FLOW_TCP_BLOCKING, size);
+        return true;
+    }
+    count(counter::TURNED_BLOCKING_ASKED, 1);
+    if let Some(peer) = peer {
+        want_detach(cfg, flow, peer, DETACH_WANTED);
+    }
+    false
 }
 
 /// Adds a direct message to the count of the proxy socket it skipped (`MESH_DIRECT`), which
@@ -395,6 +487,7 @@ fn peer_sent(cfg: &Config, receiver: &Flow) -> u64 {
 fn may_resume(cfg: &Config, flow: &Flow, peer: Option<&SockKey>, size: u32) -> bool {
     if flow.proxy != 0
         || flow.state == FLOW_TCP_STREAM
+        || flow.state == FLOW_TCP_BLOCKING
         || cfg.off_tcp_write_seq == 0
         || cfg.off_tcp_copied_seq == 0
         || flow.sk == 0
@@ -732,7 +825,7 @@ fn detach(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> bool {
 /// True if `may_resume` can ever say yes for this direction.
 #[inline(always)]
 fn resumable(flow: &Flow) -> bool {
-    flow.proxy == 0 && flow.detach != DETACH_READY
+    flow.proxy == 0 && flow.detach != DETACH_READY && flow.state != FLOW_TCP_BLOCKING
 }
 
 /// For a direction on TCP for good: the verdict (pass) applies to the next 4 GiB without

@@ -22,6 +22,10 @@
 //! runs in its process, so the file is there). An accepted socket has no file until
 //! `accept()`, after PASSIVE_ESTABLISHED, so a server is judged by its listener's mode at
 //! that moment (the listener's address is recorded at `listen()`: TCP_LISTEN, `MESH_LISTEN`).
+//! A registered workload socket is judged again at its first send (sk_msg,
+//! `redirect::turned_blocking`): one that turned blocking since (a connect with a timeout)
+//! leaves the SOCKHASH there, removed by this program while that send goes out
+//! (`BPF_SOCK_OPS_HDR_OPT_LEN_CB`, `leave_if_turned_blocking`).
 
 use core::ptr::read_volatile;
 
@@ -30,18 +34,20 @@ use crate::key::sock_key;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
-        BPF_TCP_CLOSE, BPF_TCP_LISTEN, bpf_sock_ops,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_TCP_LISTEN, bpf_sock_ops,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem},
     programs::SockOpsContext,
 };
 use proxy_common::{
-    Config, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, Flow, ListenKey, O_NONBLOCK, OrigKey, SockKey,
-    counter,
+    Config, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, Flow, GUARD_LEAVING, GUARD_MODE_CHECKED,
+    ListenKey, O_NONBLOCK, OrigKey, SockKey, counter,
 };
 
+use crate::guard;
 use crate::maps::{
     MESH_DIRECT, MESH_EXPECT, MESH_FLOWS, MESH_LISTEN, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS,
     MESH_SOCKS, MESH_SPLICE, config, count,
@@ -67,10 +73,15 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
         && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
         && op != BPF_SOCK_OPS_TCP_LISTEN_CB
+        && op != BPF_SOCK_OPS_HDR_OPT_LEN_CB
     {
         return;
     }
     let Some(key) = own_key(ctx) else { return };
+    if op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
+        leave_if_turned_blocking(ctx, key);
+        return;
+    }
     let Some(cfg) = config() else { return };
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
         // Remember the listener, to ask its file for its mode when a connection arrives:
@@ -226,6 +237,16 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64) -> bool
     match MESH_SOCKS.update(&mut key, ops, 0) {
         Ok(()) => {
             count(counter::SOCKHASH_INSERTED, 1);
+            // Blocking workload sockets are kept off (`FLAG_SOCKMAP_BLOCKING` clear): so the
+            // mode is judged again at the first send, and this callback, run for each
+            // segment the socket sends until then (`leave_if_turned_blocking`), removes a
+            // socket that turned blocking before that send returns.
+            if side == Side::Workload
+                && config().is_some_and(|cfg| cfg.flags & FLAG_SOCKMAP_BLOCKING == 0)
+            {
+                let _ =
+                    ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+            }
             true
         }
         Err(_) => {
@@ -233,6 +254,46 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64) -> bool
             count(counter::SOCKHASH_INSERT_FAILED, 1);
             false
         }
+    }
+}
+
+/// `BPF_SOCK_OPS_HDR_OPT_LEN_CB` of a registered workload socket, run for each segment it
+/// sends (in `tcp_established_options`, under the socket's lock) until its first send was
+/// judged. If that send found it turned blocking (`GUARD_LEAVING`, set by sk_msg before it
+/// passed the message to TCP), the socket leaves the SOCKHASH here, while the message goes
+/// out and before its `sendmsg` returns: the kernel drops the psock when that send lets go
+/// of it, and the socket's reads are plain `tcp_recvmsg` again. Nothing was redirected into
+/// it, nor can be (`redirect::claim_ingress`), so nothing is lost. sk_msg programs may not
+/// delete from a SOCKHASH; sock_ops programs may (`may_update_sockmap`).
+///
+/// Either way the callback is then turned off. It also runs for the handshake's last ACK
+/// (right after ACTIVE_ESTABLISHED), before any send: then it stays on.
+#[inline(always)]
+fn leave_if_turned_blocking(ctx: &SockOpsContext, key: SockKey) {
+    let done = match MESH_FLOWS.get_ptr_mut(key) {
+        None => true,
+        Some(entry) => {
+            let seen = guard::load(entry);
+            if seen & GUARD_LEAVING != 0 {
+                // SAFETY: the map pointer is the SOCKHASH's definition (the loader
+                // relocates it) and the key a live local of the map's key type.
+                let gone = unsafe {
+                    bpf_map_delete_elem(
+                        core::ptr::from_ref(&MESH_SOCKS).cast_mut().cast(),
+                        core::ptr::from_ref(&key).cast(),
+                    )
+                };
+                if gone == 0 {
+                    count(counter::TURNED_BLOCKING_REMOVED, 1);
+                }
+                true
+            } else {
+                seen & GUARD_MODE_CHECKED != 0
+            }
+        }
+    };
+    if done {
+        let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     }
 }
 
@@ -252,7 +313,7 @@ fn socket_address(ctx: &SockOpsContext) -> u64 {
 /// offsets, no `struct socket` or file yet (an accepted socket before `accept()`), a failed
 /// read.
 #[inline(always)]
-fn is_blocking(cfg: &Config, sk: u64) -> bool {
+pub(crate) fn is_blocking(cfg: &Config, sk: u64) -> bool {
     if cfg.off_sock_socket == 0 || cfg.off_socket_file == 0 || cfg.off_file_flags == 0 {
         return false;
     }

@@ -744,6 +744,9 @@ impl fmt::Debug for KernelCollector {
 /// Help of `ebpf_detach`, one family for the four steps of leaving the SOCKHASH.
 const DETACH_HELP: &str = "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)";
 
+/// Help of `ebpf_turned_blocking`.
+const TURNED_BLOCKING_HELP: &str = "Workload sockets registered while non-blocking that were blocking at their first send (a connect with a timeout), by step: left the SOCKHASH by themselves (leaving; removed once sock_ops took them out during that send), or asked the proxy to take their connection off because bytes had already been redirected into them (asked)";
+
 /// How each kernel counter is exported: metric name, label (key, value), help.
 fn kernel_metric(
     name: &str,
@@ -902,6 +905,21 @@ fn kernel_metric(
         "detach_ready" => ("ebpf_detach", Some(("step", "ready")), DETACH_HELP),
         "detach_stream" => ("ebpf_detach", Some(("step", "stream")), DETACH_HELP),
         "detach_proxy_ready" => ("ebpf_detach", Some(("step", "proxy_ready")), DETACH_HELP),
+        "turned_blocking_leaving" => (
+            "ebpf_turned_blocking",
+            Some(("step", "leaving")),
+            TURNED_BLOCKING_HELP,
+        ),
+        "turned_blocking_removed" => (
+            "ebpf_turned_blocking",
+            Some(("step", "removed")),
+            TURNED_BLOCKING_HELP,
+        ),
+        "turned_blocking_asked" => (
+            "ebpf_turned_blocking",
+            Some(("step", "asked")),
+            TURNED_BLOCKING_HELP,
+        ),
         "flow_insert_failed" => (
             "ebpf_sockhash_inserts",
             Some(("result", "flow_table_full")),

@@ -180,6 +180,130 @@ fn pod_reaches_pod_through_proxy_with_original_destination() -> Result<()> {
     Ok(())
 }
 
+/// `meshtest client` in the client pod with blocking I/O after a connect with a timeout
+/// (Rust's `connect_timeout`: non-blocking during the connect, blocking after), against the
+/// server of `s`, with `args`.
+fn timed_connect_blocking_client(s: &Setup, args: &[&str]) -> Result<String> {
+    let mut cmd = s.client.command(&s.node.bins.meshtest);
+    cmd.args(["client", "--connect", &s.v4(), "--io", "blocking"])
+        .args(args);
+    s.node.client_ok(run_bounded(cmd, CLIENT_LIMIT)?)
+}
+
+/// The kernel counters of client sockets judged blocking: (kept off at connect, left by
+/// themselves at their first send, removed by sock_ops, asked the proxy).
+fn blocking_counts(node: &Node) -> Result<[u64; 4]> {
+    Ok([
+        counter(node, "sockhash_skipped_blocking")?,
+        counter(node, "turned_blocking_leaving")?,
+        counter(node, "turned_blocking_removed")?,
+        counter(node, "turned_blocking_asked")?,
+    ])
+}
+
+/// A client that connects with a timeout (non-blocking during the connect, as Rust's
+/// `connect_timeout`, hiredis or libmysqlclient do) and then does blocking I/O is registered
+/// by sock_ops, which judges it inside `connect()`. Its first send finds it blocking and, as
+/// nothing was redirected into it yet, it leaves the SOCKHASH inside that send (sock_ops
+/// removes it while the message goes out), so its blocking read after `shutdown(SHUT_WR)` is
+/// plain TCP's. On the SOCKHASH that read can be woken by the ACK of its FIN with nothing to
+/// read, and the kernel's `tcp_bpf_recvmsg` then returns EAGAIN (ARCHITECTURE.md, "Spurious
+/// EAGAIN"); with softirq spread over the CPUs (RPS) that ACK often comes while it waits.
+/// With RPS the handshake's end may also be handled after the client switched back to
+/// blocking, and sock_ops then keeps it off at once. Either way no client socket may stay
+/// registered, and every connection must deliver its bytes.
+///
+/// Then a server that speaks first: its greeting is redirected into the client before the
+/// client's first send, so the client may not leave by itself (that would drop unread
+/// bytes); it asks the proxy to take the connection off instead, and every byte arrives.
+/// Until the proxy has done so its blocking read can still get the spurious EAGAIN (the
+/// limitation left, ARCHITECTURE.md): this client retries such a read and counts it.
+#[test]
+fn clients_that_turn_blocking_after_a_timed_connect_leave_at_their_first_send() -> Result<()> {
+    require!();
+    const CONNECTIONS: u64 = 200;
+    let s = Setup::new(&ProxyOptions::default(), 0)?;
+    for rps in [false, true] {
+        if rps {
+            s.node.spread_softirq()?;
+        }
+        let before = blocking_counts(&s.node)?;
+        let out = timed_connect_blocking_client(
+            &s,
+            &[
+                "--send",
+                "1000",
+                "--reply",
+                "10",
+                "--connections",
+                &CONNECTIONS.to_string(),
+            ],
+        )?;
+        ensure!(
+            out.contains(&format!("\"connections\":{CONNECTIONS}")),
+            "the client did not report {CONNECTIONS} connections: {out}"
+        );
+        let after = blocking_counts(&s.node)?;
+        let [kept_off, leaving, removed, asked] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
+        let softirq = if rps {
+            "softirq spread (RPS)"
+        } else {
+            "default softirq"
+        };
+        println!(
+            "{CONNECTIONS} blocking clients after a timed connect, {softirq}: {kept_off} kept off at connect, {leaving} left at their first send, {removed} removed by sock_ops, {asked} asked the proxy"
+        );
+        ensure!(
+            kept_off + leaving == CONNECTIONS && removed == leaving && asked == 0 && leaving > 0,
+            "{softirq}: of {CONNECTIONS} blocking client sockets, {kept_off} were kept off at connect, {leaving} left by themselves at their first send, {removed} were removed from the SOCKHASH and {asked} asked the proxy; expected every one kept off or removed, some of them at their first send"
+        );
+    }
+    let metrics = s.node.admin_metrics()?;
+    let exported = tests::metric_sum(
+        &metrics,
+        "mesh_ebpf_turned_blocking_total",
+        &["step=\"removed\""],
+    );
+    ensure!(
+        exported > 0.0,
+        "the admin metrics show no socket removed after turning blocking (mesh_ebpf_turned_blocking_total{{step=\"removed\"}})"
+    );
+    drop(s);
+
+    const GREETED: u64 = 20;
+    let s = Setup::new(&ProxyOptions::default(), 100)?;
+    let before = blocking_counts(&s.node)?;
+    let out = timed_connect_blocking_client(
+        &s,
+        &[
+            "--retry-eagain",
+            "--expect-greet",
+            "100",
+            "--send",
+            "1000",
+            "--reply",
+            "10",
+            "--connections",
+            &GREETED.to_string(),
+        ],
+    )?;
+    let after = blocking_counts(&s.node)?;
+    let [kept_off, leaving, removed, asked] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
+    let retried = out
+        .split("\"eagain_retried\":")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .unwrap_or("?");
+    println!(
+        "{GREETED} blocking clients greeted first: {kept_off} kept off at connect, {leaving} left by themselves, {removed} removed by sock_ops, {asked} asked the proxy; {retried} spurious EAGAINs retried"
+    );
+    ensure!(
+        kept_off + asked == GREETED && asked > 0 && leaving == 0 && removed == 0,
+        "of {GREETED} client sockets that turned blocking after bytes were redirected into them, {asked} asked the proxy and {leaving} left by themselves ({removed} removed); {kept_off} were kept off at connect; expected the registered ones to ask and none to leave (their unread bytes would be lost)"
+    );
+    Ok(())
+}
+
 /// `Node::share_cpu_per_pod` (the bench's `--cpu-per-pod`): each pod's processes and the
 /// proxy land in CPU groups of their own (cgroup v1 `cpu`), traffic still flows, and the
 /// groups are gone with the node.
