@@ -204,8 +204,9 @@ pub struct InterceptSection {
     /// Ports whose connections stay off the short-circuit (at most 8): the port a workload
     /// connects to, or a workload server's port.
     pub sockmap_exclude_ports: Option<Vec<u16>>,
-    /// With the short-circuit on: register blocking workload sockets too (default false:
-    /// a blocking reader there can get a spurious EAGAIN from the kernel).
+    /// With the short-circuit on: register blocking workload sockets too, and keep those
+    /// that turn blocking after registering (default false: a blocking reader there can get
+    /// a spurious EAGAIN from the kernel).
     pub sockmap_blocking_sockets: Option<bool>,
     /// Intercept only declared workloads' cgroups (and their descendants), not everything
     /// below the workload cgroup parent.

@@ -204,8 +204,10 @@ struct ConfigArgs {
     /// With --sockmap on: register blocking workload sockets too (clients blocking at connect,
     /// servers whose listener is blocking when the connection arrives). Off by default: a
     /// blocking reader on the short-circuit can get a spurious EAGAIN from the kernel
-    /// (ARCHITECTURE.md, "Kernel facts"), so such sockets stay on plain TCP; non-blocking
-    /// (event-driven) programs keep the short-circuit [default: off].
+    /// (ARCHITECTURE.md, "Kernel facts"), so such sockets stay on plain TCP, and one that
+    /// turns blocking after it was registered (a connect with a timeout) leaves at its first
+    /// send; non-blocking (event-driven) programs keep the short-circuit. On turns both
+    /// checks off [default: off].
     #[arg(long, value_enum, value_name = "ON|OFF")]
     sockmap_blocking_sockets: Option<OnOff>,
     /// Intercept only declared workloads' cgroups ([[workload]] or Kubernetes pods), not
