@@ -341,11 +341,9 @@ fn cpu_groups_per_pod_hold_the_pods_and_the_proxy() -> Result<()> {
     );
     let target = format!("{}:{SERVER_PORT}", server.ipv4);
     let mut c = client.command(&node.bins.meshtest);
-    // An event-driven client (non-blocking socket, poll): the blocking one connects with a
-    // timeout (non-blocking during connect, so sock_ops registers it) and then reads
-    // blocking, the documented limitation (ARCHITECTURE.md, "Spurious EAGAIN"): its read
-    // after shutdown(SHUT_WR) failed with EAGAIN here twice, once in CI, the CPU groups
-    // making the wake-up by the ACK of its FIN likelier. This test is about the groups.
+    // A blocking client after a connect with a timeout: before it left the SOCKHASH at its
+    // first send, its read after shutdown(SHUT_WR) failed with a spurious EAGAIN here twice,
+    // once in CI, the CPU groups making the wake-up by the ACK of its FIN likelier.
     c.args([
         "client",
         "--connect",
@@ -355,7 +353,7 @@ fn cpu_groups_per_pod_hold_the_pods_and_the_proxy() -> Result<()> {
         "--reply",
         "10",
         "--io",
-        "poll",
+        "blocking",
     ]);
     node.client_ok(run_bounded(c, CLIENT_LIMIT)?)?;
     let root = proxy_group
