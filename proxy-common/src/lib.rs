@@ -330,6 +330,10 @@ pub const FLOW_TCP_STREAM: u32 = counter::DETACH_STREAM;
 /// A workload socket registered while non-blocking that was blocking at its first send: it
 /// leaves the SOCKHASH by itself (`GUARD_LEAVING`), its bytes on TCP from that send on.
 pub const FLOW_TCP_BLOCKING: u32 = counter::TURNED_BLOCKING_LEAVING;
+/// A proxy socket's direction into a workload client whose first send was not judged yet
+/// (`GUARD_CLIENT`): on TCP until then, and back on the short-circuit once the client is
+/// judged non-blocking and has read every TCP byte (the only proxy direction that comes back).
+pub const FLOW_TCP_UNJUDGED: u32 = counter::MSG_PASSED_UNJUDGED;
 
 /// Bit of `Flow::proxy`, set by the proxy on both of its sockets of a connection it will take
 /// off the short-circuit when a workload asks (per hop, opaque TCP: `Pacer` in
@@ -452,6 +456,12 @@ pub const GUARD_INGRESS: u64 = 1;
 pub const GUARD_LEAVING: u64 = 2;
 /// `Flow::guard` bit: this workload socket's mode was looked at (its first send).
 pub const GUARD_MODE_CHECKED: u64 = 4;
+/// `Flow::guard` bit, set at registration: a workload client, judged non-blocking inside
+/// `connect()`, which a connect with a timeout switches back to blocking right after. Until
+/// its first send has been judged (`GUARD_MODE_CHECKED`), nothing is redirected into it (a
+/// server's greeting goes by TCP, `FLOW_TCP_UNJUDGED`), so that if it turned blocking it
+/// can leave by itself.
+pub const GUARD_CLIENT: u64 = 8;
 
 /// `Flow::stream_sent` holds a count.
 pub const STREAM_SENT_KNOWN: u64 = 1 << 32;
@@ -576,7 +586,9 @@ pub mod counter {
     pub const FLOW_INSERT_FAILED: u32 = 23;
     /// Directions into the proxy that came back from the TCP path to the short-circuit once
     /// the proxy had read every byte sent over TCP (backpressure relieved, or the first bytes
-    /// written before the pair was complete).
+    /// written before the pair was complete); and proxy directions into a workload client
+    /// that came back once its first send was judged and it had read every TCP byte
+    /// (`FLOW_TCP_UNJUDGED`).
     pub const FLOW_RESUMED: u32 = 24;
     /// Messages passed (direction moved to TCP) because the machine's TCP memory in use was
     /// past half of `tcp_mem`'s low threshold: TCP handles pressure with its own waits.
@@ -619,8 +631,11 @@ pub mod counter {
     /// redirected into (a server that spoke first): they ask the proxy to take their
     /// connection off (`DETACH_WANTED`) instead, which waits until their queue is read.
     pub const TURNED_BLOCKING_ASKED: u32 = 36;
+    /// Proxy messages put on the TCP path because the workload client they go to has not
+    /// sent yet, so its mode was not judged (`GUARD_CLIENT`): a server's greeting.
+    pub const MSG_PASSED_UNJUDGED: u32 = 37;
     /// Number of counters.
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 38;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -661,6 +676,7 @@ pub mod counter {
         "turned_blocking_leaving",
         "turned_blocking_removed",
         "turned_blocking_asked",
+        "msg_passed_unjudged",
     ];
 }
 

@@ -12,7 +12,10 @@
 //!   leave the short-circuit at any message;
 //! - TCP then redirect is not (the redirected bytes would be read first, and a blocking
 //!   MSG_WAITALL reader in `tcp_recvmsg` would never see them), so a direction comes back
-//!   only when its receiver is the proxy and has consumed every TCP-path byte (`may_resume`).
+//!   only when its receiver is the proxy and has consumed every TCP-path byte (`may_resume`),
+//!   or, for the proxy's direction into a workload client held on TCP until the client's
+//!   first send was judged, when the client is non-blocking and has read every TCP byte
+//!   (`judged_receiver`).
 //!
 //! A direction leaves when: the peer is not in the SOCKHASH (yet); the peer's queue would go
 //! past `Config::queue_limit`, counting a `struct sk_msg` per message (the kernel charges
@@ -37,8 +40,9 @@ use aya_ebpf::{
 use proxy_common::{
     Config, DETACH_PEER_EMPTY, DETACH_READY, DETACH_STREAM, DETACH_WANTED, FLAG_SOCKMAP_BLOCKING,
     FLOW_DIRECT, FLOW_REDIRECT, FLOW_TCP_BACKPRESSURE, FLOW_TCP_BLOCKING, FLOW_TCP_DETACHING,
-    FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER, FLOW_TCP_STREAM, Flow, GUARD_INGRESS, GUARD_LEAVING,
-    GUARD_MODE_CHECKED, PROXY_LEAVES, Queued, STREAM_SENT_KNOWN, SockKey, counter,
+    FLOW_TCP_MEMORY, FLOW_TCP_NO_PEER, FLOW_TCP_STREAM, FLOW_TCP_UNJUDGED, Flow, GUARD_CLIENT,
+    GUARD_INGRESS, GUARD_LEAVING, GUARD_MODE_CHECKED, PROXY_LEAVES, Queued, STREAM_SENT_KNOWN,
+    SockKey, counter,
 };
 
 use crate::guard;
@@ -133,6 +137,23 @@ pub fn handle(ctx: &SkMsgContext) {
             Err(_) => {}
         }
     }
+    if flow.proxy != 0 && flow.state == FLOW_TCP_UNJUDGED {
+        match judged_receiver(cfg, flow, peer.as_ref()) {
+            Judged::Yes => {
+                flow.state = FLOW_REDIRECT;
+                count(counter::FLOW_RESUMED, 1);
+            }
+            Judged::NotYet(why) => {
+                count(why, 1);
+                passed(size);
+                return;
+            }
+            Judged::Never => {
+                leave(ctx, flow, FLOW_TCP_NO_PEER, size);
+                return;
+            }
+        }
+    }
     if flow.state != FLOW_REDIRECT {
         if !may_resume(cfg, flow, peer.as_ref(), size) {
             if let Some(peer) = peer.as_ref()
@@ -171,9 +192,11 @@ pub fn handle(ctx: &SkMsgContext) {
         leave(ctx, flow, reason, size);
         return;
     }
-    if flow.proxy != 0 && !claim_ingress(&peer) {
-        // The workload turned blocking and is leaving the SOCKHASH by itself.
-        leave(ctx, flow, FLOW_TCP_NO_PEER, size);
+    if flow.proxy != 0
+        && let Err(reason) = claim_ingress(&peer)
+    {
+        // A workload client not judged yet (resumable), or leaving the SOCKHASH by itself.
+        leave(ctx, flow, reason, size);
         return;
     }
     let ret = MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
@@ -235,7 +258,17 @@ fn splice_target(
         let Some(out) = (unsafe { MESH_FLOWS.get(splice.out) }).copied() else {
             return Err(FLOW_TCP_NO_PEER);
         };
-        if read_kernel::<u32>(out.sk, cfg.off_tcp_write_seq) != Some(out.seq0) {
+        let Some(out_written) = read_kernel::<u32>(out.sk, cfg.off_tcp_write_seq) else {
+            return Err(FLOW_TCP_NO_PEER);
+        };
+        // Or it did (a server's greeting, sent before the far workload, a client, was
+        // judged: `FLOW_TCP_UNJUDGED`), and the far workload has read all of it and is
+        // non-blocking, so it cannot be waiting in `tcp_recvmsg` either. The proxy wrote
+        // everything this workload sent (above), so its socket writes nothing meanwhile.
+        if out_written != out.seq0
+            && !(judged_non_blocking(cfg, &far)
+                && read_kernel::<u32>(far.sk, cfg.off_tcp_copied_seq) == Some(out_written))
+        {
             return Err(FLOW_TCP_NO_PEER);
         }
     }
@@ -250,37 +283,94 @@ fn splice_target(
             return Err(reason);
         }
     }
-    if !claim_ingress(&target) {
-        return Err(FLOW_TCP_NO_PEER); // the far workload is leaving the SOCKHASH
-    }
+    claim_ingress(&target)?;
     Ok(target)
 }
 
-/// Called right before redirecting a message into workload socket `receiver`: false if it
-/// is leaving the SOCKHASH by itself (`GUARD_LEAVING`), then nothing may go into its queue;
-/// else marks it `GUARD_INGRESS` so that it never will. One atomic `or` decides which came
-/// first (`turned_blocking` sets `GUARD_LEAVING` only while `GUARD_INGRESS` is clear): a
-/// redirect decided here is queued (under the receiver's lock, in `bpf_tcp_ingress`) after
-/// this program returns, too late for the receiver to see it. True when the receiver has no
-/// entry (the naive policy does not look).
+/// True if workload `w` (a copy of its entry) had its first send judged non-blocking, is
+/// not leaving the SOCKHASH, and is non-blocking now.
+#[inline(always)]
+fn judged_non_blocking(cfg: &Config, w: &Flow) -> bool {
+    w.guard & (GUARD_MODE_CHECKED | GUARD_LEAVING) == GUARD_MODE_CHECKED
+        && cfg.off_tcp_copied_seq != 0
+        && !is_blocking(cfg, w.sk)
+}
+
+/// Whether a proxy direction held on TCP for a workload client not judged yet
+/// (`FLOW_TCP_UNJUDGED`) may come back to the short-circuit with this message.
+enum Judged {
+    /// The client's first send found it non-blocking, it is still so, and it has read
+    /// every byte this socket sent over TCP (its `copied_seq` equals our `write_seq`; we
+    /// hold our lock, so ours cannot move): redirected bytes land behind nothing unread, and
+    /// it is not waiting in `tcp_recvmsg`, which does not look at the psock list.
+    Yes,
+    /// Not yet (the counter to count this message under): not judged, or bytes unread.
+    NotYet(u32),
+    /// Never: the client left or is leaving the SOCKHASH, or turned blocking.
+    Never,
+}
+
+#[inline(always)]
+fn judged_receiver(cfg: &Config, flow: &Flow, peer: Option<&SockKey>) -> Judged {
+    let Some(peer) = peer else {
+        return Judged::Never;
+    };
+    // SAFETY: copied out at once (the guard bits are only read).
+    let Some(client) = (unsafe { MESH_FLOWS.get(peer) }).copied() else {
+        return Judged::Never;
+    };
+    if client.guard & GUARD_LEAVING != 0 {
+        return Judged::Never;
+    }
+    if client.guard & GUARD_MODE_CHECKED == 0 {
+        return Judged::NotYet(counter::MSG_PASSED_UNJUDGED);
+    }
+    if !judged_non_blocking(cfg, &client) || cfg.off_tcp_write_seq == 0 {
+        return Judged::Never;
+    }
+    match (
+        read_kernel::<u32>(flow.sk, cfg.off_tcp_write_seq),
+        read_kernel::<u32>(client.sk, cfg.off_tcp_copied_seq),
+    ) {
+        (Some(written), Some(read)) if written == read => Judged::Yes,
+        (Some(_), Some(_)) => Judged::NotYet(counter::MSG_PASSED_TAINTED),
+        _ => Judged::Never,
+    }
+}
+
+/// Called right before redirecting a message into workload socket `receiver`: the reason to
+/// send it by TCP instead if the receiver is leaving the SOCKHASH by itself
+/// (`GUARD_LEAVING`: nothing may go into its queue) or is a client whose first send was not
+/// judged yet (`GUARD_CLIENT`: it may be about to leave so); else marks it `GUARD_INGRESS`,
+/// so that it never will leave by itself. One atomic `or` decides which came first
+/// (`turned_blocking` sets `GUARD_LEAVING` only while `GUARD_INGRESS` is clear): a redirect
+/// decided here is queued (under the receiver's lock, in `bpf_tcp_ingress`) after this
+/// program returns, too late for the receiver to see it. Ok when the receiver has no entry
+/// (the naive policy does not look).
 ///
 /// A pointer into another socket's entry could meet it freed and reused by a socket that
 /// registered since (`MESH_FLOWS` is preallocated). That socket then carries a stray
 /// `GUARD_INGRESS` (it asks the proxy instead of leaving by itself if it turns blocking), or
 /// this message goes by TCP: both safe.
 #[inline(always)]
-fn claim_ingress(receiver: &SockKey) -> bool {
+fn claim_ingress(receiver: &SockKey) -> Result<(), u32> {
     let Some(entry) = MESH_FLOWS.get_ptr_mut(receiver) else {
-        return true;
+        return Ok(());
     };
     let seen = guard::load(entry);
     if seen & GUARD_LEAVING != 0 {
-        return false;
+        return Err(FLOW_TCP_NO_PEER);
+    }
+    if seen & (GUARD_CLIENT | GUARD_MODE_CHECKED) == GUARD_CLIENT {
+        return Err(FLOW_TCP_UNJUDGED);
     }
     if seen & GUARD_INGRESS != 0 {
-        return true; // claimed before: GUARD_LEAVING can no longer be set
+        return Ok(()); // claimed before: GUARD_LEAVING can no longer be set
     }
-    guard::fetch_or(entry, GUARD_INGRESS) & GUARD_LEAVING == 0
+    if guard::fetch_or(entry, GUARD_INGRESS) & GUARD_LEAVING != 0 {
+        return Err(FLOW_TCP_NO_PEER);
+    }
+    Ok(())
 }
 
 /// For a workload socket's first send (`GUARD_MODE_CHECKED` clear): true if the socket turned
@@ -822,10 +912,14 @@ fn detach(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> bool {
     true
 }
 
-/// True if `may_resume` can ever say yes for this direction.
+/// True if `may_resume` can ever say yes for this direction (for a proxy direction, held
+/// for a workload client not judged yet: `judged_receiver`).
 #[inline(always)]
 fn resumable(flow: &Flow) -> bool {
-    flow.proxy == 0 && flow.detach != DETACH_READY && flow.state != FLOW_TCP_BLOCKING
+    if flow.proxy != 0 {
+        return flow.state == FLOW_TCP_UNJUDGED;
+    }
+    flow.detach != DETACH_READY && flow.state != FLOW_TCP_BLOCKING
 }
 
 /// For a direction on TCP for good: the verdict (pass) applies to the next 4 GiB without

@@ -43,8 +43,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use proxy_common::{
-    Config, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, Flow, GUARD_LEAVING, GUARD_MODE_CHECKED,
-    ListenKey, O_NONBLOCK, OrigKey, SockKey, counter,
+    Config, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, Flow, GUARD_CLIENT, GUARD_LEAVING,
+    GUARD_MODE_CHECKED, ListenKey, O_NONBLOCK, OrigKey, SockKey, counter,
 };
 
 use crate::guard;
@@ -144,7 +144,14 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
                 && !kept_off_as_blocking(cfg, is_blocking(cfg, sk))
             {
                 let peer = key.reversed_in(cfg.proxy_netns);
-                if register(ctx, key, side, sk) {
+                // Judged in connect(): a connect with a timeout turns blocking right after,
+                // so nothing goes into it before its first send is judged (GUARD_CLIENT).
+                let guard = if cfg.flags & FLAG_SOCKMAP_BLOCKING == 0 {
+                    GUARD_CLIENT
+                } else {
+                    0
+                };
+                if register(ctx, key, side, sk, guard) {
                     let _ = MESH_PEERS.insert(key, peer, 0);
                     let _ = MESH_PEERS.insert(peer, key, 0);
                 }
@@ -175,7 +182,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
                 return;
             }
             let peer = key.reversed_in(cfg.proxy_netns);
-            if register(ctx, key, side, socket_address(ctx)) {
+            if register(ctx, key, side, socket_address(ctx), 0) {
                 let _ = MESH_PEERS.insert(key, peer, 0);
                 let _ = MESH_PEERS.insert(peer, key, 0);
             }
@@ -186,7 +193,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             if !sockmap || cfg.sockmap_excluded(key.remote_port) || carried_early_data(ctx, op) {
                 return;
             }
-            if register(ctx, key, side, socket_address(ctx)) {
+            if register(ctx, key, side, socket_address(ctx), 0) {
                 let _ = MESH_EXPECT.insert(key.reversed_in(0), EXPECTED, 0);
             }
         }
@@ -201,7 +208,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             if unsafe { MESH_PEERS.get(key) }.is_none() {
                 return;
             }
-            register(ctx, key, side, socket_address(ctx));
+            register(ctx, key, side, socket_address(ctx), 0);
         }
     }
 }
@@ -211,7 +218,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
 /// and leaves the connection on the TCP path: the peer's sk_msg finds no entry and passes, and
 /// so does this socket's without a flow.
 #[inline(always)]
-fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64) -> bool {
+fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64, guard: u64) -> bool {
     // Overwrites what a closed socket with the same 4-tuple may have left (its close
     // callback normally removes it).
     // SAFETY: ctx.ops is the context pointer; snd_nxt is a readable field in sock_ops. At
@@ -222,6 +229,7 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64) -> bool
         sk,
         proxy: u32::from(side == Side::Proxy),
         seq0,
+        guard,
         ..Flow::default()
     };
     if side == Side::Proxy {

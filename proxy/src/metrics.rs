@@ -871,6 +871,11 @@ fn kernel_metric(
             Some(("reason", "memory_pressure")),
             "sk_msg messages put on the TCP path, by reason",
         ),
+        "msg_passed_unjudged" => (
+            "ebpf_msg_tcp_reasons",
+            Some(("reason", "receiver_not_judged")),
+            "sk_msg messages put on the TCP path, by reason",
+        ),
         "msg_passed_no_flow" => (
             "ebpf_msg_tcp_reasons",
             Some(("reason", "no_flow")),
@@ -879,7 +884,7 @@ fn kernel_metric(
         "flow_resumed" => (
             "ebpf_flows_resumed",
             None,
-            "Directions into the proxy that returned from the TCP path to the short-circuit",
+            "Directions that returned from the TCP path to the short-circuit: into the proxy once it had read every TCP byte, or from the proxy into a workload client once its first send was judged",
         ),
         "splice_started" => (
             "ebpf_kernel_path_switches",

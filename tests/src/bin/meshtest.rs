@@ -137,10 +137,6 @@ struct Conn {
     /// without timeouts (`order`) that is a spurious EAGAIN from the kernel, on one with
     /// timeouts (`serve`, `client`) it is a timeout.
     eagain: u64,
-    /// Blocking mode (`client --retry-eagain`): a read that got WouldBlock before its socket
-    /// timeout could have passed is retried, and counted in `eagain`: the kernel's spurious
-    /// EAGAIN, survived. A read that waited out its timeout still fails.
-    retry_eagain: bool,
 }
 
 impl Conn {
@@ -159,12 +155,7 @@ impl Conn {
         if poll {
             s.set_nonblocking(true)?;
         }
-        Ok(Conn {
-            s,
-            poll,
-            eagain: 0,
-            retry_eagain: false,
-        })
+        Ok(Conn { s, poll, eagain: 0 })
     }
 
     /// Reader and writer handles of one socket, for a reader and a writer thread; see
@@ -176,7 +167,6 @@ impl Conn {
             s: reader.s.try_clone()?,
             poll,
             eagain: 0,
-            retry_eagain: false,
         };
         Ok((reader, writer))
     }
@@ -194,14 +184,10 @@ impl Conn {
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let started = std::time::Instant::now();
             match self.s.read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.eagain += 1;
                     if !self.poll {
-                        if self.retry_eagain && started.elapsed() < IO_TIMEOUT / 2 {
-                            continue;
-                        }
                         return Err(e);
                     }
                     self.wait(PollFlags::POLLIN)?;
@@ -337,8 +323,11 @@ fn accept(l: &TcpListener) -> io::Result<TcpStream> {
     }
 }
 
-fn serve(listen: SocketAddr, greet: u64, poll: bool) -> Result<()> {
+/// `blocking_connections`: with `poll`, the listener is non-blocking but each connection is
+/// served with blocking I/O, as Python's `accept()` does on a listener with a timeout.
+fn serve(listen: SocketAddr, greet: u64, poll: bool, blocking_connections: bool) -> Result<()> {
     let l = listener(listen, poll)?;
+    let conn_poll = poll && !blocking_connections;
     println!("listening {}", l.local_addr()?);
     std::io::stdout().flush()?;
     let out = Arc::new(Mutex::new(()));
@@ -347,7 +336,7 @@ fn serve(listen: SocketAddr, greet: u64, poll: bool) -> Result<()> {
         let out = Arc::clone(&out);
         thread::spawn(move || {
             let peer = peer_name(&s);
-            let line = match Conn::new(s, poll).and_then(|mut c| serve_one(&mut c, greet)) {
+            let line = match Conn::new(s, conn_poll).and_then(|mut c| serve_one(&mut c, greet)) {
                 Ok((got, ok, sent)) => {
                     format!("conn peer={peer} received={got} verified={ok} sent={sent}")
                 }
@@ -394,12 +383,9 @@ struct ClientArgs {
     max_write: usize,
     expect_greet: u64,
     poll: bool,
-    /// Blocking mode: retry (and count) spurious EAGAINs instead of failing (`Conn`).
-    retry_eagain: bool,
 }
 
-/// Bytes sent and received by one connection, and its retried spurious EAGAINs.
-fn client_one(a: &ClientArgs, seed: u64) -> Result<(u64, u64, u64)> {
+fn client_one(a: &ClientArgs, seed: u64) -> Result<(u64, u64)> {
     let s = if a.poll {
         connect(a.connect, false, true)?
     } else {
@@ -407,7 +393,6 @@ fn client_one(a: &ClientArgs, seed: u64) -> Result<(u64, u64, u64)> {
             .with_context(|| format!("connect {}", a.connect))?
     };
     let mut s = Conn::new(s, a.poll)?;
-    s.retry_eagain = a.retry_eagain && !a.poll;
     if a.expect_greet > 0 {
         let (got, ok) = read_stream(&mut s, GREET_SEED, Some(a.expect_greet))?;
         if got != a.expect_greet || !ok {
@@ -435,7 +420,7 @@ fn client_one(a: &ClientArgs, seed: u64) -> Result<(u64, u64, u64)> {
     if !ok || got != a.reply {
         bail!("reply: got {got} of {} bytes, intact={ok}", a.reply);
     }
-    Ok((a.send, got, if s.retry_eagain { s.eagain } else { 0 }))
+    Ok((a.send, got))
 }
 
 fn client(a: ClientArgs) -> Result<bool> {
@@ -447,13 +432,12 @@ fn client(a: ClientArgs) -> Result<bool> {
             client_one(&a, a.seed.wrapping_add(i))
         }));
     }
-    let (mut sent, mut received, mut retried, mut failures) = (0u64, 0u64, 0u64, Vec::new());
+    let (mut sent, mut received, mut failures) = (0u64, 0u64, Vec::new());
     for h in handles {
         match h.join() {
-            Ok(Ok((s, r, e))) => {
+            Ok(Ok((s, r))) => {
                 sent += s;
                 received += r;
-                retried += e;
             }
             Ok(Err(e)) => failures.push(format!("{e:#}")),
             Err(_) => failures.push("client thread panicked".into()),
@@ -462,7 +446,7 @@ fn client(a: ClientArgs) -> Result<bool> {
     let ok = failures.is_empty();
     let failures: Vec<String> = failures.iter().map(|f| format!("{f:?}")).collect();
     println!(
-        "{{\"ok\":{ok},\"connections\":{},\"sent\":{sent},\"received\":{received},\"eagain_retried\":{retried},\"failures\":[{}]}}",
+        "{{\"ok\":{ok},\"connections\":{},\"sent\":{sent},\"received\":{received},\"failures\":[{}]}}",
         a.connections,
         failures.join(",")
     );
@@ -1230,8 +1214,8 @@ fn rr_serve(listen: SocketAddr) -> Result<()> {
 fn usage() -> ! {
     eprintln!(
         "usage:
-  meshtest serve --listen ADDR [--greet BYTES] [--io blocking|poll]
-  meshtest client --connect ADDR [--send BYTES] [--reply BYTES] [--seed N] [--connections N] [--max-write BYTES] [--expect-greet BYTES] [--io blocking|poll] [--retry-eagain]
+  meshtest serve --listen ADDR [--greet BYTES] [--io blocking|poll] [--blocking-connections]
+  meshtest client --connect ADDR [--send BYTES] [--reply BYTES] [--seed N] [--connections N] [--max-write BYTES] [--expect-greet BYTES] [--io blocking|poll]
   meshtest order-serve --listen ADDR --bytes B [--read-delay-ms D] [--tfo] [--io blocking|poll]
   meshtest order --connect ADDR --connections N [--concurrency C] --bytes B [--read-delay-ms D] [--max-write W] [--fixed-writes] [--tfo] [--progress FILE] [--seed S] [--io blocking|poll]
   meshtest rr-serve --listen ADDR
@@ -1242,8 +1226,8 @@ order: both ends write B bytes at once after connect while each reader first sle
   checked. --progress FILE: upload bytes written so far, every 50 ms (backpressure checks).
   --fixed-writes: the client writes exactly W bytes each time (else random sizes up to W).
   --tfo: TCP Fast Open (client: TCP_FASTOPEN_CONNECT; server: TCP_FASTOPEN).
-  --retry-eagain: client, blocking: retry a read's spurious EAGAIN (one that came before the
-    socket timeout could pass) and count it (\"eagain_retried\" in the JSON).
+  --blocking-connections: serve, with --io poll: the listener is non-blocking, each
+    connection blocking (as Python's accept() on a listener with a timeout).
   --io blocking (default): no socket timeouts, a stall hangs, and a read that returns EAGAIN
   (spurious, from the kernel) fails the connection; --io poll: non-blocking sockets, every
   EAGAIN waits in poll(2) and retries, a wait over 30 s fails with \"the peer stalled\".
@@ -1285,7 +1269,8 @@ fn main() -> Result<()> {
     match cmd.as_str() {
         "serve" => {
             let listen: SocketAddr = get("--listen").unwrap_or_else(|| usage()).parse()?;
-            serve(listen, num("--greet", 0)?, poll)
+            let blocking_connections = args.iter().any(|a| a == "--blocking-connections");
+            serve(listen, num("--greet", 0)?, poll, blocking_connections)
         }
         "client" => {
             let a = ClientArgs {
@@ -1297,7 +1282,6 @@ fn main() -> Result<()> {
                 max_write: usize::try_from(num("--max-write", 65536)?.max(1))?,
                 expect_greet: num("--expect-greet", 0)?,
                 poll,
-                retry_eagain: args.iter().any(|a| a == "--retry-eagain"),
             };
             if client(a)? {
                 Ok(())
@@ -1401,9 +1385,8 @@ mod tests {
             connections: 1,
             max_write: 1000,
             expect_greet: 10,
-            retry_eagain: false,
         };
-        assert_eq!(client_one(&a, 3)?, (100_000, 5_000, 0));
+        assert_eq!(client_one(&a, 3)?, (100_000, 5_000));
         let r = server
             .join()
             .map_err(|_| anyhow::anyhow!("server panicked"))??;
@@ -1575,29 +1558,6 @@ mod tests {
         join(late)??;
         assert_eq!(&got, b"late");
         assert!(polled.eagain >= 1, "{}", polled.eagain);
-        Ok(())
-    }
-
-    /// `--retry-eagain`: a blocking read that gets EAGAIN at once (here the file is
-    /// non-blocking underneath, as the kernel's spurious EAGAIN looks) is retried and
-    /// counted, and the bytes that come later are read.
-    #[test]
-    fn conn_retries_early_eagain_when_asked() -> Result<()> {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let c = TcpStream::connect(l.local_addr()?)?;
-        let (s, _) = l.accept()?;
-        let (mut blocking, _) = Conn::duplex(c.try_clone()?, false)?;
-        blocking.retry_eagain = true;
-        c.set_nonblocking(true)?;
-        let late = thread::spawn(move || -> io::Result<()> {
-            thread::sleep(Duration::from_millis(20));
-            (&s).write_all(b"late")
-        });
-        let mut got = [0u8; 4];
-        blocking.read_exact(&mut got)?;
-        join(late)??;
-        assert_eq!(&got, b"late");
-        assert!(blocking.eagain >= 1, "{}", blocking.eagain);
         Ok(())
     }
 
