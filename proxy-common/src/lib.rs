@@ -449,10 +449,11 @@ pub struct Flow {
 /// by the sender's sk_msg before its redirect, never cleared). Its queue may hold bytes, so
 /// it may not leave the SOCKHASH by itself (that would drop them).
 pub const GUARD_INGRESS: u64 = 1;
-/// `Flow::guard` bit: this workload socket was found blocking at its first send and leaves
-/// the SOCKHASH by itself (its sock_ops removes it while that send goes out): nothing may be
-/// redirected into it any more. Set only while `GUARD_INGRESS` is clear (one compare and
-/// swap), so of a sender and this socket exactly one wins.
+/// `Flow::guard` bit: this workload socket leaves the SOCKHASH by itself (its sock_ops
+/// removes it while the message that decided it goes out): it was found blocking at its
+/// first send, or its writes became a stream. Nothing may be redirected into it any more.
+/// Set only while `GUARD_INGRESS` is clear (one compare and swap), so of a sender and this
+/// socket exactly one wins.
 pub const GUARD_LEAVING: u64 = 2;
 /// `Flow::guard` bit: this workload socket's mode was looked at (its first send).
 pub const GUARD_MODE_CHECKED: u64 = 4;
@@ -624,9 +625,11 @@ pub mod counter {
     /// nothing had been redirected into: they leave the SOCKHASH at once (`GUARD_LEAVING`),
     /// so their blocking reads never meet `tcp_bpf_recvmsg`'s spurious EAGAIN.
     pub const TURNED_BLOCKING_LEAVING: u32 = 34;
-    /// Of those, the ones their sock_ops removed from the SOCKHASH (while that first send
-    /// went out, before the program could read anything).
-    pub const TURNED_BLOCKING_REMOVED: u32 = 35;
+    /// Workload sockets that sock_ops removed from the SOCKHASH because they leave by
+    /// themselves (`GUARD_LEAVING`: turned blocking, `TURNED_BLOCKING_LEAVING`, or a stream
+    /// nothing was redirected into, `DETACH_STREAM_SELF`), while the message that decided
+    /// it went out.
+    pub const SELF_REMOVED: u32 = 35;
     /// Workload sockets blocking at their first send that bytes had already been
     /// redirected into (a server that spoke first): they ask the proxy to take their
     /// connection off (`DETACH_WANTED`) instead, which waits until their queue is read.
@@ -634,8 +637,12 @@ pub mod counter {
     /// Proxy messages put on the TCP path because the workload client they go to has not
     /// sent yet, so its mode was not judged (`GUARD_CLIENT`): a server's greeting.
     pub const MSG_PASSED_UNJUDGED: u32 = 37;
+    /// Streams (`DETACH_STREAM`) that nothing had been redirected into, which leave the
+    /// SOCKHASH by themselves at once (`GUARD_LEAVING`) instead of waiting for the proxy to
+    /// notice and remove them (also counted as `DETACH_READY`).
+    pub const DETACH_STREAM_SELF: u32 = 38;
     /// Number of counters.
-    pub const COUNT: u32 = 38;
+    pub const COUNT: u32 = 39;
 
     /// Metric-style name of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -674,9 +681,10 @@ pub mod counter {
         "sockhash_skipped_blocking",
         "detach_proxy_ready",
         "turned_blocking_leaving",
-        "turned_blocking_removed",
+        "sockhash_self_removed",
         "turned_blocking_asked",
         "msg_passed_unjudged",
+        "detach_stream_self",
     ];
 }
 

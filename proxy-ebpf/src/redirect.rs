@@ -388,9 +388,10 @@ fn claim_ingress(receiver: &SockKey) -> Result<(), u32> {
 /// every later one go by TCP, in order (none was redirected before). The removal itself is
 /// sock_ops' (an sk_msg program may not delete from a SOCKHASH): it runs while this message
 /// goes out (`BPF_SOCK_OPS_HDR_OPT_LEN_CB`), inside this `sendmsg`, so the program's next
-/// read finds a plain TCP socket. A socket bytes were redirected into (its server spoke
-/// first) asks the proxy to take its connection off instead (`DETACH_WANTED`), which waits
-/// until its queue is read; false then, and the message is judged as usual.
+/// read finds a plain TCP socket. Nothing goes into a client before this moment
+/// (`GUARD_CLIENT`); a server has had its request redirected in by now, so a blocking one
+/// asks the proxy to take its connection off instead (`DETACH_WANTED`), which waits until
+/// its queue is read; false then, and the message is judged as usual.
 #[inline(always)]
 fn turned_blocking(
     ctx: &SkMsgContext,
@@ -399,17 +400,11 @@ fn turned_blocking(
     peer: Option<&SockKey>,
     size: u32,
 ) -> bool {
-    let seen = guard::fetch_or(flow, GUARD_MODE_CHECKED);
+    guard::fetch_or(flow, GUARD_MODE_CHECKED);
     if !is_blocking(cfg, flow.sk) {
         return false;
     }
-    let claimed = seen & GUARD_INGRESS == 0
-        && guard::replace(
-            flow,
-            seen | GUARD_MODE_CHECKED,
-            seen | GUARD_MODE_CHECKED | GUARD_LEAVING,
-        );
-    if claimed {
+    if leave_by_itself(flow) {
         leave(ctx, flow, FLOW_TCP_BLOCKING, size);
         return true;
     }
@@ -418,6 +413,17 @@ fn turned_blocking(
         want_detach(cfg, flow, peer, DETACH_WANTED);
     }
     false
+}
+
+/// Sets `GUARD_LEAVING` if nothing was redirected into this workload socket
+/// (`GUARD_INGRESS` clear: one compare-and-swap, against `claim_ingress`); true if it did.
+/// The caller then puts this message and every later one on TCP, and sock_ops removes the
+/// socket from the SOCKHASH while this message goes out (`leave_if_asked`): nothing can be
+/// in its queue, nor come, so nothing is lost.
+#[inline(always)]
+fn leave_by_itself(flow: &mut Flow) -> bool {
+    let seen = guard::load(flow);
+    seen & (GUARD_INGRESS | GUARD_LEAVING) == 0 && guard::replace(flow, seen, seen | GUARD_LEAVING)
 }
 
 /// Adds a direct message to the count of the proxy socket it skipped (`MESH_DIRECT`), which
@@ -767,6 +773,17 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
             count(counter::DETACH_WANTED, 1); // a stream is counted by `leave`
         } else if why == DETACH_STREAM {
             flow.stream_sent = sent_so_far(cfg, flow);
+            // Nothing was ever redirected into it (an upload, say): it need not wait for
+            // the proxy to notice and to stop redirecting into it; it leaves the SOCKHASH
+            // with this message, which goes by TCP like the rest of the stream. The proxy
+            // still takes the other sockets off, and its own socket facing this one leaves
+            // on the byte count (`stream_sent`).
+            // `detach` stays `DETACH_STREAM`: that is what the proxy acts on; it sees
+            // `GUARD_LEAVING` and takes this socket for gone.
+            if leave_by_itself(flow) {
+                count(counter::DETACH_STREAM_SELF, 1);
+                count(counter::DETACH_READY, 1);
+            }
         }
     }
 }

@@ -25,7 +25,8 @@
 //! A registered workload socket is judged again at its first send (sk_msg,
 //! `redirect::turned_blocking`): one that turned blocking since (a connect with a timeout)
 //! leaves the SOCKHASH there, removed by this program while that send goes out
-//! (`BPF_SOCK_OPS_HDR_OPT_LEN_CB`, `leave_if_turned_blocking`).
+//! (`BPF_SOCK_OPS_HDR_OPT_LEN_CB`, `leave_if_asked`); so does a stream that nothing was
+//! redirected into.
 
 use core::ptr::read_volatile;
 
@@ -43,8 +44,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use proxy_common::{
-    Config, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, Flow, GUARD_CLIENT, GUARD_LEAVING,
-    GUARD_MODE_CHECKED, ListenKey, O_NONBLOCK, OrigKey, SockKey, counter,
+    Config, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, Flow, GUARD_CLIENT, GUARD_INGRESS, GUARD_LEAVING,
+    ListenKey, O_NONBLOCK, OrigKey, SockKey, counter,
 };
 
 use crate::guard;
@@ -79,7 +80,7 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
     }
     let Some(key) = own_key(ctx) else { return };
     if op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
-        leave_if_turned_blocking(ctx, key);
+        leave_if_asked(ctx, key);
         return;
     }
     let Some(cfg) = config() else { return };
@@ -245,13 +246,11 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64, guard: 
     match MESH_SOCKS.update(&mut key, ops, 0) {
         Ok(()) => {
             count(counter::SOCKHASH_INSERTED, 1);
-            // Blocking workload sockets are kept off (`FLAG_SOCKMAP_BLOCKING` clear): so the
-            // mode is judged again at the first send, and this callback, run for each
-            // segment the socket sends until then (`leave_if_turned_blocking`), removes a
-            // socket that turned blocking before that send returns.
-            if side == Side::Workload
-                && config().is_some_and(|cfg| cfg.flags & FLAG_SOCKMAP_BLOCKING == 0)
-            {
+            // A workload socket may leave by itself (turned blocking, or a stream) while
+            // nothing was redirected into it: this callback, run for each segment it sends
+            // until then (`leave_if_asked`), removes it before the send that decided it
+            // returns.
+            if side == Side::Workload {
                 let _ =
                     ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
             }
@@ -266,18 +265,21 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64, guard: 
 }
 
 /// `BPF_SOCK_OPS_HDR_OPT_LEN_CB` of a registered workload socket, run for each segment it
-/// sends (in `tcp_established_options`, under the socket's lock) until its first send was
-/// judged. If that send found it turned blocking (`GUARD_LEAVING`, set by sk_msg before it
-/// passed the message to TCP), the socket leaves the SOCKHASH here, while the message goes
-/// out and before its `sendmsg` returns: the kernel drops the psock when that send lets go
-/// of it, and the socket's reads are plain `tcp_recvmsg` again. Nothing was redirected into
+/// sends (in `tcp_established_options`, under the socket's lock) while it may still leave the
+/// SOCKHASH by itself. If sk_msg decided it does (`GUARD_LEAVING`: it turned blocking at its
+/// first send, or its writes became a stream, and nothing was ever redirected into it; set
+/// before sk_msg passed the deciding message to TCP), it leaves here, while that message goes
+/// out and before its `sendmsg` returns: the kernel drops the psock when that send lets go of
+/// it, and the socket's reads and writes are plain TCP's again. Nothing was redirected into
 /// it, nor can be (`redirect::claim_ingress`), so nothing is lost. sk_msg programs may not
 /// delete from a SOCKHASH; sock_ops programs may (`may_update_sockmap`).
 ///
-/// Either way the callback is then turned off. It also runs for the handshake's last ACK
-/// (right after ACTIVE_ESTABLISHED), before any send: then it stays on.
+/// The callback turns itself off once the socket left or can no longer leave by itself
+/// (`GUARD_INGRESS`). Before that it runs for segments that carry nothing of the socket's own
+/// decision (the handshake's last ACK, ACKs of TCP-path bytes, a direction on TCP for another
+/// reason): one map lookup each.
 #[inline(always)]
-fn leave_if_turned_blocking(ctx: &SockOpsContext, key: SockKey) {
+fn leave_if_asked(ctx: &SockOpsContext, key: SockKey) {
     let done = match MESH_FLOWS.get_ptr_mut(key) {
         None => true,
         Some(entry) => {
@@ -292,11 +294,11 @@ fn leave_if_turned_blocking(ctx: &SockOpsContext, key: SockKey) {
                     )
                 };
                 if gone == 0 {
-                    count(counter::TURNED_BLOCKING_REMOVED, 1);
+                    count(counter::SELF_REMOVED, 1);
                 }
                 true
             } else {
-                seen & GUARD_MODE_CHECKED != 0
+                seen & GUARD_INGRESS != 0
             }
         }
     };

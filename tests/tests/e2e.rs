@@ -196,7 +196,7 @@ fn blocking_counts(node: &Node) -> Result<[u64; 4]> {
     Ok([
         counter(node, "sockhash_skipped_blocking")?,
         counter(node, "turned_blocking_leaving")?,
-        counter(node, "turned_blocking_removed")?,
+        counter(node, "sockhash_self_removed")?,
         counter(node, "turned_blocking_asked")?,
     ])
 }
@@ -258,14 +258,10 @@ fn clients_that_turn_blocking_after_a_timed_connect_leave_at_their_first_send() 
         );
     }
     let metrics = s.node.admin_metrics()?;
-    let exported = tests::metric_sum(
-        &metrics,
-        "mesh_ebpf_turned_blocking_total",
-        &["step=\"removed\""],
-    );
+    let exported = tests::metric_sum(&metrics, "mesh_ebpf_sockhash_self_removed_total", &[]);
     ensure!(
         exported > 0.0,
-        "the admin metrics show no socket removed after turning blocking (mesh_ebpf_turned_blocking_total{{step=\"removed\"}})"
+        "the admin metrics show no socket that left the SOCKHASH by itself (mesh_ebpf_sockhash_self_removed_total)"
     );
     drop(s);
 

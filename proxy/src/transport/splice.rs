@@ -27,7 +27,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_common::{DETACH_READY, DETACH_STREAM, DETACH_WANTED, STREAM_SENT_KNOWN, SockKey};
+use proxy_common::{
+    DETACH_READY, DETACH_STREAM, DETACH_WANTED, GUARD_LEAVING, STREAM_SENT_KNOWN, SockKey,
+};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -670,6 +672,15 @@ impl Pacer {
                     side.step.store(SIDE_DONE, Ordering::Relaxed); // closing
                     return false;
                 };
+                if w.guard & GUARD_LEAVING != 0 {
+                    // It left by itself (a stream nothing was redirected into: its sock_ops
+                    // removed it while the message that made it one went out), or is about
+                    // to, inside a send that nothing can redirect into any more.
+                    let _ = self.maps.detach(&workload);
+                    let _ = side.workload_out.set(self.since_first());
+                    side.step.store(PROXY_IN, Ordering::Relaxed);
+                    return true;
+                }
                 if w.detach != DETACH_READY && p.detach == 0 {
                     // The verdict comes with the workload's next write (`detach`), the
                     // proxy's next write to it, or the release sweep (`release` on the

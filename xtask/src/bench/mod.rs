@@ -1256,12 +1256,13 @@ impl<'a> Bench<'a> {
         before: Option<HashMap<String, u64>>,
         gate_waits_ms: &[(f64, f64)],
     ) {
-        const SHOWN: [&str; 8] = [
+        const SHOWN: [&str; 9] = [
             "msg_redirected_bytes",
             "msg_passed_bytes",
             "msg_proxy_held",
             "msg_passed_backpressure",
             "detach_stream",
+            "detach_stream_self",
             "detach_wanted",
             "detach_ready",
             "detach_proxy_ready",
