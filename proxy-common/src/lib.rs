@@ -627,7 +627,7 @@ pub mod counter {
     pub const TURNED_BLOCKING_LEAVING: u32 = 34;
     /// Workload sockets that sock_ops removed from the SOCKHASH because they leave by
     /// themselves (`GUARD_LEAVING`: turned blocking, `TURNED_BLOCKING_LEAVING`, or a stream
-    /// nothing was redirected into, `DETACH_STREAM_SELF`), while the message that decided
+    /// nothing was redirected into, `DETACH_SELF`), while the message that decided
     /// it went out.
     pub const SELF_REMOVED: u32 = 35;
     /// Workload sockets blocking at their first send that bytes had already been
@@ -637,10 +637,11 @@ pub mod counter {
     /// Proxy messages put on the TCP path because the workload client they go to has not
     /// sent yet, so its mode was not judged (`GUARD_CLIENT`): a server's greeting.
     pub const MSG_PASSED_UNJUDGED: u32 = 37;
-    /// Streams (`DETACH_STREAM`) that nothing had been redirected into, which leave the
-    /// SOCKHASH by themselves at once (`GUARD_LEAVING`) instead of waiting for the proxy to
-    /// notice and remove them (also counted as `DETACH_READY`).
-    pub const DETACH_STREAM_SELF: u32 = 38;
+    /// Workloads that asked (`DETACH_STREAM`; `DETACH_WANTED` with the stream rule on) and
+    /// that nothing had been redirected into: they leave the SOCKHASH by themselves at once
+    /// (`GUARD_LEAVING`) instead of waiting for the proxy to notice and remove them (also
+    /// counted as `DETACH_READY`).
+    pub const DETACH_SELF: u32 = 38;
     /// Number of counters.
     pub const COUNT: u32 = 39;
 
@@ -684,7 +685,7 @@ pub mod counter {
         "sockhash_self_removed",
         "turned_blocking_asked",
         "msg_passed_unjudged",
-        "detach_stream_self",
+        "detach_self",
     ];
 }
 

@@ -773,17 +773,21 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
             count(counter::DETACH_WANTED, 1); // a stream is counted by `leave`
         } else if why == DETACH_STREAM {
             flow.stream_sent = sent_so_far(cfg, flow);
-            // Nothing was ever redirected into it (an upload, say): it need not wait for
-            // the proxy to notice and to stop redirecting into it; it leaves the SOCKHASH
-            // with this message, which goes by TCP like the rest of the stream. The proxy
-            // still takes the other sockets off, and its own socket facing this one leaves
-            // on the byte count (`stream_sent`).
-            // `detach` stays `DETACH_STREAM`: that is what the proxy acts on; it sees
-            // `GUARD_LEAVING` and takes this socket for gone.
-            if leave_by_itself(flow) {
-                count(counter::DETACH_STREAM_SELF, 1);
-                count(counter::DETACH_READY, 1);
+        }
+        // Nothing was ever redirected into it (an upload, say): it need not wait for the
+        // proxy to notice and to stop redirecting into it; it leaves the SOCKHASH with this
+        // message, which goes by TCP like every later one. The proxy still takes the other
+        // sockets off, and its own socket facing this one leaves on the byte count
+        // (`stream_sent`, recorded here for `DETACH_WANTED` too). `detach` keeps the ask:
+        // that is what the proxy acts on; it sees `GUARD_LEAVING` and takes this socket for
+        // gone. A workload that met the limit leaves only with the stream rule on, where
+        // the proxy takes its connection off at once as well.
+        if (why == DETACH_STREAM || cfg.small_streak != 0) && leave_by_itself(flow) {
+            if why == DETACH_WANTED {
+                flow.stream_sent = sent_so_far(cfg, flow);
             }
+            count(counter::DETACH_SELF, 1);
+            count(counter::DETACH_READY, 1);
         }
     }
 }

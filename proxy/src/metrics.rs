@@ -742,7 +742,7 @@ impl fmt::Debug for KernelCollector {
 }
 
 /// Help of `ebpf_detach`, one family for the four steps of leaving the SOCKHASH.
-const DETACH_HELP: &str = "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream; stream_self: a stream nothing had been redirected into, which left by itself at once), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)";
+const DETACH_HELP: &str = "Sockets of connections leaving the SOCKHASH, by step: a workload asked (wanted: it met the queue limit; stream: it writes a stream; self: a workload that asked and that nothing had been redirected into left by itself at once), a workload found it safe (ready), a proxy socket found it safe (proxy_ready)";
 
 /// Help of `ebpf_turned_blocking`.
 const TURNED_BLOCKING_HELP: &str = "Workload sockets registered while non-blocking that were blocking at their first send (a connect with a timeout), by step: left the SOCKHASH by themselves (leaving; see mesh_ebpf_sockhash_self_removed_total), or asked the proxy to take their connection off because bytes had already been redirected into them (asked)";
@@ -920,7 +920,7 @@ fn kernel_metric(
             None,
             "Workload sockets that left the SOCKHASH by themselves (turned blocking at their first send, or a stream nothing had been redirected into), removed by sock_ops while the message that decided it went out",
         ),
-        "detach_stream_self" => ("ebpf_detach", Some(("step", "stream_self")), DETACH_HELP),
+        "detach_self" => ("ebpf_detach", Some(("step", "self")), DETACH_HELP),
         "turned_blocking_asked" => (
             "ebpf_turned_blocking",
             Some(("step", "asked")),

@@ -1262,7 +1262,7 @@ impl<'a> Bench<'a> {
             "msg_proxy_held",
             "msg_passed_backpressure",
             "detach_stream",
-            "detach_stream_self",
+            "detach_self",
             "detach_wanted",
             "detach_ready",
             "detach_proxy_ready",
