@@ -171,7 +171,7 @@ pub fn handle(ctx: &SkMsgContext) {
                 flow.streak = flow.streak.saturating_add(1);
                 if flow.streak >= RESUME_TRIES {
                     flow.streak = 0;
-                    note_pressure(cfg, flow, peer);
+                    note_pressure(cfg, flow, peer, size);
                 }
             }
             return;
@@ -187,7 +187,7 @@ pub fn handle(ctx: &SkMsgContext) {
     };
     if let Some(reason) = policy(cfg, flow, &peer, size) {
         if reason == FLOW_TCP_BACKPRESSURE {
-            note_pressure(cfg, flow, &peer);
+            note_pressure(cfg, flow, &peer, size);
         }
         leave(ctx, flow, reason, size);
         return;
@@ -410,7 +410,7 @@ fn turned_blocking(
     }
     count(counter::TURNED_BLOCKING_ASKED, 1);
     if let Some(peer) = peer {
-        want_detach(cfg, flow, peer, DETACH_WANTED);
+        want_detach(cfg, flow, peer, DETACH_WANTED, size);
     }
     false
 }
@@ -468,7 +468,7 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         // their sockets still in the SOCKHASH pay sk_msg's cost on every send: measured
         // (cubic, interleaved), 1 MiB streams at x0.84 to x0.95 of plain TCP.
         if reason == FLOW_TCP_BACKPRESSURE && stream_rule {
-            want_detach(cfg, flow, peer, DETACH_STREAM);
+            want_detach(cfg, flow, peer, DETACH_STREAM, size);
             if flow.detach == DETACH_STREAM {
                 return Some(FLOW_TCP_STREAM);
             }
@@ -508,7 +508,7 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
                 // SOCKHASH). It asks, and its direction goes to TCP at once, where the
                 // proxy's receive window paces it while the proxy takes the connection off
                 // (`detach`).
-                want_detach(cfg, flow, peer, DETACH_STREAM);
+                want_detach(cfg, flow, peer, DETACH_STREAM, size);
                 if flow.detach == DETACH_STREAM {
                     return Some(FLOW_TCP_STREAM);
                 }
@@ -554,7 +554,7 @@ fn stream_on_tcp(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> bo
     if receiver.proxy & PROXY_LEAVES == 0 {
         return false;
     }
-    want_detach(cfg, flow, peer, DETACH_STREAM);
+    want_detach(cfg, flow, peer, DETACH_STREAM, size);
     flow.detach == DETACH_STREAM
 }
 
@@ -749,21 +749,34 @@ const RESUME_TRIES: u32 = 256;
 /// the kernel-only path (`MESH_SPLICE` of its socket): the far workload could then write
 /// straight into this socket's queue, which the proxy cannot stop (see `detach`).
 #[inline(always)]
-fn note_pressure(cfg: &Config, flow: &mut Flow, peer: &SockKey) {
+fn note_pressure(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) {
     if flow.proxy != 0 || cfg.detach_after == 0 {
         return;
     }
     flow.pressure = flow.pressure.saturating_add(1);
     if u32::from(flow.pressure) >= cfg.detach_after {
-        want_detach(cfg, flow, peer, DETACH_WANTED);
+        want_detach(cfg, flow, peer, DETACH_WANTED, size);
     }
 }
+
+/// The largest write with which a workload that asks may leave the SOCKHASH by itself
+/// (`want_detach`). Measured (`cargo xtask bench --streams-only`, per thread, x100, 3 to 5
+/// repetitions): 64 B streams went from x0.63-x0.76 of TCP through the proxy to x1.07-x1.11
+/// when their sockets left at once, 1 KiB ones ran at x0.97 with TCP memory peaking at 288k
+/// pages (pressure starts at 384k here). 16 KiB streams that left at once drove TCP's
+/// memory to 320k-380k pages, into pressure: the proxy's sockets facing them held 6 to
+/// 26 MB unread each, their receive buffers grown to 16-33 MB, and with drops and
+/// retransmission timeouts a connection stalled for 2 to 3 s in 4 of 5 runs (x0.44). Left
+/// to the proxy they peaked at 240k pages, with no stall. Why an earlier leave lets those
+/// buffers grow so far is not understood yet; the bound keeps larger writes on the
+/// measured path.
+const SELF_LEAVE_MAX_WRITE: u32 = 1024;
 
 /// This workload asks for its connection to leave the SOCKHASH (`why`: `DETACH_WANTED` or
 /// `DETACH_STREAM`), unless leaving is off (`Config::detach_after` 0) or the connection may
 /// take the kernel-only path (`MESH_SPLICE` of its peer: see `note_pressure`).
 #[inline(always)]
-fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
+fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16, size: u32) {
     // SAFETY: only tested for presence.
     if flow.detach == 0 && cfg.detach_after != 0 && unsafe { MESH_SPLICE.get(peer) }.is_none() {
         flow.detach = why;
@@ -774,15 +787,18 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16) {
         } else if why == DETACH_STREAM {
             flow.stream_sent = sent_so_far(cfg, flow);
         }
-        // Nothing was ever redirected into it (an upload, say): it need not wait for the
-        // proxy to notice and to stop redirecting into it; it leaves the SOCKHASH with this
-        // message, which goes by TCP like every later one. The proxy still takes the other
-        // sockets off, and its own socket facing this one leaves on the byte count
-        // (`stream_sent`, recorded here for `DETACH_WANTED` too). `detach` keeps the ask:
-        // that is what the proxy acts on; it sees `GUARD_LEAVING` and takes this socket for
-        // gone. A workload that met the limit leaves only with the stream rule on, where
-        // the proxy takes its connection off at once as well.
-        if (why == DETACH_STREAM || cfg.small_streak != 0) && leave_by_itself(flow) {
+        // Nothing was ever redirected into it (an upload, say), and it writes small pieces:
+        // it need not wait for the proxy to notice and to stop redirecting into it; it
+        // leaves the SOCKHASH with this message, which goes by TCP like every later one.
+        // The proxy still takes the other sockets off, and its own socket facing this one
+        // leaves on the byte count (`stream_sent`, recorded here for `DETACH_WANTED` too).
+        // `detach` keeps the ask: that is what the proxy acts on; it sees `GUARD_LEAVING`
+        // and takes this socket for gone. A workload that met the limit leaves only with the
+        // stream rule on, where the proxy takes its connection off at once as well.
+        if (why == DETACH_STREAM || cfg.small_streak != 0)
+            && size <= SELF_LEAVE_MAX_WRITE
+            && leave_by_itself(flow)
+        {
             if why == DETACH_WANTED {
                 flow.stream_sent = sent_so_far(cfg, flow);
             }

@@ -384,6 +384,59 @@ fn servers_that_serve_blocking_under_a_non_blocking_listener_ask_the_proxy() -> 
     Ok(())
 }
 
+/// An upload of small writes is a stream (the stream rule), and nothing was redirected into
+/// its client (the server answers only at the end), so the client's socket leaves the
+/// SOCKHASH by itself with the message that made it a stream (`detach_self`, removed by
+/// sock_ops: `sockhash_self_removed`), without waiting for the proxy; the proxy takes the
+/// other three sockets off. Every byte arrives: the server verifies each upload, the client
+/// each reply. Per hop (the kernel-only path off: there streams do not leave).
+#[test]
+fn small_write_uploads_leave_the_sockhash_by_themselves_and_lose_nothing() -> Result<()> {
+    require!();
+    const CONNECTIONS: u64 = 20;
+    let opts = ProxyOptions {
+        extra_args: ["--kernel-path", "off"].map(String::from).into(),
+        ..ProxyOptions::default()
+    };
+    let s = Setup::new(&opts, 0)?;
+    let before = [
+        counter(&s.node, "detach_self")?,
+        counter(&s.node, "sockhash_self_removed")?,
+    ];
+    s.client(
+        &s.v4(),
+        &[
+            "--send",
+            &(1u64 << 20).to_string(),
+            "--reply",
+            "1000",
+            "--max-write",
+            "64",
+            "--connections",
+            &CONNECTIONS.to_string(),
+        ],
+    )?;
+    let (left, removed) = (
+        counter(&s.node, "detach_self")? - before[0],
+        counter(&s.node, "sockhash_self_removed")? - before[1],
+    );
+    println!(
+        "{CONNECTIONS} uploads of 64-byte writes: {left} client sockets left by themselves, {removed} removed by sock_ops"
+    );
+    ensure!(
+        left > 0 && removed == left,
+        "{left} of {CONNECTIONS} uploading clients left the SOCKHASH by themselves and sock_ops removed {removed}; expected some, all of them removed"
+    );
+    let lines = s.server_lines_at_least(CONNECTIONS as usize);
+    ensure!(
+        lines.len() as u64 == CONNECTIONS && lines.iter().all(|l| l.contains("verified=true")),
+        "the server saw {} uploads (expected {CONNECTIONS}), not all intact: {:?}",
+        lines.len(),
+        lines.iter().find(|l| !l.contains("verified=true"))
+    );
+    Ok(())
+}
+
 /// `Node::share_cpu_per_pod` (the bench's `--cpu-per-pod`): each pod's processes and the
 /// proxy land in CPU groups of their own (cgroup v1 `cpu`), traffic still flows, and the
 /// groups are gone with the node.
