@@ -625,10 +625,11 @@ pub mod counter {
     /// nothing had been redirected into: they leave the SOCKHASH at once (`GUARD_LEAVING`),
     /// so their blocking reads never meet `tcp_bpf_recvmsg`'s spurious EAGAIN.
     pub const TURNED_BLOCKING_LEAVING: u32 = 34;
-    /// Workload sockets that sock_ops removed from the SOCKHASH because they leave by
-    /// themselves (`GUARD_LEAVING`: turned blocking, `TURNED_BLOCKING_LEAVING`, or a stream
-    /// nothing was redirected into, `DETACH_SELF`), while the message that decided
-    /// it went out.
+    /// Workload sockets that their own sock_ops removed from the SOCKHASH (`GUARD_LEAVING`),
+    /// at a segment they sent: turned blocking (`TURNED_BLOCKING_LEAVING`) or a stream of
+    /// small writes (`DETACH_SELF`) that nothing was redirected into, while the message
+    /// that decided it went out; or, with their connection leaving (the proxy's socket
+    /// facing them marked `FLOW_TCP_DETACHING`), once their queue was empty.
     pub const SELF_REMOVED: u32 = 35;
     /// Workload sockets blocking at their first send that bytes had already been
     /// redirected into (a server that spoke first): they ask the proxy to take their

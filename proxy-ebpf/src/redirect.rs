@@ -867,7 +867,11 @@ pub(crate) fn release(cfg: &Config, flow: &mut Flow, peer: Option<&SockKey>) -> 
     // SAFETY: copied out at once.
     let workload = (unsafe { MESH_FLOWS.get(peer) }).copied();
     let (workload_sk, found_ready) = match workload {
-        Some(w) if w.proxy == 0 => (w.sk, w.detach == DETACH_READY),
+        // A workload that left by itself (`GUARD_LEAVING`) was counted when it did.
+        Some(w) if w.proxy == 0 => (
+            w.sk,
+            w.detach == DETACH_READY || w.guard & GUARD_LEAVING != 0,
+        ),
         Some(_) => return true,
         // Closed: its close callback removed the entry after its last send.
         None => (0, false),
@@ -972,7 +976,7 @@ fn stop_judging(ctx: &SkMsgContext) {
 /// `sk->sk_user_data->msg_tot_len`, at offsets the proxy took from the kernel's BTF (no CO-RE
 /// in Rust BPF). 0 if unknown (no offsets, no psock, a failed read).
 #[inline(always)]
-fn queue_len(cfg: &Config, sk: u64) -> u32 {
+pub(crate) fn queue_len(cfg: &Config, sk: u64) -> u32 {
     if cfg.off_psock_msg_len == 0 {
         return 0;
     }

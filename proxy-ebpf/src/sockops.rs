@@ -44,8 +44,9 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use proxy_common::{
-    Config, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, Flow, GUARD_CLIENT, GUARD_INGRESS, GUARD_LEAVING,
-    ListenKey, O_NONBLOCK, OrigKey, SockKey, counter,
+    Config, DETACH_READY, FLAG_SOCKMAP, FLAG_SOCKMAP_BLOCKING, FLOW_TCP_DETACHING, Flow,
+    GUARD_CLIENT, GUARD_INGRESS, GUARD_LEAVING, ListenKey, O_NONBLOCK, OrigKey, PROXY_LEAVES,
+    SockKey, counter,
 };
 
 use crate::guard;
@@ -53,7 +54,7 @@ use crate::maps::{
     MESH_DIRECT, MESH_EXPECT, MESH_FLOWS, MESH_LISTEN, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS,
     MESH_SOCKS, MESH_SPLICE, config, count,
 };
-use crate::redirect::{kernel_address, read_kernel};
+use crate::redirect::{kernel_address, queue_len, read_kernel};
 
 /// Which cgroup the program is attached to.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -265,19 +266,26 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64, guard: 
 }
 
 /// `BPF_SOCK_OPS_HDR_OPT_LEN_CB` of a registered workload socket, run for each segment it
-/// sends (in `tcp_established_options`, under the socket's lock) while it may still leave the
-/// SOCKHASH by itself. If sk_msg decided it does (`GUARD_LEAVING`: it turned blocking at its
-/// first send, or its writes became a stream, and nothing was ever redirected into it; set
-/// before sk_msg passed the deciding message to TCP), it leaves here, while that message goes
-/// out and before its `sendmsg` returns: the kernel drops the psock when that send lets go of
-/// it, and the socket's reads and writes are plain TCP's again. Nothing was redirected into
-/// it, nor can be (`redirect::claim_ingress`), so nothing is lost. sk_msg programs may not
-/// delete from a SOCKHASH; sock_ops programs may (`may_update_sockmap`).
+/// sends (in `tcp_established_options`, under the socket's lock) until it left the SOCKHASH
+/// or never can by itself. Two ways out, both before anything could be lost:
 ///
-/// The callback turns itself off once the socket left or can no longer leave by itself
-/// (`GUARD_INGRESS`). Before that it runs for segments that carry nothing of the socket's own
-/// decision (the handshake's last ACK, ACKs of TCP-path bytes, a direction on TCP for another
-/// reason): one map lookup each.
+/// - sk_msg decided it (`GUARD_LEAVING`: it turned blocking at its first send, or asked as
+///   a stream of small writes, and nothing was ever redirected into it; set before sk_msg
+///   passed the deciding message to TCP): it leaves while that message goes out, before its
+///   `sendmsg` returns. Nothing was redirected into it, nor can be
+///   (`redirect::claim_ingress`).
+/// - Its connection is leaving (`leaves_with_its_connection`): the proxy marked its socket
+///   facing this one `FLOW_TCP_DETACHING` and this socket's queue is empty. That is the
+///   verdict the proxy waits for (`DETACH_READY`, which sk_msg gives at this socket's next
+///   send, or the proxy's socket's at the proxy's next write to it); here the segment that
+///   gives it is one this socket sends anyway, typically the ACK of the first bytes the
+///   proxy sent it by TCP after the mark, and the socket leaves at once instead of waiting
+///   for the proxy to look again.
+///
+/// The kernel drops the psock once no send holds it any more, and the socket's reads and
+/// writes are plain TCP's again. sk_msg programs may not delete from a SOCKHASH; sock_ops
+/// programs may (`may_update_sockmap`). Segments before either (the handshake's last ACK,
+/// ACKs of TCP-path bytes) cost a map lookup or three each.
 #[inline(always)]
 fn leave_if_asked(ctx: &SockOpsContext, key: SockKey) {
     let done = match MESH_FLOWS.get_ptr_mut(key) {
@@ -285,25 +293,74 @@ fn leave_if_asked(ctx: &SockOpsContext, key: SockKey) {
         Some(entry) => {
             let seen = guard::load(entry);
             if seen & GUARD_LEAVING != 0 {
-                // SAFETY: the map pointer is the SOCKHASH's definition (the loader
-                // relocates it) and the key a live local of the map's key type.
-                let gone = unsafe {
-                    bpf_map_delete_elem(
-                        core::ptr::from_ref(&MESH_SOCKS).cast_mut().cast(),
-                        core::ptr::from_ref(&key).cast(),
-                    )
-                };
-                if gone == 0 {
-                    count(counter::SELF_REMOVED, 1);
-                }
+                remove_self(&key);
                 true
+            } else if seen & GUARD_INGRESS != 0 {
+                // SAFETY: a map value pointer; this socket's own sk_msg, the only other
+                // writer of its non-atomic fields, runs under the socket's lock, which
+                // this callback holds too.
+                leaves_with_its_connection(&key, unsafe { &mut *entry })
             } else {
-                seen & GUARD_INGRESS != 0
+                false
             }
         }
     };
     if done {
         let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+    }
+}
+
+/// For a workload socket that things were redirected into: true once it left the SOCKHASH
+/// because its connection is leaving and its queue is empty, or once that can never happen
+/// here (its proxy socket is gone, or its connection is not one the proxy takes off,
+/// `PROXY_LEAVES`); false to look again at its next segment. The proxy's socket facing it
+/// is the only one that redirects into it (a connection the proxy takes off never takes the
+/// kernel-only path), and the proxy marks it `FLOW_TCP_DETACHING` from the task that writes
+/// on it, between writes: from the mark on no redirect into this socket is under way or can
+/// come, and an empty queue stays empty.
+#[inline(always)]
+fn leaves_with_its_connection(key: &SockKey, flow: &mut Flow) -> bool {
+    let Some(cfg) = config() else { return true };
+    if cfg.off_psock_msg_len == 0 {
+        return true; // an empty queue cannot be shown
+    }
+    // SAFETY (both): copied out at once.
+    let Some(peer) = (unsafe { MESH_PEERS.get(key) }).copied() else {
+        return true;
+    };
+    let Some(proxy) = (unsafe { MESH_FLOWS.get(peer) }).copied() else {
+        return true;
+    };
+    if proxy.proxy & PROXY_LEAVES == 0 {
+        return true;
+    }
+    if proxy.state != FLOW_TCP_DETACHING || queue_len(cfg, flow.sk) != 0 {
+        return false;
+    }
+    guard::fetch_or(flow, GUARD_LEAVING);
+    // Counted once per workload, whoever finds it: its own sk_msg (`detach`, which then set
+    // `DETACH_READY`) or the proxy socket's (`release`, which then set `DETACH_PEER_EMPTY`).
+    if flow.detach != DETACH_READY && proxy.detach == 0 {
+        count(counter::DETACH_READY, 1);
+    }
+    flow.detach = DETACH_READY;
+    remove_self(key);
+    true
+}
+
+/// Removes this workload socket from the SOCKHASH (counted once removed).
+#[inline(always)]
+fn remove_self(key: &SockKey) {
+    // SAFETY: the map pointer is the SOCKHASH's definition (the loader relocates it) and
+    // the key a live value of the map's key type.
+    let gone = unsafe {
+        bpf_map_delete_elem(
+            core::ptr::from_ref(&MESH_SOCKS).cast_mut().cast(),
+            core::ptr::from_ref(key).cast(),
+        )
+    };
+    if gone == 0 {
+        count(counter::SELF_REMOVED, 1);
     }
 }
 

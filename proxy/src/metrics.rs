@@ -918,7 +918,7 @@ fn kernel_metric(
         "sockhash_self_removed" => (
             "ebpf_sockhash_self_removed",
             None,
-            "Workload sockets that left the SOCKHASH by themselves (turned blocking at their first send, or a stream nothing had been redirected into), removed by sock_ops while the message that decided it went out",
+            "Workload sockets their own sock_ops removed from the SOCKHASH at a segment they sent: turned blocking at their first send, or a stream of small writes nothing had been redirected into; or, their connection leaving, once their short-circuit queue was empty",
         ),
         "detach_self" => ("ebpf_detach", Some(("step", "self")), DETACH_HELP),
         "turned_blocking_asked" => (

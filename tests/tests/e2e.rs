@@ -352,14 +352,11 @@ fn servers_that_serve_blocking_under_a_non_blocking_listener_ask_the_proxy() -> 
     let wanted = counter(&node, "detach_wanted")? - wanted;
     let [kept_off, leaving, removed, asked] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
     println!(
-        "{CONNECTIONS} blocking connections of a non-blocking listener: {asked} asked the proxy ({wanted} asks in all), {leaving} left by themselves, {removed} removed by sock_ops, {kept_off} kept off"
+        "{CONNECTIONS} blocking connections of a non-blocking listener: {asked} asked the proxy ({wanted} asks in all), {leaving} left by themselves, {removed} removed by their sock_ops (leaving with their connection), {kept_off} kept off"
     );
     ensure!(
-        asked + leaving + kept_off == CONNECTIONS
-            && asked > 0
-            && removed == leaving
-            && wanted >= asked,
-        "of {CONNECTIONS} server sockets that were blocking at their first send, {asked} asked the proxy ({wanted} asks counted), {leaving} left by themselves ({removed} removed) and {kept_off} were kept off; expected each to ask or leave, most to ask (the request was redirected into them first)"
+        asked + leaving + kept_off == CONNECTIONS && asked > 0 && wanted >= asked,
+        "of {CONNECTIONS} server sockets that were blocking at their first send, {asked} asked the proxy ({wanted} asks counted), {leaving} left by themselves and {kept_off} were kept off; expected each to ask or leave, most to ask (the request was redirected into them first)"
     );
     // The server prints a connection's line after closing it, maybe after the client ended.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -420,12 +417,14 @@ fn small_write_uploads_leave_the_sockhash_by_themselves_and_lose_nothing() -> Re
         counter(&s.node, "detach_self")? - before[0],
         counter(&s.node, "sockhash_self_removed")? - before[1],
     );
+    // Servers' sockets may leave by themselves too, once the proxy marked the connection
+    // leaving and their queue is empty (`removed` counts both).
     println!(
-        "{CONNECTIONS} uploads of 64-byte writes: {left} client sockets left by themselves, {removed} removed by sock_ops"
+        "{CONNECTIONS} uploads of 64-byte writes: {left} client sockets left by themselves, {removed} workload sockets removed by their sock_ops"
     );
     ensure!(
-        left > 0 && removed == left,
-        "{left} of {CONNECTIONS} uploading clients left the SOCKHASH by themselves and sock_ops removed {removed}; expected some, all of them removed"
+        left > 0 && removed >= left,
+        "{left} of {CONNECTIONS} uploading clients left the SOCKHASH by themselves and their sock_ops removed {removed} workload sockets; expected some to leave, all of them removed"
     );
     let lines = s.server_lines_at_least(CONNECTIONS as usize);
     ensure!(
