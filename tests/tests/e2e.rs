@@ -92,33 +92,51 @@ impl Setup {
     }
 
     fn read_server_lines(&self) -> Vec<String> {
-        self.servers
-            .iter()
-            .flat_map(|s| {
-                s.output()
-                    .lines()
-                    .filter(|l| l.starts_with("conn "))
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        self.servers.iter().flat_map(conn_lines).collect()
     }
 
     /// The servers' lines once there are at least `n` (waiting up to 10 s), or what there is.
     fn server_lines_at_least(&self, n: usize) -> Vec<String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let lines = self.read_server_lines();
-            if lines.len() >= n || std::time::Instant::now() > deadline {
-                return lines;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        lines_at_least(n, || self.read_server_lines())
     }
 
     fn v4(&self) -> String {
         format!("{}:{SERVER_PORT}", self.server.ipv4)
     }
+}
+
+/// What `read` returns once it has at least `n` lines (waiting up to 10 s), or what there is:
+/// a server prints a connection's line after closing it, maybe after its client ended.
+fn lines_at_least(n: usize, read: impl Fn() -> Vec<String>) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = read();
+        if lines.len() >= n || std::time::Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `conn ` lines a `meshtest serve` printed.
+fn conn_lines(server: &Background) -> Vec<String> {
+    server
+        .output()
+        .lines()
+        .filter(|l| l.starts_with("conn "))
+        .map(String::from)
+        .collect()
+}
+
+/// Fails unless `lines` are `n` server lines, each of a connection whose upload it verified.
+fn all_verified(lines: &[String], n: u64) -> Result<()> {
+    ensure!(
+        lines.len() as u64 == n && lines.iter().all(|l| l.contains("verified=true")),
+        "the server saw {} connections (expected {n}), not all intact: {:?}",
+        lines.len(),
+        lines.iter().find(|l| !l.contains("verified=true"))
+    );
+    Ok(())
 }
 
 macro_rules! require {
@@ -201,6 +219,20 @@ fn blocking_counts(node: &Node) -> Result<[u64; 4]> {
     ])
 }
 
+/// How much each of `blocking_counts` grew since `before`.
+fn blocking_counts_since(node: &Node, before: [u64; 4]) -> Result<[u64; 4]> {
+    let after = blocking_counts(node)?;
+    Ok([0, 1, 2, 3].map(|i| after[i] - before[i]))
+}
+
+fn softirq_name(rps: bool) -> &'static str {
+    if rps {
+        "softirq spread (RPS)"
+    } else {
+        "default softirq"
+    }
+}
+
 /// A client that connects with a timeout (non-blocking during the connect, as Rust's
 /// `connect_timeout`, hiredis or libmysqlclient do) and then does blocking I/O is registered
 /// by sock_ops, which judges it inside `connect()`. Its first send finds it blocking and, as
@@ -242,13 +274,8 @@ fn clients_that_turn_blocking_after_a_timed_connect_leave_at_their_first_send() 
             out.contains(&format!("\"connections\":{CONNECTIONS}")),
             "the client did not report {CONNECTIONS} connections: {out}"
         );
-        let after = blocking_counts(&s.node)?;
-        let [kept_off, leaving, removed, asked] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
-        let softirq = if rps {
-            "softirq spread (RPS)"
-        } else {
-            "default softirq"
-        };
+        let [kept_off, leaving, removed, asked] = blocking_counts_since(&s.node, before)?;
+        let softirq = softirq_name(rps);
         println!(
             "{CONNECTIONS} blocking clients after a timed connect, {softirq}: {kept_off} kept off at connect, {leaving} left at their first send, {removed} removed by sock_ops, {asked} asked the proxy"
         );
@@ -289,13 +316,8 @@ fn clients_that_turn_blocking_after_a_timed_connect_leave_at_their_first_send() 
             ],
         )?;
         let held = counter(&s.node, "msg_passed_unjudged")? - held;
-        let after = blocking_counts(&s.node)?;
-        let [kept_off, leaving, removed, asked] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
-        let softirq = if rps {
-            "softirq spread (RPS)"
-        } else {
-            "default softirq"
-        };
+        let [kept_off, leaving, removed, asked] = blocking_counts_since(&s.node, before)?;
+        let softirq = softirq_name(rps);
         println!(
             "{GREETED} blocking clients greeted first, {softirq}: {held} greetings held on TCP, {kept_off} kept off at connect, {leaving} left at their first send, {removed} removed by sock_ops, {asked} asked the proxy"
         );
@@ -348,9 +370,8 @@ fn servers_that_serve_blocking_under_a_non_blocking_listener_ask_the_proxy() -> 
         "poll",
     ]);
     node.client_ok(run_bounded(c, CLIENT_LIMIT)?)?;
-    let after = blocking_counts(&node)?;
+    let [kept_off, leaving, removed, asked] = blocking_counts_since(&node, before)?;
     let wanted = counter(&node, "detach_wanted")? - wanted;
-    let [kept_off, leaving, removed, asked] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
     println!(
         "{CONNECTIONS} blocking connections of a non-blocking listener: {asked} asked the proxy ({wanted} asks in all), {leaving} left by themselves, {removed} removed by their sock_ops (leaving with their connection), {kept_off} kept off"
     );
@@ -358,26 +379,10 @@ fn servers_that_serve_blocking_under_a_non_blocking_listener_ask_the_proxy() -> 
         asked + leaving + kept_off == CONNECTIONS && asked > 0 && wanted >= asked,
         "of {CONNECTIONS} server sockets that were blocking at their first send, {asked} asked the proxy ({wanted} asks counted), {leaving} left by themselves and {kept_off} were kept off; expected each to ask or leave, most to ask (the request was redirected into them first)"
     );
-    // The server prints a connection's line after closing it, maybe after the client ended.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let lines = loop {
-        let lines: Vec<String> = bg
-            .output()
-            .lines()
-            .filter(|l| l.starts_with("conn "))
-            .map(String::from)
-            .collect();
-        if lines.len() as u64 >= CONNECTIONS || std::time::Instant::now() > deadline {
-            break lines;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    ensure!(
-        lines.len() as u64 == CONNECTIONS && lines.iter().all(|l| l.contains("verified=true")),
-        "the server saw {} connections (expected {CONNECTIONS}), not all intact: {:?}",
-        lines.len(),
-        lines.iter().find(|l| !l.contains("verified=true"))
-    );
+    all_verified(
+        &lines_at_least(CONNECTIONS as usize, || conn_lines(&bg)),
+        CONNECTIONS,
+    )?;
     Ok(())
 }
 
@@ -426,13 +431,7 @@ fn small_write_uploads_leave_the_sockhash_by_themselves_and_lose_nothing() -> Re
         left > 0 && removed >= left,
         "{left} of {CONNECTIONS} uploading clients left the SOCKHASH by themselves and their sock_ops removed {removed} workload sockets; expected some to leave, all of them removed"
     );
-    let lines = s.server_lines_at_least(CONNECTIONS as usize);
-    ensure!(
-        lines.len() as u64 == CONNECTIONS && lines.iter().all(|l| l.contains("verified=true")),
-        "the server saw {} uploads (expected {CONNECTIONS}), not all intact: {:?}",
-        lines.len(),
-        lines.iter().find(|l| !l.contains("verified=true"))
-    );
+    all_verified(&s.server_lines_at_least(CONNECTIONS as usize), CONNECTIONS)?;
     Ok(())
 }
 
