@@ -192,13 +192,6 @@ pub fn handle(ctx: &SkMsgContext) {
         leave(ctx, flow, reason, size);
         return;
     }
-    if flow.proxy != 0
-        && let Err(reason) = claim_ingress(&peer)
-    {
-        // A workload client not judged yet (resumable), or leaving the SOCKHASH by itself.
-        leave(ctx, flow, reason, size);
-        return;
-    }
     let ret = MESH_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS));
     if ret == i64::from(SK_PASS) {
         note_queued(&mut flow.to_peer, size);
@@ -241,9 +234,12 @@ fn splice_target(
     let Some(target) = (unsafe { MESH_PEERS.get(splice.out) }).copied() else {
         return Err(FLOW_TCP_NO_PEER);
     };
-    let Some(far) = (unsafe { MESH_FLOWS.get(target) }).copied() else {
+    let Some(far_entry) = MESH_FLOWS.get_ptr_mut(target) else {
         return Err(FLOW_TCP_NO_PEER);
     };
+    // SAFETY: a map value pointer, copied out at once (its guard is changed only through
+    // `claim_ingress`).
+    let far = unsafe { *far_entry };
     if far.proxy != 0 || far.sk == 0 {
         return Err(FLOW_TCP_NO_PEER);
     }
@@ -283,7 +279,7 @@ fn splice_target(
             return Err(reason);
         }
     }
-    claim_ingress(&target)?;
+    claim_ingress(far_entry)?;
     Ok(target)
 }
 
@@ -338,25 +334,22 @@ fn judged_receiver(cfg: &Config, flow: &Flow, peer: Option<&SockKey>) -> Judged 
     }
 }
 
-/// Called right before redirecting a message into workload socket `receiver`: the reason to
+/// Called right before redirecting a message into a workload socket: the reason to
 /// send it by TCP instead if the receiver is leaving the SOCKHASH by itself
 /// (`GUARD_LEAVING`: nothing may go into its queue) or is a client whose first send was not
 /// judged yet (`GUARD_CLIENT`: it may be about to leave so); else marks it `GUARD_INGRESS`,
 /// so that it never will leave by itself. One atomic `or` decides which came first
 /// (`turned_blocking` sets `GUARD_LEAVING` only while `GUARD_INGRESS` is clear): a redirect
 /// decided here is queued (under the receiver's lock, in `bpf_tcp_ingress`) after this
-/// program returns, too late for the receiver to see it. Ok when the receiver has no entry
-/// (the naive policy does not look).
+/// program returns, too late for the receiver to see it. `entry` is the receiver's
+/// `MESH_FLOWS` value, which the caller looked up for its own checks.
 ///
 /// A pointer into another socket's entry could meet it freed and reused by a socket that
 /// registered since (`MESH_FLOWS` is preallocated). That socket then carries a stray
 /// `GUARD_INGRESS` (it asks the proxy instead of leaving by itself if it turns blocking), or
 /// this message goes by TCP: both safe.
 #[inline(always)]
-fn claim_ingress(receiver: &SockKey) -> Result<(), u32> {
-    let Some(entry) = MESH_FLOWS.get_ptr_mut(receiver) else {
-        return Ok(());
-    };
+fn claim_ingress(entry: *mut Flow) -> Result<(), u32> {
     let seen = guard::load(entry);
     if seen & GUARD_LEAVING != 0 {
         return Err(FLOW_TCP_NO_PEER);
@@ -441,16 +434,25 @@ fn count_direct(skipped: &SockKey, size: u32) {
     }
 }
 
-/// `None` to redirect this message, or the reason its direction must leave for TCP.
+/// `None` to redirect this message, or the reason its direction must leave for TCP. A proxy
+/// socket's message into a workload is claimed last (`claim_ingress`): a workload client not
+/// judged yet (resumable), or one leaving the SOCKHASH by itself, gets it by TCP.
 #[inline(always)]
 fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u32> {
+    let entry = MESH_FLOWS.get_ptr_mut(peer);
     if cfg.queue_limit == 0 && cfg.small_streak == 0 {
-        return None; // the naive policy: measured by the bench, never the default
+        // The naive policy: measured by the bench, never the default.
+        return match entry {
+            Some(entry) if flow.proxy != 0 => claim_ingress(entry).err(),
+            _ => None,
+        };
     }
-    // SAFETY: the value is copied out at once.
-    let Some(receiver) = (unsafe { MESH_FLOWS.get(peer) }).copied() else {
+    let Some(entry) = entry else {
         return Some(FLOW_TCP_NO_PEER);
     };
+    // SAFETY: a map value pointer, copied out at once (its guard is changed only through
+    // `claim_ingress`).
+    let receiver = unsafe { *entry };
     let queued = queue_len(cfg, receiver.sk);
     let cost = settle_cost(cfg, &mut flow.to_peer, queued, size);
     // Only workloads' writes count for the stream rule: the proxy writes what it read, up to
@@ -516,6 +518,9 @@ fn policy(cfg: &Config, flow: &mut Flow, peer: &SockKey, size: u32) -> Option<u3
         } else {
             flow.streak = 0;
         }
+    }
+    if flow.proxy != 0 {
+        return claim_ingress(entry).err();
     }
     None
 }
@@ -784,8 +789,6 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16, size: u3
         flow.asked_ns = unsafe { bpf_ktime_get_ns() };
         if why == DETACH_WANTED {
             count(counter::DETACH_WANTED, 1); // a stream is counted by `leave`
-        } else if why == DETACH_STREAM {
-            flow.stream_sent = sent_so_far(cfg, flow);
         }
         // Nothing was ever redirected into it (an upload, say), and it writes small pieces:
         // it need not wait for the proxy to notice and to stop redirecting into it; it
@@ -795,15 +798,15 @@ fn want_detach(cfg: &Config, flow: &mut Flow, peer: &SockKey, why: u16, size: u3
         // `detach` keeps the ask: that is what the proxy acts on; it sees `GUARD_LEAVING`
         // and takes this socket for gone. A workload that met the limit leaves only with the
         // stream rule on, where the proxy takes its connection off at once as well.
-        if (why == DETACH_STREAM || cfg.small_streak != 0)
+        let left = (why == DETACH_STREAM || cfg.small_streak != 0)
             && size <= SELF_LEAVE_MAX_WRITE
-            && leave_by_itself(flow)
-        {
-            if why == DETACH_WANTED {
-                flow.stream_sent = sent_so_far(cfg, flow);
-            }
+            && leave_by_itself(flow);
+        if left {
             count(counter::DETACH_SELF, 1);
             count(counter::DETACH_READY, 1);
+        }
+        if why == DETACH_STREAM || left {
+            flow.stream_sent = sent_so_far(cfg, flow);
         }
     }
 }

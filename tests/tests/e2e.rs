@@ -148,9 +148,10 @@ macro_rules! require {
 }
 
 /// `meshtest serve` on [`SERVER_PORT`] in `pod`, once it listens.
-fn meshtest_server(node: &Node, pod: &Pod) -> Result<Background> {
+fn meshtest_server(node: &Node, pod: &Pod, extra: &[&str]) -> Result<Background> {
     let mut cmd = pod.command(&node.bins.meshtest);
-    cmd.args(["serve", "--listen", &format!("[::]:{SERVER_PORT}")]);
+    cmd.args(["serve", "--listen", &format!("[::]:{SERVER_PORT}")])
+        .args(extra);
     let mut bg = Background::spawn(cmd, node.scratch.join("server.out"))?;
     bg.wait_for("listening")?;
     Ok(bg)
@@ -342,17 +343,7 @@ fn servers_that_serve_blocking_under_a_non_blocking_listener_ask_the_proxy() -> 
     let mut node = Node::new(&bins()?)?;
     let client = node.add_pod("client")?;
     let server = node.add_pod("server")?;
-    let mut cmd = server.command(&node.bins.meshtest);
-    cmd.args([
-        "serve",
-        "--listen",
-        &format!("[::]:{SERVER_PORT}"),
-        "--io",
-        "poll",
-        "--blocking-connections",
-    ]);
-    let mut bg = Background::spawn(cmd, node.scratch.join("server.out"))?;
-    bg.wait_for("listening")?;
+    let bg = meshtest_server(&node, &server, &["--io", "poll", "--blocking-connections"])?;
     node.start_proxy(&ProxyOptions::default())?;
     let (before, wanted) = (blocking_counts(&node)?, counter(&node, "detach_wanted")?);
     let mut c = client.command(&node.bins.meshtest);
@@ -445,7 +436,7 @@ fn cpu_groups_per_pod_hold_the_pods_and_the_proxy() -> Result<()> {
     node.share_cpu_per_pod()?;
     let client = node.add_pod("client")?;
     let server = node.add_pod("server")?;
-    let bg = meshtest_server(&node, &server)?;
+    let bg = meshtest_server(&node, &server, &[])?;
     node.start_proxy(&ProxyOptions::default())?;
     let mut cat = client.command("cat");
     cat.arg("/proc/self/cgroup");
@@ -1354,7 +1345,7 @@ fn workloads_only_intercepts_declared_workloads_and_follows_reloads() -> Result<
     let a = node.add_pod("a")?;
     let b = node.add_pod("b")?;
     let server = node.add_pod("server")?;
-    let srv = meshtest_server(&node, &server)?;
+    let srv = meshtest_server(&node, &server, &[])?;
     let config = node.scratch.join("proxy.toml");
     let rel = node.workload_cgroup_rel.clone();
     let workloads = |names: &[&str]| {

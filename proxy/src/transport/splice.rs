@@ -673,9 +673,11 @@ impl Pacer {
                     return false;
                 };
                 if w.guard & GUARD_LEAVING != 0 {
-                    // It left by itself (a stream nothing was redirected into: its sock_ops
-                    // removed it while the message that made it one went out), or is about
-                    // to, inside a send that nothing can redirect into any more.
+                    // It left from its own sock_ops (proxy-ebpf/src/sockops.rs,
+                    // `leave_if_asked`), or is about to, at a segment it is sending: a
+                    // stream of small writes nothing was redirected into, or, with this
+                    // connection leaving, once its queue was empty. Nothing can redirect
+                    // into it any more.
                     let _ = self.maps.detach(&workload);
                     let _ = side.workload_out.set(self.since_first());
                     side.step.store(PROXY_IN, Ordering::Relaxed);
