@@ -995,7 +995,7 @@ pub(crate) fn queue_len(cfg: &Config, sk: u64) -> u32 {
 /// `SK_USER_DATA_PSOCK`): it is in the SOCKHASH, or was removed while a send of its own
 /// still holds a reference. True if the read fails (never unsafe).
 #[inline(always)]
-fn has_psock(cfg: &Config, sk: u64) -> bool {
+pub(crate) fn has_psock(cfg: &Config, sk: u64) -> bool {
     match read_kernel::<u64>(sk, cfg.off_sk_user_data) {
         Some(user_data) => user_data & SK_USER_DATA_PSOCK != 0,
         None => true,

@@ -54,7 +54,7 @@ use crate::maps::{
     MESH_DIRECT, MESH_EXPECT, MESH_FLOWS, MESH_LISTEN, MESH_ORIG_CK, MESH_ORIG_DST, MESH_PEERS,
     MESH_SOCKS, MESH_SPLICE, config, count,
 };
-use crate::redirect::{kernel_address, queue_len, read_kernel};
+use crate::redirect::{has_psock, kernel_address, queue_len, read_kernel};
 
 /// Which cgroup the program is attached to.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -286,10 +286,16 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64, guard: 
 /// writes are plain TCP's again. sk_msg programs may not delete from a SOCKHASH; sock_ops
 /// programs may (`may_update_sockmap`). Segments before either (the handshake's last ACK,
 /// ACKs of TCP-path bytes) cost a map lookup or three each.
+///
+/// A socket the proxy took out of the SOCKHASH (no psock any more) stops the callback at its
+/// next segment. Left on, it ran for every segment of every stream the proxy had taken off
+/// for the rest of the connection: measured with `kernel.bpf_stats_enabled` during 100
+/// streams of 16 KiB writes, 230k runs a second at 113 ns each, long after all had left.
 #[inline(always)]
 fn leave_if_asked(ctx: &SockOpsContext, key: SockKey) {
     let done = match MESH_FLOWS.get_ptr_mut(key) {
         None => true,
+        Some(_) if out_of_sockhash(ctx) => true,
         Some(entry) => {
             let seen = guard::load(entry);
             if seen & GUARD_LEAVING != 0 {
@@ -346,6 +352,15 @@ fn leaves_with_its_connection(key: &SockKey, flow: &mut Flow) -> bool {
     flow.detach = DETACH_READY;
     remove_self(key);
     true
+}
+
+/// True if the socket has no psock: it is out of the SOCKHASH for good (the proxy removed
+/// it, or it removed itself; no socket is added again). False if that cannot be read.
+#[inline(always)]
+fn out_of_sockhash(ctx: &SockOpsContext) -> bool {
+    let Some(cfg) = config() else { return false };
+    let sk = socket_address(ctx);
+    cfg.off_sk_user_data != 0 && sk != 0 && !has_psock(cfg, sk)
 }
 
 /// Removes this workload socket from the SOCKHASH (counted once removed).
