@@ -367,6 +367,11 @@ impl Metrics {
             Unit::Seconds,
             m.leave_socket.clone(),
         );
+        r.register(
+            "tcp_readiness_rechecks",
+            "Reads and writes of short-circuit sockets that waited past the recheck interval and then found bytes or room the runtime's readiness had not reported (a lost wake-up each, found 50 ms to 1 s late)",
+            crate::transport::rechecked::rechecks().clone(),
+        );
         r.register_with_unit(
             "tcp_connection_duration",
             "Lifetime of finished connections",
@@ -1116,6 +1121,11 @@ mod tests {
         assert!(text.contains("mesh_tcp_transferred_bytes_total{direction=\"outbound\",protocol=\"tcp\",source_workload=\"unknown\",destination=\"external\",flow=\"to_client\"} 20"), "{text}");
         assert!(
             text.contains("mesh_process_resident_memory_bytes"),
+            "{text}"
+        );
+        // The process-wide count of lost wake-ups (transport::rechecked), shown before any.
+        assert!(
+            text.contains("mesh_tcp_readiness_rechecks_total{op=\"read\"} "),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");

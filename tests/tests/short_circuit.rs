@@ -687,44 +687,55 @@ fn streams_leave_whole(
         ..ProxyOptions::default()
     };
     let mut p = Pair::new(&opts, true)?;
-    order_load(
-        &mut p,
-        &Load {
-            connections,
-            concurrency: connections,
-            delay_ms: 0,
-            tfo: false,
-            bytes,
-            max_write,
-            io: "poll",
-            fixed_writes,
-        },
-    )?;
-    let streams = p.counter("detach_stream")?;
-    let metrics = p.node.admin_metrics()?;
-    let sum = |name| tests::metric_sum(&metrics, name, &[]);
-    let detached = sum("mesh_tcp_short_circuit_detached_sockets_total");
-    let detached_proxy = sum("mesh_tcp_short_circuit_detached_proxy_sockets_total");
-    let by_count = sum("mesh_tcp_short_circuit_detached_proxy_sockets_by_count_total");
-    println!(
-        "{streams} stream directions asked to leave; {detached} workload and {detached_proxy} proxy sockets left the SOCKHASH ({by_count} of the proxy's on the byte count)"
-    );
+    // Rounds of the load until a proxy socket left on the byte count (below), at most
+    // ROUNDS: which of the two ways a proxy socket leaves first is a race.
+    const ROUNDS: u32 = 3;
+    let mut rounds = 0;
+    let (streams, detached, detached_proxy, by_count) = loop {
+        rounds += 1;
+        order_load(
+            &mut p,
+            &Load {
+                connections,
+                concurrency: connections,
+                delay_ms: 0,
+                tfo: false,
+                bytes,
+                max_write,
+                io: "poll",
+                fixed_writes,
+            },
+        )?;
+        let streams = p.counter("detach_stream")?;
+        let metrics = p.node.admin_metrics()?;
+        let sum = |name| tests::metric_sum(&metrics, name, &[]);
+        let detached = sum("mesh_tcp_short_circuit_detached_sockets_total");
+        let detached_proxy = sum("mesh_tcp_short_circuit_detached_proxy_sockets_total");
+        let by_count = sum("mesh_tcp_short_circuit_detached_proxy_sockets_by_count_total");
+        println!(
+            "after {rounds} round(s): {streams} stream directions asked to leave; {detached} workload and {detached_proxy} proxy sockets left the SOCKHASH ({by_count} of the proxy's on the byte count)"
+        );
+        if by_count >= 1.0 || rounds == ROUNDS {
+            break (streams, detached, detached_proxy, by_count);
+        }
+    };
     ensure!(streams > 0, "no direction was taken for a stream");
     ensure!(
         detached >= 2.0 && detached_proxy >= 2.0,
         "{detached} workload and {detached_proxy} proxy sockets left the SOCKHASH: no connection left it whole"
     );
-    // The proxy's sockets facing a stream usually leave on the copy's byte count
-    // (`Pacer::read_all_before_stream`, 4 to 10 per run here) rather than wait for the
-    // kernel's verdict: this test checks that it loses nothing only if it happened.
+    // The proxy's sockets facing a stream often leave on the copy's byte count
+    // (`Pacer::read_all_before_stream`; 1 to 4 of 8 per round of 4 large-write streams here,
+    // once in a few dozen rounds none) rather than wait for the kernel's verdict: this test
+    // checks that it loses nothing only if it happened.
     ensure!(
         by_count >= 1.0,
-        "no proxy socket left on the byte count ({detached_proxy} left on the kernel's verdict): the test would not show that path loses nothing"
+        "no proxy socket left on the byte count in {rounds} rounds ({detached_proxy} left on the kernel's verdict): the test would not show that path loses nothing"
     );
-    let most = f64::from(2 * connections);
+    let most = f64::from(2 * connections * rounds);
     ensure!(
         detached <= most && detached_proxy <= most,
-        "more sockets counted as detached ({detached} workload, {detached_proxy} proxy) than the {connections} connections have"
+        "more sockets counted as detached ({detached} workload, {detached_proxy} proxy) than the {connections} connections of {rounds} round(s) have"
     );
     Ok(())
 }

@@ -22,7 +22,9 @@
 use std::{
     io,
     os::fd::{AsRawFd, RawFd},
+    pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
@@ -30,7 +32,7 @@ use nix::sys::socket::{MsgFlags, recv, send};
 
 use super::rechecked::Rechecked;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf},
     net::{
         TcpStream,
         tcp::{ReadHalf as TcpReadHalf, WriteHalf as TcpWriteHalf},
@@ -47,6 +49,15 @@ pub const RECHECK_IDLE_MAX: Duration = Duration::from_secs(1);
 pub trait Direct {
     /// `Some(result of a non-blocking recv)`, or `None` if there is no socket under it.
     fn recv_now(&self, _buf: &mut [u8]) -> Option<io::Result<usize>> {
+        None
+    }
+    /// A read that waits for readiness like `poll_read` but keeps it after a short read
+    /// ([`poll_recv_keeping_readiness`]); `None` if there is no socket under it.
+    fn poll_recv(
+        &self,
+        _cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<()>>> {
         None
     }
     /// `Some(result of a non-blocking send)`, or `None` if there is no socket under it.
@@ -66,9 +77,53 @@ pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     send(fd, buf, flags).map_err(io::Error::from)
 }
 
+/// A read that takes the socket's readiness for gone only when the read would block.
+///
+/// tokio's `poll_read` also drops it after a read that did not fill the buffer (on epoll
+/// that shows the socket drained). A socket in the SOCKHASH breaks that rule:
+/// `tcp_bpf_recvmsg` (net/ipv4/tcp_bpf.c) returns what its psock list holds (redirected
+/// bytes) and stops there, even with TCP bytes behind them in the receive queue. That
+/// happens while a connection leaves the short-circuit: a workload out of the SOCKHASH
+/// writes over TCP to the proxy's socket, whose psock list still holds what that workload
+/// redirected before. The read that empties the list is short, tokio drops the readiness,
+/// and the edge the TCP bytes raised was already taken: nothing more comes while the writer
+/// waits on a full window, until the copy's [`RECHECK`] (50 ms) asks directly. Measured
+/// (`mesh_tcp_readiness_rechecks_total`, 100 streams of 16 KiB writes): 2 to 34 of 100
+/// connections per run lost a wake-up that way.
+///
+/// Not for every read: after a short read, the next one (an EAGAIN, mostly) costs a syscall.
+/// Used for all reads, it slowed 100 streams of 1 KiB writes to x0.53 of TCP (the proxy,
+/// short of CPU among 200 load threads, fell behind and the workloads asked to leave); the
+/// copy uses it only while its connection leaves ([`Relay::mixed_queues`]).
+pub fn poll_recv_keeping_readiness(
+    s: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    loop {
+        ready!(s.poll_read_ready(cx))?;
+        // `try_read` drops the readiness on WouldBlock only.
+        match s.try_read(buf.initialize_unfilled()) {
+            Ok(n) => {
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
 impl Direct for TcpStream {
     fn recv_now(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
         Some(recv_now(self.as_raw_fd(), buf))
+    }
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<()>>> {
+        Some(poll_recv_keeping_readiness(self, cx, buf))
     }
     fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>> {
         Some(send_now(self.as_raw_fd(), buf))
@@ -79,6 +134,13 @@ impl<T: Direct> Direct for &mut T {
     fn recv_now(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
         (**self).recv_now(buf)
     }
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<()>>> {
+        (**self).poll_recv(cx, buf)
+    }
     fn send_now(&self, buf: &[u8]) -> Option<io::Result<usize>> {
         (**self).send_now(buf)
     }
@@ -87,6 +149,13 @@ impl<T: Direct> Direct for &mut T {
 impl Direct for TcpReadHalf<'_> {
     fn recv_now(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
         Some(recv_now(AsRef::<TcpStream>::as_ref(self).as_raw_fd(), buf))
+    }
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Option<Poll<io::Result<()>>> {
+        Some(poll_recv_keeping_readiness(self.as_ref(), cx, buf))
     }
 }
 
@@ -151,6 +220,13 @@ pub trait Relay: Sync {
     /// Looks (between the copy's reads and writes: never while a syscall of the copy is under
     /// way, as for `relayed`).
     fn tick(&self) {}
+
+    /// True while a read of the proxy's sockets may find redirected bytes ahead of TCP bytes
+    /// (the connection is leaving the short-circuit): the copy then keeps a socket's
+    /// readiness after a short read ([`poll_recv_keeping_readiness`]).
+    fn mixed_queues(&self) -> bool {
+        false
+    }
 }
 
 /// The copy's third leg: calls [`Relay::tick`] at the times the relay asks for, from its
@@ -371,8 +447,18 @@ where
     let (mut r, mut w) = (Rechecked::new(r, recheck), Rechecked::new(w, recheck));
     let mut buf = vec![0u8; buffer];
     let mut relayed = 0u64;
+    let mixed = || relay.is_some_and(|(relay, _)| relay.mixed_queues());
     loop {
-        let n = r.read(&mut buf).await?;
+        // Asked at every poll, not once per read: a read that waits when its connection
+        // starts leaving (a tick polls it) asks its socket directly once
+        // (`Rechecked::keep_readiness`).
+        let n = std::future::poll_fn(|cx| {
+            r.keep_readiness(mixed());
+            let mut b = ReadBuf::new(&mut buf);
+            ready!(Pin::new(&mut r).poll_read(cx, &mut b))?;
+            Poll::Ready(io::Result::Ok(b.filled().len()))
+        })
+        .await?;
         if n == 0 {
             return w.shutdown().await;
         }
@@ -403,6 +489,7 @@ pub fn reset(stream: TcpStream) {
 mod tests {
     use super::*;
     use crate::transport::test_support::tcp_pair;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn held_pause_grows_with_the_fill_level() {

@@ -12,10 +12,15 @@ use std::{
     future::Future,
     io,
     pin::Pin,
+    sync::OnceLock,
     task::{Context, Poll},
     time::Duration,
 };
 
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -23,6 +28,32 @@ use tokio::{
 };
 
 use super::copy::{Direct, RECHECK, RECHECK_IDLE_MAX};
+
+/// Label of `mesh_tcp_readiness_rechecks_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecheckLabels {
+    /// `read`: a direct ask found bytes (or end of stream) that no readiness had reported;
+    /// `write`: it found room to write.
+    pub op: &'static str,
+}
+
+/// The process's count of direct asks that found what readiness had not reported: each one
+/// a lost wake-up, and the time until its recheck lost with it. The metrics register it.
+pub fn rechecks() -> &'static Family<RecheckLabels, Counter> {
+    static RECHECKS: OnceLock<Family<RecheckLabels, Counter>> = OnceLock::new();
+    RECHECKS.get_or_init(|| {
+        // Both series from the start: a scrape shows 0, not nothing.
+        let f = Family::default();
+        for op in ["read", "write"] {
+            drop(f.get_or_create(&RecheckLabels { op }));
+        }
+        f
+    })
+}
+
+fn count_recheck(op: &'static str) {
+    rechecks().get_or_create(&RecheckLabels { op }).inc();
+}
 
 /// One direction's wait for readiness: the timer that ends it, and how long the next is.
 struct Wait {
@@ -73,6 +104,10 @@ pub struct Rechecked<T = TcpStream> {
     write: Wait,
     /// A write found the stream full (returned Pending) since `take_write_blocked`.
     write_blocked: bool,
+    /// Reads keep the socket's readiness after a short read (`keep_readiness`).
+    keep_readiness: bool,
+    /// `keep_readiness` was just turned on: a read that waits asks the socket directly once.
+    ask_now: bool,
 }
 
 impl<T> Rechecked<T> {
@@ -83,7 +118,21 @@ impl<T> Rechecked<T> {
             read: Wait::new(),
             write: Wait::new(),
             write_blocked: false,
+            keep_readiness: false,
+            ask_now: false,
         }
+    }
+
+    /// With `on` (and `recheck`), reads take the socket's readiness for gone only when a read
+    /// would block, not after a short one (`copy::poll_recv_keeping_readiness`, which says
+    /// when a short read does not show the socket drained and what this costs).
+    ///
+    /// Turned on, a read that waits asks the socket directly once: its readiness may have
+    /// been dropped after a short read just before.
+    pub fn keep_readiness(&mut self, on: bool) {
+        let on = on && self.recheck;
+        self.ask_now |= on && !self.keep_readiness;
+        self.keep_readiness = on;
     }
 
     /// True if a write had to wait for room since the last call: the receiver, not the
@@ -101,26 +150,43 @@ impl<T: AsyncRead + Direct + Unpin> AsyncRead for Rechecked<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+            let read = match this.keep_readiness.then(|| this.inner.poll_recv(cx, buf)) {
+                Some(Some(read)) => read,
+                // Off, or no socket to ask (a tunnel stream).
+                _ => Pin::new(&mut this.inner).poll_read(cx, buf),
+            };
+            if let Poll::Ready(r) = read {
                 this.read.reset();
                 return Poll::Ready(r);
             }
-            if !this.recheck || !this.read.expired(cx) {
+            // The timer's ask backs off when it finds nothing; `ask_now`'s does not.
+            let timed = if std::mem::take(&mut this.ask_now) {
+                false
+            } else if this.recheck && this.read.expired(cx) {
+                true
+            } else {
                 return Poll::Pending;
-            }
+            };
             match this.inner.recv_now(buf.initialize_unfilled()) {
                 Some(Ok(n)) => {
                     buf.advance(n);
                     this.read.reset();
+                    // A lost wake-up for sure only once the timer ran out: right after a
+                    // short read, the event may still be on its way.
+                    if timed {
+                        count_recheck("read");
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 // Nothing there, or no socket to ask (a tunnel stream).
-                None => this.read.back_off(RECHECK_IDLE_MAX),
-                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                None if timed => this.read.back_off(RECHECK_IDLE_MAX),
+                None => {}
+                // Loop: poll the stream again (registers for readiness) and arm the next,
+                // longer timer.
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock && timed => {
                     this.read.back_off(RECHECK_IDLE_MAX);
-                    // Loop: poll the stream again (registers for readiness) and arm the
-                    // next, longer timer.
                 }
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Some(Err(e)) => return Poll::Ready(Err(e)),
             }
         }
@@ -146,6 +212,7 @@ impl<T: AsyncWrite + Direct + Unpin> AsyncWrite for Rechecked<T> {
             match this.inner.send_now(buf) {
                 Some(Ok(n)) => {
                     this.write.reset();
+                    count_recheck("write");
                     return Poll::Ready(Ok(n));
                 }
                 // Writes keep asking every RECHECK: a writer is waiting on us.
@@ -251,6 +318,51 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// A read that waits when `keep_readiness` is turned on asks its socket at once, not
+    /// after the recheck timer: its readiness may have been dropped by a short read just
+    /// before (a connection starting to leave the short-circuit).
+    #[tokio::test(start_paused = true)]
+    async fn turning_keep_readiness_on_asks_a_waiting_read_at_once() -> io::Result<()> {
+        let (a, b) = pair().await?;
+        let mut b = Rechecked::new(NeverReady(b), true);
+        let mut buf = [0u8; 16];
+        // Nothing there yet: the read waits (and arms the 50 ms recheck).
+        let waiting = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            Poll::Ready(Pin::new(&mut b).poll_read(cx, &mut rb).is_pending())
+        })
+        .await;
+        assert!(waiting);
+        a.try_write(b"mixed")?;
+        // Let loopback deliver (paused time does not stop the kernel).
+        let mut delivered = false;
+        for _ in 0..100 {
+            if b.inner.0.peek(&mut [0u8; 8]).await.is_ok_and(|n| n > 0) {
+                delivered = true;
+                break;
+            }
+        }
+        assert!(delivered);
+        b.keep_readiness(true);
+        let got = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut b).poll_read(cx, &mut rb) {
+                Poll::Ready(r) => Poll::Ready(r.map(|()| Some(rb.filled().to_vec()))),
+                Poll::Pending => Poll::Ready(Ok(None)),
+            }
+        })
+        .await?;
+        assert_eq!(
+            got.as_deref(),
+            Some(&b"mixed"[..]),
+            "read without waiting for the timer"
+        );
+        // Once only: turning it on again while on asks nothing more.
+        b.keep_readiness(true);
+        assert!(!b.ask_now);
+        Ok(())
     }
 
     #[tokio::test]

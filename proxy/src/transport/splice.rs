@@ -854,6 +854,12 @@ impl Relay for Pacer {
             self.look_leaving();
         }
     }
+
+    /// While leaving: a workload already out writes over TCP to the proxy's socket facing
+    /// it, which may still list bytes that workload redirected before.
+    fn mixed_queues(&self) -> bool {
+        self.phase.load(Ordering::Relaxed) == LEAVING
+    }
 }
 
 #[cfg(test)]

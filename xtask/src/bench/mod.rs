@@ -1280,7 +1280,7 @@ impl<'a> Bench<'a> {
             })
             .collect();
         say(&format!(
-            "{} {}: {}{}",
+            "{} {}: {}{}{}",
             sc.name,
             human(size),
             if grew.is_empty() {
@@ -1288,8 +1288,26 @@ impl<'a> Bench<'a> {
             } else {
                 grew.join(", ")
             },
-            self.leave_times(gate_waits_ms).unwrap_or_default()
+            self.leave_times(gate_waits_ms).unwrap_or_default(),
+            self.lost_wakeups().unwrap_or_default()
         ));
+    }
+
+    /// "; lost wake-ups found by rechecks: N reads, M writes" from the proxy's metrics, if any
+    /// (each cost its connection 50 ms to 1 s); `None` if none or the metrics cannot be had.
+    fn lost_wakeups(&self) -> Option<String> {
+        let text = self.node.admin_metrics().ok()?;
+        let [read, write] = ["read", "write"].map(|op| {
+            let label = format!("op=\"{op}\"");
+            tests::metric_sum(
+                &text,
+                "mesh_tcp_readiness_rechecks_total",
+                &[label.as_str()],
+            )
+            .max(0.0) as u64
+        });
+        (read + write > 0)
+            .then(|| format!("; lost wake-ups found by rechecks: {read} reads, {write} writes"))
     }
 
     /// "; left: ..." with the mean times connections took to start leaving the short-circuit
