@@ -106,8 +106,10 @@ pub struct Rechecked<T = TcpStream> {
     write_blocked: bool,
     /// Reads keep the socket's readiness after a short read (`keep_readiness`).
     keep_readiness: bool,
-    /// `keep_readiness` was just turned on: a read that waits asks the socket directly once.
+    /// A read that waits asks the socket directly once (`ask_after`).
     ask_now: bool,
+    /// The relay's step count last seen (`ask_after`).
+    steps_seen: u64,
 }
 
 impl<T> Rechecked<T> {
@@ -120,19 +122,24 @@ impl<T> Rechecked<T> {
             write_blocked: false,
             keep_readiness: false,
             ask_now: false,
+            steps_seen: 0,
         }
     }
 
     /// With `on` (and `recheck`), reads take the socket's readiness for gone only when a read
     /// would block, not after a short one (`copy::poll_recv_keeping_readiness`, which says
     /// when a short read does not show the socket drained and what this costs).
-    ///
-    /// Turned on, a read that waits asks the socket directly once: its readiness may have
-    /// been dropped after a short read just before.
     pub fn keep_readiness(&mut self, on: bool) {
-        let on = on && self.recheck;
-        self.ask_now |= on && !self.keep_readiness;
-        self.keep_readiness = on;
+        self.keep_readiness = on && self.recheck;
+    }
+
+    /// `steps`: the relay's step count (`copy::Relay::steps`). When it moved since the last
+    /// call, a read that waits asks the socket directly once, at once (with `recheck`).
+    pub fn ask_after(&mut self, steps: u64) {
+        if steps != self.steps_seen {
+            self.steps_seen = steps;
+            self.ask_now |= self.recheck;
+        }
     }
 
     /// True if a write had to wait for room since the last call: the receiver, not the
@@ -320,11 +327,11 @@ mod tests {
         }
     }
 
-    /// A read that waits when `keep_readiness` is turned on asks its socket at once, not
+    /// A read that waits when the relay's step count moves asks its socket at once, not
     /// after the recheck timer: its readiness may have been dropped by a short read just
-    /// before (a connection starting to leave the short-circuit).
+    /// before (a connection leaving the short-circuit).
     #[tokio::test(start_paused = true)]
-    async fn turning_keep_readiness_on_asks_a_waiting_read_at_once() -> io::Result<()> {
+    async fn a_step_of_the_relay_asks_a_waiting_read_at_once() -> io::Result<()> {
         let (a, b) = pair().await?;
         let mut b = Rechecked::new(NeverReady(b), true);
         let mut buf = [0u8; 16];
@@ -345,7 +352,7 @@ mod tests {
             }
         }
         assert!(delivered);
-        b.keep_readiness(true);
+        b.ask_after(1);
         let got = std::future::poll_fn(|cx| {
             let mut rb = ReadBuf::new(&mut buf);
             match Pin::new(&mut b).poll_read(cx, &mut rb) {
@@ -359,8 +366,8 @@ mod tests {
             Some(&b"mixed"[..]),
             "read without waiting for the timer"
         );
-        // Once only: turning it on again while on asks nothing more.
-        b.keep_readiness(true);
+        // Once per step: the same count asks nothing more.
+        b.ask_after(1);
         assert!(!b.ask_now);
         Ok(())
     }

@@ -332,6 +332,9 @@ pub struct Pacer {
     /// The client's side, then the server's.
     sides: [Side; 2],
     phase: AtomicU8,
+    /// Steps of leaving taken so far (its start, each socket out, its end), for
+    /// [`Relay::steps`].
+    steps: AtomicU64,
     /// While leaving: when to look next (microseconds after `started`), and the current
     /// wait between looks (0 after a step).
     next_look: AtomicU64,
@@ -445,6 +448,7 @@ impl Pacer {
             misses: [AtomicU32::new(0), AtomicU32::new(0)],
             sides: [Side::default(), Side::default()],
             phase: AtomicU8::new(WATCHING),
+            steps: AtomicU64::new(0),
             next_look: AtomicU64::new(0),
             wait: AtomicU64::new(0),
             sweep_wait: AtomicU64::new(0),
@@ -556,6 +560,7 @@ impl Pacer {
             .all(|s| s.step.load(Ordering::Relaxed) == SIDE_DONE);
         if done {
             self.phase.store(FINISHED, Ordering::Relaxed);
+            self.steps.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let wait = if moved {
@@ -630,6 +635,7 @@ impl Pacer {
         let _ = self.maps.quiesce(&self.inbound);
         let _ = self.maps.quiesce(&self.outbound);
         self.phase.store(LEAVING, Ordering::Relaxed);
+        self.steps.fetch_add(1, Ordering::Relaxed);
         let _ = self.leave_started.set(self.since_first());
         if flow.asked_ns != 0
             && let Some(now) = monotonic_ns()
@@ -654,6 +660,7 @@ impl Pacer {
         let mut moved = false;
         while self.leave_step(i) {
             moved = true;
+            self.steps.fetch_add(1, Ordering::Relaxed);
         }
         moved
     }
@@ -859,6 +866,10 @@ impl Relay for Pacer {
     /// it, which may still list bytes that workload redirected before.
     fn mixed_queues(&self) -> bool {
         self.phase.load(Ordering::Relaxed) == LEAVING
+    }
+
+    fn steps(&self) -> u64 {
+        self.steps.load(Ordering::Relaxed)
     }
 }
 
