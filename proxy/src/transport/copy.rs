@@ -42,6 +42,12 @@ use tokio::{
 /// How long a write (or, at first, a read) waits for readiness before asking the kernel
 /// directly.
 pub const RECHECK: Duration = Duration::from_millis(50);
+/// The same for a read after a step (`Rechecked::ask_after`: its connection leaving the
+/// short-circuit, or the other direction's end of stream), when an answer or the rest of a
+/// stream is due soon: measured, the server's answer to the end of an upload, found only by
+/// a timed recheck on 3 to 8 of 100 connections a run (`cargo xtask bench --streams-only`,
+/// 16 KiB writes), came after that connection's reader had backed off to a second.
+pub const RECHECK_AFTER_STEP: Duration = Duration::from_millis(5);
 /// The longest an idle read waits between direct checks.
 pub const RECHECK_IDLE_MAX: Duration = Duration::from_secs(1);
 
@@ -389,13 +395,30 @@ pub async fn bidirectional(
         Some(r) => (Some((r, true)), Some((r, false))),
         None => (None, None),
     };
+    let ended = AtomicU64::new(0);
     // Both directions in this one task, never spawned apart: `Pacer` relies on it (it marks
     // the socket towards the client from the other direction's `relayed`, which must not run
     // while a write towards the client is under way); so are the relay's ticks.
     let copy = async {
         tokio::try_join!(
-            one_way(&mut cr, &mut uw, buffer, recheck, up, &progress.to_upstream),
-            one_way(&mut ur, &mut cw, buffer, recheck, down, &progress.to_client),
+            one_way(
+                &mut cr,
+                &mut uw,
+                buffer,
+                recheck,
+                up,
+                &ended,
+                &progress.to_upstream
+            ),
+            one_way(
+                &mut ur,
+                &mut cw,
+                buffer,
+                recheck,
+                down,
+                &ended,
+                &progress.to_client
+            ),
         )
     };
     match relay {
@@ -422,6 +445,7 @@ where
 {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = tokio::io::split(upstream);
+    let ended = AtomicU64::new(0);
     tokio::try_join!(
         one_way(
             &mut cr,
@@ -429,21 +453,32 @@ where
             buffer,
             recheck,
             None,
+            &ended,
             &progress.to_upstream
         ),
-        one_way(&mut ur, &mut cw, buffer, recheck, None, &progress.to_client),
+        one_way(
+            &mut ur,
+            &mut cw,
+            buffer,
+            recheck,
+            None,
+            &ended,
+            &progress.to_client
+        ),
     )?;
     Ok(progress.snapshot())
 }
 
 /// Copies until end of stream, then half-closes the writer. With `recheck` both ends ask
-/// their sockets directly when readiness is slow to come (`Rechecked`).
+/// their sockets directly when readiness is slow to come (`Rechecked`). `ended`: shared by
+/// the two directions of a connection, each adds 1 when it has passed its end of stream on.
 async fn one_way<R, W>(
     r: &mut R,
     w: &mut W,
     buffer: usize,
     recheck: bool,
     relay: Option<(&dyn Relay, bool)>,
+    ended: &AtomicU64,
     count: &AtomicU64,
 ) -> io::Result<()>
 where
@@ -460,20 +495,29 @@ where
     let mut relayed = 0u64;
     loop {
         // Asked at every poll, not once per read: a read that waits across a step of the
-        // relay (the task is polled at the relay's ticks and the other direction's
-        // progress) asks its socket directly once.
+        // relay or the other direction's end (the task is polled at the relay's ticks and
+        // the other direction's progress) asks its socket directly once.
         let n = std::future::poll_fn(|cx| {
+            let mut steps = ended.load(Ordering::Relaxed);
             if let Some((relay, _)) = relay {
                 r.keep_readiness(relay.mixed_queues());
-                r.ask_after(relay.steps());
+                steps = steps.wrapping_add(relay.steps());
             }
+            r.ask_after(steps);
             let mut b = ReadBuf::new(&mut buf);
             ready!(Pin::new(&mut r).poll_read(cx, &mut b))?;
             Poll::Ready(io::Result::Ok(b.filled().len()))
         })
         .await?;
         if n == 0 {
-            return w.shutdown().await;
+            w.shutdown().await?;
+            // The other direction's read may be waiting for the answer to this end of
+            // stream (a request/response protocol), and a wake-up lost there would cost it
+            // its idle recheck (up to RECHECK_IDLE_MAX) at the end of every upload: a step
+            // for it (`Rechecked::ask_after`), and a yield, so that the task polls it again.
+            ended.fetch_add(1, Ordering::Relaxed);
+            tokio::task::yield_now().await;
+            return Ok(());
         }
         w.write_all(&buf[..n]).await?;
         // A no-op on a TcpStream; a tunnel stream (HTTP/2 DATA frames) may hold bytes until

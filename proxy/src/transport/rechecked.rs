@@ -27,7 +27,7 @@ use tokio::{
     time::Sleep,
 };
 
-use super::copy::{Direct, RECHECK, RECHECK_IDLE_MAX};
+use super::copy::{Direct, RECHECK, RECHECK_AFTER_STEP, RECHECK_IDLE_MAX};
 
 /// Label of `mesh_tcp_readiness_rechecks_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,10 +135,15 @@ impl<T> Rechecked<T> {
 
     /// `steps`: the relay's step count (`copy::Relay::steps`). When it moved since the last
     /// call, a read that waits asks the socket directly once, at once (with `recheck`).
+    /// The next timed ask then comes after [`RECHECK_AFTER_STEP`], doubling from there.
     pub fn ask_after(&mut self, steps: u64) {
         if steps != self.steps_seen {
             self.steps_seen = steps;
-            self.ask_now |= self.recheck;
+            if self.recheck {
+                self.ask_now = true;
+                self.read.timer = None;
+                self.read.next = RECHECK_AFTER_STEP;
+            }
         }
     }
 
@@ -327,6 +332,27 @@ mod tests {
         }
     }
 
+    /// Polls one read once: its bytes, or `None` if it waits.
+    async fn poll_once(b: &mut Rechecked<NeverReady>) -> io::Result<Option<Vec<u8>>> {
+        let mut buf = [0u8; 16];
+        std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut *b).poll_read(cx, &mut rb) {
+                Poll::Ready(r) => Poll::Ready(r.map(|()| Some(rb.filled().to_vec()))),
+                Poll::Pending => Poll::Ready(Ok(None)),
+            }
+        })
+        .await
+    }
+
+    /// Waits until bytes written to `b`'s peer are in its receive queue (paused time does
+    /// not stop the kernel; the peek waits on the socket's own readiness).
+    async fn delivered(b: &Rechecked<NeverReady>) -> io::Result<()> {
+        let n = b.inner.0.peek(&mut [0u8; 8]).await?;
+        assert!(n > 0, "end of stream instead of bytes");
+        Ok(())
+    }
+
     /// A read that waits when the relay's step count moves asks its socket at once, not
     /// after the recheck timer: its readiness may have been dropped by a short read just
     /// before (a connection leaving the short-circuit).
@@ -334,33 +360,12 @@ mod tests {
     async fn a_step_of_the_relay_asks_a_waiting_read_at_once() -> io::Result<()> {
         let (a, b) = pair().await?;
         let mut b = Rechecked::new(NeverReady(b), true);
-        let mut buf = [0u8; 16];
         // Nothing there yet: the read waits (and arms the 50 ms recheck).
-        let waiting = std::future::poll_fn(|cx| {
-            let mut rb = ReadBuf::new(&mut buf);
-            Poll::Ready(Pin::new(&mut b).poll_read(cx, &mut rb).is_pending())
-        })
-        .await;
-        assert!(waiting);
+        assert_eq!(poll_once(&mut b).await?, None);
         a.try_write(b"mixed")?;
-        // Let loopback deliver (paused time does not stop the kernel).
-        let mut delivered = false;
-        for _ in 0..100 {
-            if b.inner.0.peek(&mut [0u8; 8]).await.is_ok_and(|n| n > 0) {
-                delivered = true;
-                break;
-            }
-        }
-        assert!(delivered);
+        delivered(&b).await?;
         b.ask_after(1);
-        let got = std::future::poll_fn(|cx| {
-            let mut rb = ReadBuf::new(&mut buf);
-            match Pin::new(&mut b).poll_read(cx, &mut rb) {
-                Poll::Ready(r) => Poll::Ready(r.map(|()| Some(rb.filled().to_vec()))),
-                Poll::Pending => Poll::Ready(Ok(None)),
-            }
-        })
-        .await?;
+        let got = poll_once(&mut b).await?;
         assert_eq!(
             got.as_deref(),
             Some(&b"mixed"[..]),
@@ -369,6 +374,17 @@ mod tests {
         // Once per step: the same count asks nothing more.
         b.ask_after(1);
         assert!(!b.ask_now);
+
+        // A step when nothing is there yet (the other direction just passed its end of
+        // stream on): the answer that comes later, its wake-up lost, is asked for after
+        // RECHECK_AFTER_STEP, not after the idle back-off.
+        b.ask_after(2);
+        assert_eq!(poll_once(&mut b).await?, None, "nothing there yet");
+        a.try_write(b"answer")?;
+        delivered(&b).await?;
+        assert_eq!(poll_once(&mut b).await?, None, "the timer has not run out");
+        tokio::time::advance(RECHECK_AFTER_STEP + Duration::from_millis(1)).await;
+        assert_eq!(poll_once(&mut b).await?.as_deref(), Some(&b"answer"[..]));
         Ok(())
     }
 
