@@ -369,7 +369,7 @@ impl Metrics {
         );
         r.register(
             "tcp_readiness_rechecks",
-            "Reads and writes of short-circuit sockets that waited past the recheck interval and then found bytes or room the runtime's readiness had not reported (a lost wake-up each, found 50 ms to 1 s late)",
+            "Reads and writes of short-circuit sockets that waited past the recheck interval (5 ms to 1 s) and then found bytes or room the runtime's readiness had not reported: a lost wake-up each, or, after the shortest intervals, one still on its way",
             crate::transport::rechecked::rechecks().clone(),
         );
         r.register_with_unit(

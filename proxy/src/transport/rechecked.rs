@@ -37,8 +37,10 @@ pub struct RecheckLabels {
     pub op: &'static str,
 }
 
-/// The process's count of direct asks that found what readiness had not reported: each one
-/// a lost wake-up, and the time until its recheck lost with it. The metrics register it.
+/// The process's count of timed direct asks that found what readiness had not reported: a
+/// lost wake-up each, and the time until its recheck lost with it (after the 5 ms interval
+/// that follows a step, `RECHECK_AFTER_STEP`, possibly a wake-up still on its way through a
+/// busy runtime). The metrics register it.
 pub fn rechecks() -> &'static Family<RecheckLabels, Counter> {
     static RECHECKS: OnceLock<Family<RecheckLabels, Counter>> = OnceLock::new();
     RECHECKS.get_or_init(|| {

@@ -1293,8 +1293,10 @@ impl<'a> Bench<'a> {
         ));
     }
 
-    /// "; lost wake-ups found by rechecks: N reads, M writes" from the proxy's metrics, if any
-    /// (each cost its connection 50 ms to 1 s); `None` if none or the metrics cannot be had.
+    /// "; lost wake-ups found by rechecks: N reads, M writes" from the proxy's metrics
+    /// (`mesh_tcp_readiness_rechecks_total`), if any: each cost its connection 5 ms to 1 s,
+    /// or after the shortest interval was a wake-up still on its way; `None` if none or the
+    /// metrics cannot be had.
     fn lost_wakeups(&self) -> Option<String> {
         let text = self.node.admin_metrics().ok()?;
         let [read, write] = ["read", "write"].map(|op| {
