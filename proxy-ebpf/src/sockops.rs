@@ -293,9 +293,12 @@ fn register(ctx: &SockOpsContext, mut key: SockKey, side: Side, sk: u64, guard: 
 /// streams of 16 KiB writes, 230k runs a second at 113 ns each, long after all had left.
 #[inline(always)]
 fn leave_if_asked(ctx: &SockOpsContext, key: SockKey) {
+    // Looked up once per segment, for both checks below that need it.
+    let cfg = config();
     let done = match MESH_FLOWS.get_ptr_mut(key) {
         None => true,
-        Some(_) if out_of_sockhash(ctx) => true,
+        // SAFETY: a map value pointer; `sk` is written only when the entry is made.
+        Some(entry) if out_of_sockhash(cfg, unsafe { (*entry).sk }) => true,
         Some(entry) => {
             let seen = guard::load(entry);
             if seen & GUARD_LEAVING != 0 {
@@ -305,7 +308,7 @@ fn leave_if_asked(ctx: &SockOpsContext, key: SockKey) {
                 // SAFETY: a map value pointer; this socket's own sk_msg, the only other
                 // writer of its non-atomic fields, runs under the socket's lock, which
                 // this callback holds too.
-                leaves_with_its_connection(&key, unsafe { &mut *entry })
+                leaves_with_its_connection(cfg, &key, unsafe { &mut *entry })
             } else {
                 false
             }
@@ -325,8 +328,8 @@ fn leave_if_asked(ctx: &SockOpsContext, key: SockKey) {
 /// on it, between writes: from the mark on no redirect into this socket is under way or can
 /// come, and an empty queue stays empty.
 #[inline(always)]
-fn leaves_with_its_connection(key: &SockKey, flow: &mut Flow) -> bool {
-    let Some(cfg) = config() else { return true };
+fn leaves_with_its_connection(cfg: Option<&Config>, key: &SockKey, flow: &mut Flow) -> bool {
+    let Some(cfg) = cfg else { return true };
     if cfg.off_psock_msg_len == 0 {
         return true; // an empty queue cannot be shown
     }
@@ -354,12 +357,12 @@ fn leaves_with_its_connection(key: &SockKey, flow: &mut Flow) -> bool {
     true
 }
 
-/// True if the socket has no psock: it is out of the SOCKHASH for good (the proxy removed
-/// it, or it removed itself; no socket is added again). False if that cannot be read.
+/// True if the socket at kernel address `sk` (its `Flow::sk`) has no psock: it is out of
+/// the SOCKHASH for good (the proxy removed it, or it removed itself; no socket is added
+/// again). False if that cannot be read.
 #[inline(always)]
-fn out_of_sockhash(ctx: &SockOpsContext) -> bool {
-    let Some(cfg) = config() else { return false };
-    let sk = socket_address(ctx);
+fn out_of_sockhash(cfg: Option<&Config>, sk: u64) -> bool {
+    let Some(cfg) = cfg else { return false };
     cfg.off_sk_user_data != 0 && sk != 0 && !has_psock(cfg, sk)
 }
 

@@ -389,38 +389,16 @@ pub async fn bidirectional(
     relay: Option<&dyn Relay>,
     progress: &Progress,
 ) -> io::Result<Transferred> {
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
-    let (up, down) = match relay {
-        Some(r) => (Some((r, true)), Some((r, false))),
-        None => (None, None),
-    };
-    let ended = AtomicU64::new(0);
-    // Both directions in this one task, never spawned apart: `Pacer` relies on it (it marks
-    // the socket towards the client from the other direction's `relayed`, which must not run
-    // while a write towards the client is under way); so are the relay's ticks.
-    let copy = async {
-        tokio::try_join!(
-            one_way(
-                &mut cr,
-                &mut uw,
-                buffer,
-                recheck,
-                up,
-                &ended,
-                &progress.to_upstream
-            ),
-            one_way(
-                &mut ur,
-                &mut cw,
-                buffer,
-                recheck,
-                down,
-                &ended,
-                &progress.to_client
-            ),
-        )
-    };
+    let copy = both_ways(
+        client.split(),
+        upstream.split(),
+        buffer,
+        recheck,
+        relay,
+        progress,
+    );
+    // The relay's ticks run in this same task, for the same reason as the two directions
+    // (`both_ways`): they look between the copy's reads and writes, never during one.
     match relay {
         Some(relay) => tokio::select! {
             r = copy => r?,
@@ -443,43 +421,59 @@ pub async fn bidirectional_io<U>(
 where
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = tokio::io::split(upstream);
-    let ended = AtomicU64::new(0);
-    tokio::try_join!(
-        one_way(
-            &mut cr,
-            &mut uw,
-            buffer,
-            recheck,
-            None,
-            &ended,
-            &progress.to_upstream
-        ),
-        one_way(
-            &mut ur,
-            &mut cw,
-            buffer,
-            recheck,
-            None,
-            &ended,
-            &progress.to_client
-        ),
-    )?;
+    both_ways(
+        client.split(),
+        tokio::io::split(upstream),
+        buffer,
+        recheck,
+        None,
+        progress,
+    )
+    .await?;
     Ok(progress.snapshot())
 }
 
+/// Both directions of a connection, client to upstream and back, in one future: never
+/// spawned apart. `Pacer` relies on it (it marks the socket towards the client from the
+/// other direction's `relayed`, which must not run while a write towards the client is
+/// under way), and each direction's end of stream is a step for the other's read
+/// (`one_way`'s `ended`).
+async fn both_ways<CR, CW, UR, UW>(
+    (mut cr, mut cw): (CR, CW),
+    (mut ur, mut uw): (UR, UW),
+    buffer: usize,
+    recheck: bool,
+    relay: Option<&dyn Relay>,
+    progress: &Progress,
+) -> io::Result<()>
+where
+    CR: AsyncRead + Unpin + Direct,
+    CW: AsyncWrite + Unpin + Direct,
+    UR: AsyncRead + Unpin + Direct,
+    UW: AsyncWrite + Unpin + Direct,
+{
+    let ended = AtomicU64::new(0);
+    let up = (relay.map(|r| (r, true)), &progress.to_upstream);
+    let down = (relay.map(|r| (r, false)), &progress.to_client);
+    tokio::try_join!(
+        one_way(&mut cr, &mut uw, buffer, recheck, up, &ended),
+        one_way(&mut ur, &mut cw, buffer, recheck, down, &ended),
+    )?;
+    Ok(())
+}
+
 /// Copies until end of stream, then half-closes the writer. With `recheck` both ends ask
-/// their sockets directly when readiness is slow to come (`Rechecked`). `ended`: shared by
-/// the two directions of a connection, each adds 1 when it has passed its end of stream on.
+/// their sockets directly when readiness is slow to come (`Rechecked`). `(relay, count)`:
+/// the relay and direction told after each write, and the direction's byte counter.
+/// `ended`: shared by the two directions of a connection, each adds 1 when it has passed
+/// its end of stream on.
 async fn one_way<R, W>(
     r: &mut R,
     w: &mut W,
     buffer: usize,
     recheck: bool,
-    relay: Option<(&dyn Relay, bool)>,
+    (relay, count): (Option<(&dyn Relay, bool)>, &AtomicU64),
     ended: &AtomicU64,
-    count: &AtomicU64,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Direct,

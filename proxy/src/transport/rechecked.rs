@@ -87,8 +87,13 @@ impl Wait {
 
     /// The socket made progress: the next wait starts short again.
     fn reset(&mut self) {
+        self.restart(RECHECK);
+    }
+
+    /// The current wait is off; the next one lasts `next`.
+    fn restart(&mut self, next: Duration) {
         self.timer = None;
-        self.next = RECHECK;
+        self.next = next;
     }
 
     /// Nothing there when asked: wait longer next time, up to `max`.
@@ -143,8 +148,7 @@ impl<T> Rechecked<T> {
             self.steps_seen = steps;
             if self.recheck {
                 self.ask_now = true;
-                self.read.timer = None;
-                self.read.next = RECHECK_AFTER_STEP;
+                self.read.restart(RECHECK_AFTER_STEP);
             }
         }
     }

@@ -1270,6 +1270,8 @@ impl<'a> Bench<'a> {
         let (Some(before), Some(after)) = (before, self.short_circuit_counters(sc)) else {
             return;
         };
+        // One scrape of the proxy's metrics for both summaries (None if it cannot be had).
+        let metrics = self.node.admin_metrics().ok();
         let grew: Vec<String> = SHOWN
             .iter()
             .filter_map(|name| {
@@ -1288,25 +1290,25 @@ impl<'a> Bench<'a> {
             } else {
                 grew.join(", ")
             },
-            self.leave_times(gate_waits_ms).unwrap_or_default(),
-            self.lost_wakeups().unwrap_or_default()
+            metrics
+                .as_deref()
+                .and_then(|text| Self::leave_times(text, gate_waits_ms))
+                .unwrap_or_default(),
+            metrics
+                .as_deref()
+                .and_then(Self::lost_wakeups)
+                .unwrap_or_default()
         ));
     }
 
     /// "; lost wake-ups found by rechecks: N reads, M writes" from the proxy's metrics
     /// (`mesh_tcp_readiness_rechecks_total`), if any: each cost its connection 5 ms to 1 s,
-    /// or after the shortest interval was a wake-up still on its way; `None` if none or the
-    /// metrics cannot be had.
-    fn lost_wakeups(&self) -> Option<String> {
-        let text = self.node.admin_metrics().ok()?;
+    /// or after the shortest interval was a wake-up still on its way; `None` if none.
+    fn lost_wakeups(text: &str) -> Option<String> {
         let [read, write] = ["read", "write"].map(|op| {
             let label = format!("op=\"{op}\"");
-            tests::metric_sum(
-                &text,
-                "mesh_tcp_readiness_rechecks_total",
-                &[label.as_str()],
-            )
-            .max(0.0) as u64
+            tests::metric_sum(text, "mesh_tcp_readiness_rechecks_total", &[label.as_str()]).max(0.0)
+                as u64
         });
         (read + write > 0)
             .then(|| format!("; lost wake-ups found by rechecks: {read} reads, {write} writes"))
@@ -1314,12 +1316,11 @@ impl<'a> Bench<'a> {
 
     /// "; left: ..." with the mean times connections took to start leaving the short-circuit
     /// and to get all four sockets out, from the proxy's metrics (this scenario's proxy only
-    /// ran this size); `None` if no connection left or the metrics cannot be had.
-    fn leave_times(&self, gate_waits_ms: &[(f64, f64)]) -> Option<String> {
-        let text = self.node.admin_metrics().ok()?;
+    /// ran this size); `None` if no connection left.
+    fn leave_times(text: &str, gate_waits_ms: &[(f64, f64)]) -> Option<String> {
         let mean = |name: &str| {
-            let sum = tests::metric_sum(&text, &format!("{name}_sum"), &[]);
-            let count = tests::metric_sum(&text, &format!("{name}_count"), &[]);
+            let sum = tests::metric_sum(text, &format!("{name}_sum"), &[]);
+            let count = tests::metric_sum(text, &format!("{name}_count"), &[]);
             (count > 0.0).then(|| (sum / count * 1000.0, count))
         };
         let (start, n) = mean("mesh_tcp_short_circuit_leave_start_seconds")?;
@@ -1332,7 +1333,7 @@ impl<'a> Bench<'a> {
                 let label = format!("socket=\"{socket}\"");
                 let per = |suffix: &str| {
                     tests::metric_sum(
-                        &text,
+                        text,
                         &format!("mesh_tcp_short_circuit_leave_socket_seconds_{suffix}"),
                         &[label.as_str()],
                     )
