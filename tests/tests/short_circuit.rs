@@ -536,8 +536,11 @@ fn bytes_stay_in_order_on_the_per_hop_short_circuit_with_softirq_spread() -> Res
     let added = p.counter("sockhash_inserted")? - inserted;
     ensure!(
         added == 4 * 2000 && p.counter("sockhash_skipped_blocking")? == 0,
-        "{added} sockets registered for 2000 connections of non-blocking programs (expected 8000), {} kept off as blocking",
-        p.counter("sockhash_skipped_blocking")?
+        "{added} sockets registered for 2000 connections of non-blocking programs (expected 8000), {} kept off as blocking, {} as early data, {} insert failures, {} flow insert failures",
+        p.counter("sockhash_skipped_blocking")?,
+        p.counter("sockhash_skipped_early_data")?,
+        p.counter("sockhash_insert_failed")?,
+        p.counter("flow_insert_failed")?
     );
     ensure!(
         p.counter("splice_started")? == 0,
