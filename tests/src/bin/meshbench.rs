@@ -727,9 +727,15 @@ struct StreamReport {
     /// ms: what draining the queues took. One slow connection stretches the run's time and
     /// cuts its figure, so this tells a stall apart from a slower path.
     drain_ms_max: Option<f64>,
+    /// Bytes written in each [`TIMELINE_STEP`] after the common start, over all connections
+    /// (the last window may be partial): where in the run a slower path loses its time.
+    timeline: Vec<u64>,
     errors: u64,
     failures: Vec<String>,
 }
+
+/// The width of one `timeline` window of `stream`.
+const TIMELINE_STEP: Duration = Duration::from_millis(100);
 
 struct StreamDone {
     /// When the header went out (the connection was open).
@@ -741,6 +747,8 @@ struct StreamDone {
     confirmed: Instant,
     bytes: u64,
     msgs: u64,
+    /// Bytes written per `TIMELINE_STEP` since the common start.
+    timeline: Vec<u64>,
 }
 
 fn stream(a: &StreamArgs) -> StreamReport {
@@ -781,9 +789,24 @@ fn stream(a: &StreamArgs) -> StreamReport {
         msgs: done.iter().map(|d| d.msgs).sum(),
         gate_wait_ms,
         drain_ms_max,
+        timeline: sum_timelines(done.iter().map(|d| d.timeline.as_slice())),
         errors: failures.len() as u64,
         failures,
     }
+}
+
+/// Per-window sums of several timelines of different lengths.
+fn sum_timelines<'a>(all: impl Iterator<Item = &'a [u64]>) -> Vec<u64> {
+    let mut sum: Vec<u64> = Vec::new();
+    for t in all {
+        if sum.len() < t.len() {
+            sum.resize(t.len(), 0);
+        }
+        for (s, b) in sum.iter_mut().zip(t) {
+            *s += b;
+        }
+    }
+    sum
 }
 
 fn stream_conn(
@@ -821,6 +844,7 @@ fn stream_send(
     let size = buf.len() as u64;
     let end = start + a.time;
     let (mut sent, mut msgs, mut first_write) = (0u64, 0u64, None);
+    let mut timeline: Vec<u64> = Vec::new();
     // `sent <= max_bytes` always holds, so the subtraction cannot underflow.
     while a.max_bytes - sent >= size {
         let now = Instant::now();
@@ -831,6 +855,13 @@ fn stream_send(
         s.write_all(buf).map_err(|e| io_error("write", e))?;
         sent += size;
         msgs += 1;
+        // The window the write started in (no second clock read per write).
+        let window =
+            (now.saturating_duration_since(start).as_nanos() / TIMELINE_STEP.as_nanos()) as usize;
+        if timeline.len() <= window {
+            timeline.resize(window + 1, 0);
+        }
+        timeline[window] += size;
     }
     s.shutdown_write()
         .map_err(|e| io_error("shutdown(write)", e))?;
@@ -848,6 +879,7 @@ fn stream_send(
         confirmed,
         bytes: sent,
         msgs,
+        timeline,
     })
 }
 
@@ -863,6 +895,8 @@ impl StreamReport {
             .num("msgs_per_s", rate(self.msgs), 1)
             .num("gate_wait_ms", self.gate_wait_ms, 1)
             .num("drain_ms_max", self.drain_ms_max, 1)
+            .ints("timeline_bytes", &self.timeline)
+            .int("timeline_step_ms", TIMELINE_STEP.as_millis() as u64)
             .int("errors", self.errors)
             .finish()
     }
@@ -988,7 +1022,7 @@ impl ConnrateReport {
 
 // === impl Json ===
 
-/// One flat JSON object of numbers. The keys are literals of this file and need no
+/// One flat JSON object of numbers and lists of integers. The keys are literals of this file and need no
 /// escaping; a number that is not finite (a rate over zero seconds) is written as null.
 struct Json(String);
 
@@ -999,6 +1033,12 @@ impl Json {
 
     fn int(mut self, key: &str, v: u64) -> Json {
         let _ = write!(self.0, ",\"{key}\":{v}");
+        self
+    }
+
+    fn ints(mut self, key: &str, v: &[u64]) -> Json {
+        let list: Vec<String> = v.iter().map(u64::to_string).collect();
+        let _ = write!(self.0, ",\"{key}\":[{}]", list.join(","));
         self
     }
 
@@ -1770,6 +1810,15 @@ mod tests {
         assert_eq!(field(&json, "errors")?, 0.0);
         assert!(field(&json, "gbit_per_s")? > 0.0, "{json}");
         assert!(field(&json, "msgs_per_s")? > 0.0, "{json}");
+        // Every byte written is in one window of the timeline: 200 ms is 2 or 3 of them.
+        assert_eq!(r.timeline.iter().sum::<u64>(), r.bytes, "{r:?}");
+        assert!((1..=3).contains(&r.timeline.len()), "{r:?}");
+        let list: Vec<String> = r.timeline.iter().map(u64::to_string).collect();
+        assert!(
+            json.contains(&format!("\"timeline_bytes\":[{}]", list.join(","))),
+            "{json}"
+        );
+        assert_eq!(field(&json, "timeline_step_ms")?, 100.0);
 
         // --max-bytes ends the run first, at whole messages.
         let r = stream(&StreamArgs {
@@ -1783,6 +1832,13 @@ mod tests {
         assert_eq!((r.bytes, r.msgs), (30_000, 30));
         assert!(r.seconds < 10.0, "{r:?}");
         Ok(())
+    }
+
+    #[test]
+    fn timelines_of_different_lengths_add_up_per_window() {
+        let (a, b, none): (&[u64], &[u64], &[u64]) = (&[1, 2], &[10, 20, 30], &[]);
+        assert_eq!(sum_timelines([a, b, none].into_iter()), vec![11, 22, 30]);
+        assert!(sum_timelines(std::iter::empty()).is_empty());
     }
 
     #[test]

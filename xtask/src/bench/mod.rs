@@ -1203,6 +1203,14 @@ impl<'a> Bench<'a> {
                 .map(|ms| (conns as f64, ms)),
         );
         if self.streams_only
+            && let Some(line) = timeline(&j)
+        {
+            say(&format!(
+                "{scenario} stream {} x{conns}: Gbit/s written per {line}",
+                human(size)
+            ));
+        }
+        if self.streams_only
             && let Some(drain) = j.get("drain_ms_max").and_then(Value::as_f64)
             && drain > DRAIN_SHOWN_MS
         {
@@ -1511,6 +1519,20 @@ impl<'a> Bench<'a> {
 
 /// A number from a result; `null` (nothing measured, e.g. every connection failed) is NaN,
 /// which the report shows as n/a.
+/// meshbench stream's `timeline_bytes` as "100 ms: 12.1 17.9 ...", in Gbit/s per window
+/// (`--streams-only` prints it per run: where in a run a path loses its time); `None` if
+/// the JSON has none.
+fn timeline(j: &Value) -> Option<String> {
+    let step_ms = j.get("timeline_step_ms")?.as_u64().filter(|&ms| ms > 0)?;
+    let windows = j.get("timeline_bytes")?.as_array()?;
+    let rates: Vec<String> = windows
+        .iter()
+        .filter_map(Value::as_u64)
+        .map(|b| format!("{:.1}", b as f64 * 8.0 / 1e9 / (step_ms as f64 / 1000.0)))
+        .collect();
+    Some(format!("{step_ms} ms: {}", rates.join(" ")))
+}
+
 fn num(v: &Value, key: &str) -> Result<f64> {
     match v.get(key) {
         Some(Value::Null) => Ok(f64::NAN),
@@ -1641,4 +1663,24 @@ pub fn group(samples: &[Sample]) -> Groups {
         .push(s.value);
     }
     out
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn a_stream_timeline_is_shown_in_gbit_per_second_per_window() {
+        let j: Value = serde_json::from_str(
+            r#"{"timeline_bytes":[1250000000,625000000,0],"timeline_step_ms":100}"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(timeline(&j).as_deref(), Some("100 ms: 100.0 50.0 0.0"));
+        // Older meshbench output, or a zero step: nothing to show.
+        let old: Value = serde_json::from_str(r#"{"bytes":5}"#).unwrap_or_default();
+        assert_eq!(timeline(&old), None);
+        let zero: Value = serde_json::from_str(r#"{"timeline_bytes":[1],"timeline_step_ms":0}"#)
+            .unwrap_or_default();
+        assert_eq!(timeline(&zero), None);
+    }
 }
