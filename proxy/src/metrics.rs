@@ -367,6 +367,18 @@ impl Metrics {
             Unit::Seconds,
             m.leave_socket.clone(),
         );
+        let sweeps = crate::ebpf::sweep::counts();
+        r.register(
+            "tcp_short_circuit_release_sweeps",
+            "Release sweeps run (an iterator over every TCP socket of the proxy's namespace that moves leaving proxy sockets on where no write of the proxy's would; at most one per 5 ms, only while a leaving connection waits for one)",
+            sweeps.runs.clone(),
+        );
+        r.register_with_unit(
+            "tcp_short_circuit_release_sweep",
+            "Time the release sweeps took, summed: their cost grows with the node's TCP sockets and hash table size",
+            Unit::Seconds,
+            sweeps.seconds.clone(),
+        );
         r.register(
             "tcp_readiness_rechecks",
             "Reads and writes of short-circuit sockets that waited past the recheck interval (5 ms to 1 s) and then found bytes or room the runtime's readiness had not reported: a lost wake-up each, or, after the shortest intervals, one still on its way",
@@ -1126,6 +1138,12 @@ mod tests {
         // The process-wide count of lost wake-ups (transport::rechecked), shown before any.
         assert!(
             text.contains("mesh_tcp_readiness_rechecks_total{op=\"read\"} "),
+            "{text}"
+        );
+        // The release sweeps' count and time (ebpf::sweep), shown before any ran.
+        assert!(
+            text.contains("mesh_tcp_short_circuit_release_sweeps_total ")
+                && text.contains("mesh_tcp_short_circuit_release_sweep_seconds_total "),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");

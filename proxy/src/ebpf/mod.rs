@@ -11,7 +11,7 @@
 
 pub mod btf;
 mod pins;
-mod sweep;
+pub mod sweep;
 
 use std::{
     fs::File,

@@ -17,7 +17,24 @@ use std::{
     time::Instant,
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tracing::debug;
+
+/// The process's release sweeps: how many ran, and the seconds they took (each walks every
+/// TCP socket of the namespace and the hash tables' empty buckets). The metrics register
+/// both.
+pub struct SweepCounts {
+    pub runs: Counter,
+    pub seconds: Counter<f64>,
+}
+
+pub fn counts() -> &'static SweepCounts {
+    static COUNTS: std::sync::OnceLock<SweepCounts> = std::sync::OnceLock::new();
+    COUNTS.get_or_init(|| SweepCounts {
+        runs: Counter::default(),
+        seconds: Counter::default(),
+    })
+}
 
 /// At most one sweep per this many microseconds: a sweep walks the kernel's TCP hash tables
 /// (every socket of the namespace, and the empty buckets; about 0.9 ms here), and each
@@ -106,8 +123,12 @@ fn sweeper(link: &PathBuf, epoch: Instant, state: &State) {
         state.last.store(micros().max(1), Ordering::Relaxed);
         state.started.store(n, Ordering::Release);
         let t = Instant::now();
-        match run(link) {
-            Ok(()) => debug!(took_us = t.elapsed().as_micros(), "release sweep"),
+        let result = run(link);
+        let took = t.elapsed();
+        counts().runs.inc();
+        counts().seconds.inc_by(took.as_secs_f64());
+        match result {
+            Ok(()) => debug!(took_us = took.as_micros(), "release sweep"),
             Err(e) => debug!(link = %link.display(), error = %e, "the release sweep failed"),
         }
         state.finished.store(n, Ordering::Release);

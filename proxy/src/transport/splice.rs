@@ -279,6 +279,18 @@ const MAX_LEAVE_WAIT_US: u64 = 64_000;
 /// The first wait after a look that found nothing moved.
 const MIN_LEAVE_WAIT_US: u64 = 1_000;
 
+/// While bytes move between two looks, a socket that waits for its verdict asks for the
+/// release sweep only once the wait between looks has grown to this (the look 15 ms into a
+/// stalled step). Moving bytes bring the verdicts without it: each workload sends segments
+/// (its data, or ACKs of the proxy's), at which its own sock_ops leaves once its queue is
+/// empty (`leaves_with_its_connection`), a workload that asked gives it at its next write,
+/// and the proxy's writes to a workload run the release check of the proxy's socket.
+/// A sweep walks every TCP socket of the namespace and the hash tables' empty buckets:
+/// measured (`cargo xtask bench --streams-only`, 16 KiB x100, per thread), 8 to 23 sweeps a
+/// run took 30 to 70 ms, about 3 ms each under load, of the proxy's CPU, when every
+/// connection asked for one from its second look.
+const SWEEP_WHILE_MOVING_US: u64 = 8_000;
+
 /// `Pacer::phase`: watching; leaving (both of the proxy's sockets marked
 /// `FLOW_TCP_DETACHING`); finished (left, or nothing to do any more).
 const WATCHING: u8 = 0;
@@ -345,6 +357,11 @@ pub struct Pacer {
     /// writes), waiting out the doubled waits instead, the proxy socket facing the client
     /// left 300 to 500 ms after the client's socket, the longest step of a move by far.
     sweep_wait: AtomicU64,
+    /// Bytes relayed both ways as of the last look while leaving, and whether a socket that
+    /// waits for its verdict may ask for the release sweep at this look (nothing moved
+    /// since the last one, or the wait grew to [`SWEEP_WHILE_MOVING_US`]).
+    relayed_at_look: AtomicU64,
+    may_sweep: AtomicBool,
     /// Signalled when leaving starts: from then on the copy also looks between writes, at
     /// the times `next_look` says (`Relay::tick`). Measured before (100 uploads of 64 B
     /// writes through the proxy): looking only at the proxy's writes, which come a few dozen
@@ -452,6 +469,8 @@ impl Pacer {
             next_look: AtomicU64::new(0),
             wait: AtomicU64::new(0),
             sweep_wait: AtomicU64::new(0),
+            relayed_at_look: AtomicU64::new(0),
+            may_sweep: AtomicBool::new(false),
             leaving: tokio::sync::Notify::new(),
             started: OnceLock::new(),
             leave_started: OnceLock::new(),
@@ -553,6 +572,16 @@ impl Pacer {
             }
         }
         self.sweep_wait.store(0, Ordering::Relaxed);
+        let relayed = self.sides[0].relayed.load(Ordering::Relaxed)
+            + self.sides[1].relayed.load(Ordering::Relaxed);
+        let quiet = self.relayed_at_look.swap(relayed, Ordering::Relaxed) == relayed;
+        let wait = self.wait.load(Ordering::Relaxed);
+        // Not at the first look (`wait` 0): a workload that writes gives its verdict within
+        // a millisecond.
+        self.may_sweep.store(
+            wait != 0 && (quiet || wait >= SWEEP_WHILE_MOVING_US),
+            Ordering::Relaxed,
+        );
         let moved = self.advance(0) | self.advance(1);
         let done = self
             .sides
@@ -691,14 +720,12 @@ impl Pacer {
                     return true;
                 }
                 if w.detach != DETACH_READY && p.detach == 0 {
-                    // The verdict comes with the workload's next write (`detach`), the
-                    // proxy's next write to it, or the release sweep (`release` on the
-                    // proxy's socket), which is the only one for a workload that asked and
-                    // then went quiet: a download's client, say, whose proxy socket gets no
-                    // writes either. Not at the first look (`wait` 0): a workload that
-                    // writes gives its verdict within a millisecond, and a sweep walks
-                    // every TCP socket of the namespace.
-                    if self.wait.load(Ordering::Relaxed) != 0 {
+                    // The verdict comes with the workload's next write (`detach`) or
+                    // segment (its sock_ops), the proxy's next write to it, or the release
+                    // sweep (`release` on the proxy's socket), which is the only one for a
+                    // workload that asked and then went quiet: a download's client, say,
+                    // whose proxy socket gets no writes either (`may_sweep`).
+                    if self.may_sweep.load(Ordering::Relaxed) {
                         self.wait_for_sweep();
                     }
                     return false;
@@ -733,8 +760,11 @@ impl Pacer {
                 }
                 Some(_) => {
                     // The verdict comes with the proxy's next write to this workload, or
-                    // from the release sweep for one that only sends (which gets none).
-                    self.wait_for_sweep();
+                    // from the release sweep for one that only sends (which gets none);
+                    // a stream's leaves on the byte count above, as the copy catches up.
+                    if self.may_sweep.load(Ordering::Relaxed) {
+                        self.wait_for_sweep();
+                    }
                     false
                 }
                 None => {

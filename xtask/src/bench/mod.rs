@@ -1290,7 +1290,7 @@ impl<'a> Bench<'a> {
             })
             .collect();
         say(&format!(
-            "{} {}: {}{}{}",
+            "{} {}: {}{}{}{}",
             sc.name,
             human(size),
             if grew.is_empty() {
@@ -1305,8 +1305,24 @@ impl<'a> Bench<'a> {
             metrics
                 .as_deref()
                 .and_then(Self::lost_wakeups)
+                .unwrap_or_default(),
+            metrics
+                .as_deref()
+                .and_then(Self::sweeps)
                 .unwrap_or_default()
         ));
+    }
+
+    /// "; N release sweeps (T ms)" from the proxy's metrics, if any ran: their CPU is the
+    /// proxy's, taken from relaying.
+    fn sweeps(text: &str) -> Option<String> {
+        let runs = tests::metric_sum(text, "mesh_tcp_short_circuit_release_sweeps_total", &[]);
+        let seconds = tests::metric_sum(
+            text,
+            "mesh_tcp_short_circuit_release_sweep_seconds_total",
+            &[],
+        );
+        (runs > 0.0).then(|| format!("; {runs:.0} release sweeps ({:.1} ms)", seconds * 1e3))
     }
 
     /// "; lost wake-ups found by rechecks: N reads, M writes" from the proxy's metrics
