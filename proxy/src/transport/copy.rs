@@ -244,6 +244,14 @@ pub trait Relay: Sync {
     fn steps(&self) -> u64 {
         0
     }
+
+    /// True while a read of the proxy's sockets may wait for a wake-up that was lost before
+    /// the relay could know (its connection on the short-circuit, no workload's ask seen
+    /// yet): the copy's reads then ask directly after [`RECHECK_AFTER_STEP`], not
+    /// [`RECHECK`] (`Rechecked::rechecks_soon`).
+    fn rechecks_soon(&self) -> bool {
+        false
+    }
 }
 
 /// The copy's third leg: calls [`Relay::tick`] at the times the relay asks for, from its
@@ -495,6 +503,7 @@ where
             let mut steps = ended.load(Ordering::Relaxed);
             if let Some((relay, _)) = relay {
                 r.keep_readiness(relay.mixed_queues());
+                r.rechecks_soon(relay.rechecks_soon());
                 steps = steps.wrapping_add(relay.steps());
             }
             r.ask_after(steps);

@@ -57,10 +57,12 @@ fn count_recheck(op: &'static str) {
     rechecks().get_or_create(&RecheckLabels { op }).inc();
 }
 
-/// One direction's wait for readiness: the timer that ends it, and how long the next is.
+/// One direction's wait for readiness: the timer that ends it, how long the next is, and
+/// how long the first after progress is.
 struct Wait {
     timer: Option<Pin<Box<Sleep>>>,
     next: Duration,
+    first: Duration,
 }
 
 impl Wait {
@@ -68,6 +70,7 @@ impl Wait {
         Wait {
             timer: None,
             next: RECHECK,
+            first: RECHECK,
         }
     }
 
@@ -87,7 +90,7 @@ impl Wait {
 
     /// The socket made progress: the next wait starts short again.
     fn reset(&mut self) {
-        self.restart(RECHECK);
+        self.restart(self.first);
     }
 
     /// The current wait is off; the next one lasts `next`.
@@ -138,6 +141,20 @@ impl<T> Rechecked<T> {
     /// when a short read does not show the socket drained and what this costs).
     pub fn keep_readiness(&mut self, on: bool) {
         self.keep_readiness = on && self.recheck;
+    }
+
+    /// With `soon`, a read that waits asks the socket directly after [`RECHECK_AFTER_STEP`]
+    /// rather than [`RECHECK`] (`copy::Relay::rechecks_soon`): from the next wait that
+    /// starts, or from the current one if its timer is not armed yet.
+    pub fn rechecks_soon(&mut self, soon: bool) {
+        let first = if soon { RECHECK_AFTER_STEP } else { RECHECK };
+        if self.read.first != first {
+            self.read.first = first;
+            // A wait not begun yet (no timer armed) takes the new interval at once.
+            if self.read.timer.is_none() {
+                self.read.next = first;
+            }
+        }
     }
 
     /// `steps`: the relay's step count (`copy::Relay::steps`). When it moved since the last
@@ -391,6 +408,34 @@ mod tests {
         assert_eq!(poll_once(&mut b).await?, None, "the timer has not run out");
         tokio::time::advance(RECHECK_AFTER_STEP + Duration::from_millis(1)).await;
         assert_eq!(poll_once(&mut b).await?.as_deref(), Some(&b"answer"[..]));
+        Ok(())
+    }
+
+    /// While the relay asks for it (a connection on the short-circuit, watched), a read
+    /// whose readiness never comes is asked for after RECHECK_AFTER_STEP, each time it
+    /// waits after progress; without, after RECHECK.
+    #[tokio::test(start_paused = true)]
+    async fn reads_recheck_soon_while_the_relay_asks_for_it() -> io::Result<()> {
+        let (a, b) = pair().await?;
+        let mut b = Rechecked::new(NeverReady(b), true);
+        b.rechecks_soon(true);
+        for word in [&b"first"[..], b"second"] {
+            assert_eq!(poll_once(&mut b).await?, None, "nothing there yet");
+            a.try_write(word)?;
+            delivered(&b).await?;
+            assert_eq!(poll_once(&mut b).await?, None, "the timer has not run out");
+            tokio::time::advance(RECHECK_AFTER_STEP + Duration::from_millis(1)).await;
+            assert_eq!(poll_once(&mut b).await?.as_deref(), Some(word));
+        }
+        // Off again: the next wait is the plain one.
+        b.rechecks_soon(false);
+        assert_eq!(poll_once(&mut b).await?, None);
+        a.try_write(b"late")?;
+        delivered(&b).await?;
+        tokio::time::advance(RECHECK_AFTER_STEP * 2).await;
+        assert_eq!(poll_once(&mut b).await?, None, "asked before RECHECK");
+        tokio::time::advance(RECHECK).await;
+        assert_eq!(poll_once(&mut b).await?.as_deref(), Some(&b"late"[..]));
         Ok(())
     }
 
