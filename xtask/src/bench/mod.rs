@@ -1205,8 +1205,13 @@ impl<'a> Bench<'a> {
         if self.streams_only
             && let Some(line) = timeline(&j)
         {
+            let drain = j
+                .get("drain_ms_max")
+                .and_then(Value::as_f64)
+                .map(|ms| format!("; last count confirmed {ms:.0} ms after writing ended"))
+                .unwrap_or_default();
             say(&format!(
-                "{scenario} stream {} x{conns}: Gbit/s written per {line}",
+                "{scenario} stream {} x{conns}: Gbit/s written per {line}{drain}",
                 human(size)
             ));
         }
