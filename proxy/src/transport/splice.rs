@@ -61,6 +61,13 @@ pub struct Splicer {
     state: AtomicU32,
     /// Directions that carried bytes so far: bit 0 to upstream, bit 1 to the client.
     carried: AtomicU8,
+    /// `MESH_SPLICE` may hold this connection's entries (set before the first is written,
+    /// cleared by `take_back`), and whether it ever did (then `MESH_DIRECT` may count its
+    /// direct bytes). A connection that never opened the path, most of them (the path
+    /// opens after a turn), ends without the six map syscalls of taking back and taking
+    /// its counts, each behind the maps' lock.
+    splice_written: AtomicBool,
+    spliced_ever: AtomicBool,
     /// The path opens only once both directions carried bytes (the stream rule on: see
     /// [`Splicer::relayed`]); else at once.
     after_turn: bool,
@@ -95,6 +102,8 @@ impl Splicer {
             down: AtomicU64::new(0),
             state: AtomicU32::new(0),
             carried: AtomicU8::new(0),
+            splice_written: AtomicBool::new(false),
+            spliced_ever: AtomicBool::new(false),
             after_turn: maps.streams_leave(),
         };
         if !s.after_turn {
@@ -146,6 +155,8 @@ impl Splicer {
             self.up.load(Ordering::Relaxed),
             self.down.load(Ordering::Relaxed),
         );
+        self.splice_written.store(true, Ordering::Relaxed);
+        self.spliced_ever.store(true, Ordering::Relaxed);
         match self
             .maps
             .set_splice(&self.inbound, &self.outbound, up)
@@ -167,6 +178,12 @@ impl Splicer {
     /// Takes the counts of bytes the client and the server sent on the kernel-only path, in
     /// that order.
     pub fn take_direct_bytes(&self) -> (u64, u64) {
+        // Only a workload whose proxy socket had a `MESH_SPLICE` entry sends direct bytes
+        // (sk_msg counts them in `MESH_DIRECT`); sock_ops removes a stale count of the same
+        // 4-tuple when it registers the proxy's socket.
+        if !self.spliced_ever.load(Ordering::Relaxed) {
+            return (0, 0);
+        }
         (
             self.maps.take_direct_bytes(&self.inbound),
             self.maps.take_direct_bytes(&self.outbound),
@@ -176,8 +193,10 @@ impl Splicer {
     /// Takes the connection off the kernel-only path: each workload's next message goes to
     /// the proxy over TCP (in order: the far end reads the direct bytes first).
     pub fn take_back(&self) {
-        self.maps.remove_splice(&self.inbound);
-        self.maps.remove_splice(&self.outbound);
+        if self.splice_written.swap(false, Ordering::Relaxed) {
+            self.maps.remove_splice(&self.inbound);
+            self.maps.remove_splice(&self.outbound);
+        }
     }
 }
 
@@ -203,6 +222,7 @@ impl Relay for Splicer {
             ACTIVE => {
                 // A failed update leaves the older, smaller total: the kernel then keeps this
                 // direction on the proxy's path, which is always safe.
+                self.splice_written.store(true, Ordering::Relaxed);
                 if let Err(e) = self.maps.set_splice(from, to, total) {
                     debug!(error = %e, "could not publish the relayed byte count");
                 }
