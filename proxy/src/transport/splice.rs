@@ -608,8 +608,10 @@ impl Pacer {
             }
         }
         self.sweep_wait.store(0, Ordering::Relaxed);
-        let relayed = self.sides[0].relayed.load(Ordering::Relaxed)
-            + self.sides[1].relayed.load(Ordering::Relaxed);
+        let relayed = self.sides[0]
+            .relayed
+            .load(Ordering::Relaxed)
+            .wrapping_add(self.sides[1].relayed.load(Ordering::Relaxed));
         let quiet = self.relayed_at_look.swap(relayed, Ordering::Relaxed) == relayed;
         let wait = self.wait.load(Ordering::Relaxed);
         // Not at the first look (`wait` 0): a workload that writes gives its verdict within
