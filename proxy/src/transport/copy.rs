@@ -96,13 +96,13 @@ pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 /// waits on a full window, until the copy's [`RECHECK`] (50 ms) asks directly. Measured
 /// (`mesh_tcp_readiness_rechecks_total`, 100 streams of 16 KiB writes, 5 runs): the timed
 /// rechecks found bytes 2 to 34 times a run before this, 1 to 15 after; at the start of
-/// leaving, the direct ask (`Relay::steps`) finds bytes waiting on 36 to 97 connections of
+/// leaving, the direct ask (`Reading::steps`) finds bytes waiting on 36 to 97 connections of
 /// 100.
 ///
 /// Not for every read: after a short read, the next one (an EAGAIN, mostly) costs a syscall.
 /// Used for all reads, it slowed 100 streams of 1 KiB writes to x0.53 of TCP (the proxy,
 /// short of CPU among 200 load threads, fell behind and the workloads asked to leave); the
-/// copy uses it only while its connection leaves ([`Relay::mixed_queues`]).
+/// copy uses it only while its connection leaves ([`Reading::mixed_queues`]).
 pub fn poll_recv_keeping_readiness(
     s: &TcpStream,
     cx: &mut Context<'_>,
@@ -229,29 +229,31 @@ pub trait Relay: Sync {
     /// way, as for `relayed`).
     fn tick(&self) {}
 
-    /// True while a read of the proxy's sockets may find redirected bytes ahead of TCP bytes
-    /// (the connection is leaving the short-circuit): the copy then keeps a socket's
-    /// readiness after a short read ([`poll_recv_keeping_readiness`]).
-    fn mixed_queues(&self) -> bool {
-        false
+    /// How the copy reads the proxy's sockets now ([`Reading`]), asked at every poll of a
+    /// read. One answer for all three rules, so that a relay that wraps another (`Splicer`
+    /// around its `Pacer`) passes them on in one place.
+    fn reading(&self) -> Reading {
+        Reading::default()
     }
+}
 
+/// The relay's rules for the copy's reads at this moment (`Relay::reading`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// A read of the proxy's sockets may find redirected bytes ahead of TCP bytes (the
+    /// connection is leaving the short-circuit): keep a socket's readiness after a short
+    /// read ([`poll_recv_keeping_readiness`]).
+    pub mixed_queues: bool,
+    /// A read may wait for a wake-up that was lost before the relay could know (its
+    /// connection on the short-circuit, no workload's ask seen yet): ask directly after
+    /// [`RECHECK_AFTER_STEP`], not [`RECHECK`] (`Rechecked::rechecks_soon`).
+    pub rechecks_soon: bool,
     /// A count the relay moves on at each step that can change how the proxy's sockets are
     /// read (a connection starting to leave the short-circuit, each socket out of the
     /// SOCKHASH, the end of leaving). A read that waits asks its socket directly once when
     /// it sees the count move (`Rechecked::ask_after`): the step may have followed a short
     /// read that dropped a readiness still owed.
-    fn steps(&self) -> u64 {
-        0
-    }
-
-    /// True while a read of the proxy's sockets may wait for a wake-up that was lost before
-    /// the relay could know (its connection on the short-circuit, no workload's ask seen
-    /// yet): the copy's reads then ask directly after [`RECHECK_AFTER_STEP`], not
-    /// [`RECHECK`] (`Rechecked::rechecks_soon`).
-    fn rechecks_soon(&self) -> bool {
-        false
-    }
+    pub steps: u64,
 }
 
 /// The copy's third leg: calls [`Relay::tick`] at the times the relay asks for, from its
@@ -502,9 +504,10 @@ where
         let n = std::future::poll_fn(|cx| {
             let mut steps = ended.load(Ordering::Relaxed);
             if let Some((relay, _)) = relay {
-                r.keep_readiness(relay.mixed_queues());
-                r.rechecks_soon(relay.rechecks_soon());
-                steps = steps.wrapping_add(relay.steps());
+                let now = relay.reading();
+                r.keep_readiness(now.mixed_queues);
+                r.rechecks_soon(now.rechecks_soon);
+                steps = steps.wrapping_add(now.steps);
             }
             r.ask_after(steps);
             let mut b = ReadBuf::new(&mut buf);

@@ -144,7 +144,7 @@ impl<T> Rechecked<T> {
     }
 
     /// With `soon`, a read that waits asks the socket directly after [`RECHECK_AFTER_STEP`]
-    /// rather than [`RECHECK`] (`copy::Relay::rechecks_soon`): from the next wait that
+    /// rather than [`RECHECK`] (`copy::Reading::rechecks_soon`): from the next wait that
     /// starts, or from the current one if its timer is not armed yet.
     pub fn rechecks_soon(&mut self, soon: bool) {
         let first = if soon { RECHECK_AFTER_STEP } else { RECHECK };
@@ -157,7 +157,7 @@ impl<T> Rechecked<T> {
         }
     }
 
-    /// `steps`: the relay's step count (`copy::Relay::steps`). When it moved since the last
+    /// `steps`: the relay's step count (`copy::Reading::steps`). When it moved since the last
     /// call, a read that waits asks the socket directly once, at once (with `recheck`).
     /// The next timed ask then comes after [`RECHECK_AFTER_STEP`], doubling from there.
     pub fn ask_after(&mut self, steps: u64) {
@@ -213,16 +213,17 @@ impl<T: AsyncRead + Direct + Unpin> AsyncRead for Rechecked<T> {
                     }
                     return Poll::Ready(Ok(()));
                 }
-                // Nothing there, or no socket to ask (a tunnel stream).
-                None if timed => this.read.back_off(RECHECK_IDLE_MAX),
-                None => {}
-                // Loop: poll the stream again (registers for readiness) and arm the next,
-                // longer timer.
-                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock && timed => {
-                    this.read.back_off(RECHECK_IDLE_MAX);
+                Some(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => {
+                    return Poll::Ready(Err(e));
                 }
-                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Some(Err(e)) => return Poll::Ready(Err(e)),
+                // Nothing there, or no socket to ask (a tunnel stream). Loop: poll the stream
+                // again (registers for readiness) and arm the next timer, longer after a
+                // timed ask.
+                _ => {
+                    if timed {
+                        this.read.back_off(RECHECK_IDLE_MAX);
+                    }
+                }
             }
         }
     }

@@ -35,7 +35,7 @@ use tracing::debug;
 
 use crate::{
     ebpf::Maps,
-    transport::copy::{self, Relay},
+    transport::copy::{self, Reading, Relay},
 };
 
 /// How many of the proxy's writes may find its upstream socket not (yet) paired with a
@@ -258,18 +258,10 @@ impl Relay for Splicer {
 
     /// The pacer's: a connection that may take the kernel-only path leaves the SOCKHASH
     /// like any other until it does, and its reads meet the same mixed queues. (Before,
-    /// these three were the trait's defaults here, so with the kernel-only path on, the
+    /// these rules were the trait's defaults here, so with the kernel-only path on, the
     /// default, none of the copy's read rules for leaving applied.)
-    fn mixed_queues(&self) -> bool {
-        self.pacer.mixed_queues()
-    }
-
-    fn steps(&self) -> u64 {
-        self.pacer.steps()
-    }
-
-    fn rechecks_soon(&self) -> bool {
-        self.pacer.rechecks_soon()
+    fn reading(&self) -> Reading {
+        self.pacer.reading()
     }
 }
 
@@ -381,7 +373,7 @@ pub struct Pacer {
     sides: [Side; 2],
     phase: AtomicU8,
     /// Steps of leaving taken so far (its start, each socket out, its end), for
-    /// [`Relay::steps`].
+    /// [`Reading::steps`].
     steps: AtomicU64,
     /// While leaving: when to look next (microseconds after `started`), and the current
     /// wait between looks (0 after a step).
@@ -393,11 +385,9 @@ pub struct Pacer {
     /// writes), waiting out the doubled waits instead, the proxy socket facing the client
     /// left 300 to 500 ms after the client's socket, the longest step of a move by far.
     sweep_wait: AtomicU64,
-    /// Bytes relayed both ways as of the last look while leaving, and whether a socket that
-    /// waits for its verdict may ask for the release sweep at this look (nothing moved
-    /// since the last one, or the wait grew to [`SWEEP_WHILE_MOVING_US`]).
+    /// Bytes relayed both ways as of the last look while leaving: a look that finds them
+    /// unchanged may ask for the release sweep ([`SWEEP_WHILE_MOVING_US`]).
     relayed_at_look: AtomicU64,
-    may_sweep: AtomicBool,
     /// Signalled when leaving starts: from then on the copy also looks between writes, at
     /// the times `next_look` says (`Relay::tick`). Measured before (100 uploads of 64 B
     /// writes through the proxy): looking only at the proxy's writes, which come a few dozen
@@ -506,7 +496,6 @@ impl Pacer {
             wait: AtomicU64::new(0),
             sweep_wait: AtomicU64::new(0),
             relayed_at_look: AtomicU64::new(0),
-            may_sweep: AtomicBool::new(false),
             leaving: tokio::sync::Notify::new(),
             started: OnceLock::new(),
             leave_started: OnceLock::new(),
@@ -614,13 +603,11 @@ impl Pacer {
             .wrapping_add(self.sides[1].relayed.load(Ordering::Relaxed));
         let quiet = self.relayed_at_look.swap(relayed, Ordering::Relaxed) == relayed;
         let wait = self.wait.load(Ordering::Relaxed);
-        // Not at the first look (`wait` 0): a workload that writes gives its verdict within
-        // a millisecond.
-        self.may_sweep.store(
-            wait != 0 && (quiet || wait >= SWEEP_WHILE_MOVING_US),
-            Ordering::Relaxed,
-        );
-        let moved = self.advance(0) | self.advance(1);
+        // A socket that waits for its verdict may ask for the release sweep at this look:
+        // not at the first (`wait` 0: a workload that writes gives its verdict within a
+        // millisecond), and while bytes move only once the wait has grown.
+        let may_sweep = wait != 0 && (quiet || wait >= SWEEP_WHILE_MOVING_US);
+        let moved = self.advance(0, may_sweep) | self.advance(1, may_sweep);
         let done = self
             .sides
             .iter()
@@ -722,10 +709,11 @@ impl Pacer {
     }
 
     /// As many of steps 2 and 3 for side `i` as the kernel allows now (the proxy's socket may
-    /// follow its workload's at once: `read_all_before_stream`); true if a socket was removed.
-    fn advance(&self, i: usize) -> bool {
+    /// follow its workload's at once: `read_all_before_stream`); true if a socket was
+    /// removed. With `may_sweep`, a socket waiting for its verdict asks for the release sweep.
+    fn advance(&self, i: usize, may_sweep: bool) -> bool {
         let mut moved = false;
-        while self.leave_step(i) {
+        while self.leave_step(i, may_sweep) {
             moved = true;
             self.steps.fetch_add(1, Ordering::Relaxed);
         }
@@ -733,7 +721,7 @@ impl Pacer {
     }
 
     /// Steps 2 and 3 for side `i`; true if a socket was removed.
-    fn leave_step(&self, i: usize) -> bool {
+    fn leave_step(&self, i: usize, may_sweep: bool) -> bool {
         let side = &self.sides[i];
         let facing = self.facing(i);
         match side.step.load(Ordering::Relaxed) {
@@ -762,8 +750,8 @@ impl Pacer {
                     // segment (its sock_ops), the proxy's next write to it, or the release
                     // sweep (`release` on the proxy's socket), which is the only one for a
                     // workload that asked and then went quiet: a download's client, say,
-                    // whose proxy socket gets no writes either (`may_sweep`).
-                    if self.may_sweep.load(Ordering::Relaxed) {
+                    // whose proxy socket gets no writes either (`may_sweep`: see `look_leaving`).
+                    if may_sweep {
                         self.wait_for_sweep();
                     }
                     return false;
@@ -800,7 +788,7 @@ impl Pacer {
                     // The verdict comes with the proxy's next write to this workload, or
                     // from the release sweep for one that only sends (which gets none);
                     // a stream's leaves on the byte count above, as the copy catches up.
-                    if self.may_sweep.load(Ordering::Relaxed) {
+                    if may_sweep {
                         self.wait_for_sweep();
                     }
                     false
@@ -930,28 +918,27 @@ impl Relay for Pacer {
         }
     }
 
-    /// While leaving: a workload already out writes over TCP to the proxy's socket facing
-    /// it, which may still list bytes that workload redirected before.
-    fn mixed_queues(&self) -> bool {
-        self.phase.load(Ordering::Relaxed) == LEAVING
-    }
-
-    fn steps(&self) -> u64 {
-        self.steps.load(Ordering::Relaxed)
-    }
-
-    /// While watching a connection on the short-circuit (one of its directions found its
-    /// flow): a workload that asked to leave, or met the queue limit, writes on over TCP to
-    /// the proxy's socket, whose psock list may still hold what it redirected, until the
-    /// proxy notices at its next look (`mixed_queues`' case, before the relay knows).
-    /// Measured (`cargo xtask bench --streams-only`, 16 KiB x100): the timed rechecks found
-    /// such reads 3 to 18 times a run, each after the 50 ms first interval.
-    fn rechecks_soon(&self) -> bool {
-        self.phase.load(Ordering::Relaxed) == WATCHING
-            && self
-                .misses
-                .iter()
-                .any(|m| m.load(Ordering::Relaxed) == u32::MAX)
+    /// Mixed queues while leaving: a workload already out writes over TCP to the proxy's
+    /// socket facing it, which may still list bytes that workload redirected before.
+    ///
+    /// Rechecks soon while watching a connection on the short-circuit (one of its
+    /// directions found its flow): a workload that asked to leave, or met the queue limit,
+    /// writes on over TCP to the proxy's socket, whose psock list may still hold what it
+    /// redirected, until the proxy notices at its next look (the mixed queues above, before
+    /// the relay knows). Measured (`cargo xtask bench --streams-only`, 16 KiB x100): the
+    /// timed rechecks found such reads 3 to 18 times a run, each after the 50 ms first
+    /// interval.
+    fn reading(&self) -> Reading {
+        let phase = self.phase.load(Ordering::Relaxed);
+        Reading {
+            mixed_queues: phase == LEAVING,
+            rechecks_soon: phase == WATCHING
+                && self
+                    .misses
+                    .iter()
+                    .any(|m| m.load(Ordering::Relaxed) == u32::MAX),
+            steps: self.steps.load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -1202,27 +1202,20 @@ impl<'a> Bench<'a> {
                 .and_then(Value::as_f64)
                 .map(|ms| (conns as f64, ms)),
         );
-        if self.streams_only
-            && let Some(line) = timeline(&j)
-        {
-            let drain = j
-                .get("drain_ms_max")
-                .and_then(Value::as_f64)
-                .map(|ms| format!("; last count confirmed {ms:.0} ms after writing ended"))
-                .unwrap_or_default();
-            say(&format!(
-                "{scenario} stream {} x{conns}: Gbit/s written per {line}{drain}",
-                human(size)
-            ));
-        }
-        if self.streams_only
-            && let Some(drain) = j.get("drain_ms_max").and_then(Value::as_f64)
-            && drain > DRAIN_SHOWN_MS
-        {
-            say(&format!(
-                "{scenario} stream {} x{conns}: a connection confirmed its count {drain:.0} ms after writing ended (a stall?)",
-                human(size)
-            ));
+        if self.streams_only {
+            let run = format!("{scenario} stream {} x{conns}", human(size));
+            let drain = j.get("drain_ms_max").and_then(Value::as_f64);
+            if let Some(line) = timeline(&j) {
+                let drained = drain
+                    .map(|ms| format!("; last count confirmed {ms:.0} ms after writing ended"))
+                    .unwrap_or_default();
+                say(&format!("{run}: Gbit/s written per {line}{drained}"));
+            }
+            if let Some(drain) = drain.filter(|&ms| ms > DRAIN_SHOWN_MS) {
+                say(&format!(
+                    "{run}: a connection confirmed its count {drain:.0} ms after writing ended (a stall?)"
+                ));
+            }
         }
         let workload = format!("stream {} x{conns}", human(size));
         let sample = |metric: &str, unit: &'static str, value: f64| Sample {
