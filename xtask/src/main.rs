@@ -99,7 +99,7 @@ enum Command {
         long_about = "Measure every scenario side by side in one run on the same pods: direct \
         (no proxy), the proxy with eBPF interception (short-circuit off and on) and with iptables \
         interception, and HAProxy and nginx as TCP and HTTP proxies. Workloads: 1 B and 1 KiB \
-        ping-pong latency (pinned and unpinned), stream throughput by write size and \
+        ping-pong latency (pinned, split across CPUs, unpinned), stream throughput by write size and \
         concurrency, connection rate, HTTP/1.1 (wrk) and HTTP/2 (h2load) request rates, CPU \
         per GiB and per 10k requests, RSS. Prints a table of medians with ratios to direct and \
         writes target/bench/<time>/{results.json,results.csv,summary.md,*.svg}. Needs root. \

@@ -41,6 +41,17 @@ const HAPROXY_BASE: u16 = 10000;
 /// kernel-only path at each size) and all of them for the kernel-only path vs direct TCP
 /// (`report::short_circuit`).
 const PINNED_PINGPONG_SIZES: &[u64] = &[1, 64, 1024, 16384, 65536, 1 << 20];
+/// CPU the client of the "split" latency runs is pinned to, while the server and the proxy
+/// (or peer) stay on [`PIN_CPU`]: the pinned setup with the client moved. Unpinned, the
+/// scheduler places each scenario's processes its own way (measured: TCP through the proxy
+/// at 28 µs with all three on one CPU, 37 µs with two wake-ups crossing CPUs and 45 µs with
+/// all four, the per-hop short-circuit at 24, 31 and 37 µs), and the scenarios settled in
+/// different placements often enough that the unpinned row compared placements, not paths.
+/// Split is one fixed placement where every path pays a cross-CPU wake-up, as a client and a
+/// server of two pods on a real node do: the client's request crosses, and so does the reply.
+const SPLIT_CLIENT_CPU: &str = "1";
+/// Ping-pong sizes of the split latency runs.
+const SPLIT_PINGPONG_SIZES: &[u64] = &[1, 1024];
 const NGINX_BASE: u16 = 20000;
 
 #[derive(Clone, Debug)]
@@ -192,6 +203,13 @@ pub fn run(opts: Options) -> Result<std::path::PathBuf> {
     ])?;
     if !require_privileges()? {
         bail!("this machine lacks what the bench needs (see above)");
+    }
+    // The latency placements pin to CPU 0 (PIN_CPU) and CPU 1 (SPLIT_CLIENT_CPU).
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        bail!(
+            "the bench pins its latency runs to CPU {PIN_CPU} and CPU {SPLIT_CLIENT_CPU}, but this process may run on {cpus} CPU(s): run it on a machine (or with an affinity) that has at least 2 CPUs"
+        );
     }
     sh::cleanup_on_interrupt()?;
     let bins = Binaries {
@@ -750,13 +768,24 @@ impl<'a> Bench<'a> {
         let targets = self.targets(sc.kind);
         let peer = self.setup(sc, Some(PIN_CPU))?;
         let before = self.kernel_path_switches(sc);
-        let pinned = self.latency(
-            sc.name,
-            &targets.tcp_pinned,
-            "pinned",
-            true,
-            PINNED_PINGPONG_SIZES,
-        );
+        let pinned = self
+            .latency(
+                sc.name,
+                &targets.tcp_pinned,
+                "pinned",
+                Some(PIN_CPU),
+                PINNED_PINGPONG_SIZES,
+            )
+            .and_then(|mut v| {
+                v.extend(self.latency(
+                    sc.name,
+                    &targets.tcp_pinned,
+                    "split",
+                    Some(SPLIT_CLIENT_CPU),
+                    SPLIT_PINGPONG_SIZES,
+                )?);
+                Ok(v)
+            });
         let pinned_switches = since(before, self.kernel_path_switches(sc));
         self.teardown(sc, peer)?;
         let mut samples = pinned?;
@@ -922,7 +951,7 @@ impl<'a> Bench<'a> {
         scenario: &str,
         target: &str,
         label: &str,
-        pinned: bool,
+        client_cpus: Option<&str>,
         sizes: &[u64],
     ) -> Result<Vec<Sample>> {
         let mut out = Vec::new();
@@ -932,7 +961,7 @@ impl<'a> Bench<'a> {
             let warmup = (self.sizes.warmup / scale).max(5);
             for _ in 0..self.reps {
                 let j = self.meshbench_json(
-                    pinned,
+                    client_cpus,
                     &[
                         "pingpong",
                         "--connect",
@@ -972,7 +1001,7 @@ impl<'a> Bench<'a> {
         streams: Option<&Streams>,
     ) -> Result<(Vec<Sample>, RssTrace)> {
         // Latency unpinned (the pinned runs happened with the proxy pinned, see scenario()).
-        let mut out = self.latency(scenario, &t.tcp_unpinned, "unpinned", false, &[1, 1024])?;
+        let mut out = self.latency(scenario, &t.tcp_unpinned, "unpinned", None, &[1, 1024])?;
         let rss_idle = under.rss_kib();
         let sampler = RssSampler::start(scenario, under.pids());
 
@@ -1011,7 +1040,7 @@ impl<'a> Bench<'a> {
         // Connection rate: short connections, the per-connection cost of the hooks.
         for _ in 0..self.reps {
             let j = self.meshbench_json(
-                false,
+                None,
                 &[
                     "connrate",
                     "--connect",
@@ -1049,7 +1078,7 @@ impl<'a> Bench<'a> {
         // saturation point): HTTP/1.1 GETs at 1000 req/s over 10 keep-alive connections.
         for _ in 0..self.reps {
             let j = self.meshbench_json(
-                false,
+                None,
                 &[
                     "http",
                     "--url",
@@ -1131,7 +1160,7 @@ impl<'a> Bench<'a> {
                 })
             };
             let j = self.meshbench_json(
-                false,
+                None,
                 &[
                     "pingpong",
                     "--connect",
@@ -1182,7 +1211,7 @@ impl<'a> Bench<'a> {
     ) -> Result<[Sample; 2]> {
         let cpu0 = under.cpu_seconds();
         let j = self.meshbench_json(
-            false,
+            None,
             &[
                 "stream",
                 "--connect",
@@ -1455,13 +1484,14 @@ impl<'a> Bench<'a> {
     }
 
     /// Runs meshbench in the client pod and returns its final JSON line.
-    fn meshbench_json(&self, pinned: bool, args: &[&str]) -> Result<Value> {
-        let mut cmd = if pinned {
-            let mut c = self.client.command("taskset");
-            c.args(["-c", PIN_CPU]).arg(self.meshbench);
-            c
-        } else {
-            self.client.command(self.meshbench)
+    fn meshbench_json(&self, cpus: Option<&str>, args: &[&str]) -> Result<Value> {
+        let mut cmd = match cpus {
+            Some(cpus) => {
+                let mut c = self.client.command("taskset");
+                c.args(["-c", cpus]).arg(self.meshbench);
+                c
+            }
+            None => self.client.command(self.meshbench),
         };
         cmd.args(args);
         let o = run_bounded(cmd, Duration::from_secs(300))?;

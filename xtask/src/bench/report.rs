@@ -203,6 +203,7 @@ pub fn short_circuit(samples: &[Sample]) -> String {
         out.push_str("(some sizes are missing: a scenario did not produce them)\n");
     }
     out.push_str("(medians; xN = speed-up over plain TCP through the proxy in the same run, above 1 is faster)\n");
+    out.push_str(&placements(&rows, &mut adaptive, &mut kernel));
     adaptive.write(&mut out, "adaptive per-hop policy");
     kernel.write(&mut out, "kernel-only path");
     out.push_str(&kernel_path_switches(&rows));
@@ -341,6 +342,68 @@ impl Verdict {
             let _ = writeln!(out, "{who} >= plain TCP where measured{missing}");
         }
     }
+}
+
+/// Placements of the request/response comparison, as ping-pong workload labels (the bench's
+/// `latency` runs) with what each means.
+const PLACEMENTS: [(&str, &str); 3] = [
+    ("pinned", "client, server and proxy on CPU 0"),
+    ("split", "client on CPU 1, server and proxy on CPU 0"),
+    ("unpinned", "the scheduler's choice, per scenario"),
+];
+
+/// Request/response p50 at 1 B and 1 KiB in each placement, plain TCP through the proxy
+/// against the short-circuit policies. The split placement (a fixed cross-CPU wake-up for
+/// every path) also counts in the policies' verdicts where plain TCP has a figure for it;
+/// pinned latency counts in the size table already. Unpinned is shown, not judged: each
+/// scenario's processes settle where the scheduler puts them, and a path that settles with
+/// more wake-ups crossing CPUs pays about 4 µs for each on this VM, whatever the path.
+fn placements(rows: &[Row], adaptive: &mut Verdict, kernel: &mut Verdict) -> String {
+    let median = |scenario: &str, workload: &str| {
+        rows.iter()
+            .find(|r| r.scenario == scenario && r.workload == workload && r.metric == "p50_us")
+            .map(|r| r.median)
+            .filter(|v| v.is_finite() && *v > 0.0)
+    };
+    let mut out = String::new();
+    for (placement, what) in PLACEMENTS {
+        for (bytes, name) in [(1u64, "1B"), (1024, "1KiB")] {
+            let w = format!("pingpong {bytes}B {placement}");
+            let Some(tcp) = median(PLAIN, &w) else {
+                continue;
+            };
+            if out.is_empty() {
+                out.push_str(
+                    "request/response p50 by placement (us; xN = speed-up over plain TCP through the proxy)\n",
+                );
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:>10} {:>18} {:>18} {:>18}  placement",
+                    "workload", "TCP", "naive", "adaptive", "kernel"
+                );
+            }
+            let [n, a, k] = [NAIVE, ADAPTIVE, KERNEL].map(|sc| median(sc, &w));
+            let cell = |v: Option<f64>| match v {
+                Some(v) => format!("{} (x{:.2})", fmt(v), tcp / v),
+                None => "-".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<16} {:>10} {:>18} {:>18} {:>18}  {what}",
+                format!("{placement} {name}"),
+                fmt(tcp),
+                cell(n),
+                cell(a),
+                cell(k)
+            );
+            if placement == "split" {
+                let what = format!("latency {placement}");
+                adaptive.note(name, &what, a.map(|v| tcp / v));
+                kernel.note(name, &what, k.map(|v| tcp / v));
+            }
+        }
+    }
+    out
 }
 
 /// The kernel's count of directions that switched to the kernel-only path in each
@@ -646,7 +709,7 @@ pub fn write_all(dir: &Path, run: &Run<'_>) -> Result<()> {
     );
     let _ = writeln!(
         md,
-        "Method: {reps} repetition(s) per figure, medians shown with ratios to `direct` measured in the same run{}. Latency \"pinned\": client, server and proxy on CPU 0; \"unpinned\": scheduler's choice. Load generators run in the client pod and share the 2 CPUs with the proxy. Streams of {} are interleaved: for each size, every repetition runs each of them once (the proxy restarted for it), in an order rotated per repetition, so their ratios compare scenarios seconds apart rather than the machine's drift.\n",
+        "Method: {reps} repetition(s) per figure, medians shown with ratios to `direct` measured in the same run{}. Latency \"pinned\": client, server and proxy on CPU 0; \"split\": the client on CPU 1, server and proxy on CPU 0; \"unpinned\": scheduler's choice. Load generators run in the client pod and share the 2 CPUs with the proxy. Streams of {} are interleaved: for each size, every repetition runs each of them once (the proxy restarted for it), in an order rotated per repetition, so their ratios compare scenarios seconds apart rather than the machine's drift.\n",
         if quick {
             " (--quick: tiny counts, numbers are not meaningful)"
         } else {
@@ -1232,6 +1295,43 @@ mod tests {
         assert!(line_of(per_hop, "64B").is_empty(), "{t}");
         assert!(t.contains("some sizes are missing"), "{t}");
         assert!(t.contains("; no figure for 64B plain TCP\n"), "{t}");
+    }
+
+    #[test]
+    fn short_circuit_table_compares_placements_and_judges_the_split_one() {
+        let mut samples = short_circuit_samples();
+        let t = short_circuit(&samples);
+        // Only pinned figures: the pinned rows, no split verdict.
+        assert!(line_of(&t, "pinned").contains("40.00"), "{t}");
+        assert!(line_of(&t, "split").is_empty(), "{t}");
+        assert!(!t.contains("latency split"), "{t}");
+
+        let s = sample;
+        // Unpinned, the adaptive policy settled where it is slower than plain TCP.
+        for (sc, one, kib, unpinned) in [
+            ("ebpf", 36.0, 38.0, 28.0),
+            ("ebpf+sockmap", 30.0, 40.0, 37.0),
+            ("ebpf+kernel", 18.0, 19.0, 16.0),
+        ] {
+            samples.push(s(sc, "pingpong 1B split".into(), "p50_us", one));
+            samples.push(s(sc, "pingpong 1024B split".into(), "p50_us", kib));
+            samples.push(s(sc, "pingpong 1B unpinned".into(), "p50_us", unpinned));
+        }
+        let t = short_circuit(&samples);
+        let split = line_of(&t, "split");
+        for cell in ["36.00", "30.00 (x1.20)", "18.00 (x2.00)", "client on CPU 1"] {
+            assert!(split.contains(cell), "{cell} not in {split}\n{t}");
+        }
+        // The naive policy has no split figure: "-", not a missing-figure verdict.
+        assert!(split.contains(" - "), "{t}");
+        assert!(line_of(&t, "unpinned").contains("37.00 (x0.76)"), "{t}");
+        assert!(!t.contains("unpinned 1KiB"), "{t}");
+        assert!(
+            t.contains("adaptive per-hop policy SLOWER than plain TCP at: 64KiB throughput x0.75, 1KiB latency split x0.95\n"),
+            "{t}"
+        );
+        // Unpinned is shown, never judged.
+        assert!(!t.contains("latency unpinned"), "{t}");
     }
 
     #[test]
