@@ -50,6 +50,31 @@ const PINNED_PINGPONG_SIZES: &[u64] = &[1, 64, 1024, 16384, 65536, 1 << 20];
 /// Split is one fixed placement where every path pays a cross-CPU wake-up, as a client and a
 /// server of two pods on a real node do: the client's request crosses, and so does the reply.
 const SPLIT_CLIENT_CPU: &str = "1";
+/// Where a stream run connects, and the CPUs its client runs on (`None`: unpinned).
+#[derive(Clone, Copy)]
+struct Placed<'a> {
+    target: &'a str,
+    client_cpus: Option<&'a str>,
+}
+
+impl<'a> Placed<'a> {
+    fn unpinned(target: &'a str) -> Placed<'a> {
+        Placed {
+            target,
+            client_cpus: None,
+        }
+    }
+
+    /// The client on SPLIT_CLIENT_CPU; `target` must be the server pinned to PIN_CPU, and
+    /// the proxy (or peer) pinned there too.
+    fn split(target: &'a str) -> Placed<'a> {
+        Placed {
+            target,
+            client_cpus: Some(SPLIT_CLIENT_CPU),
+        }
+    }
+}
+
 /// Ping-pong sizes of the split latency runs.
 const SPLIT_PINGPONG_SIZES: &[u64] = &[1, 1024];
 const NGINX_BASE: u16 = 20000;
@@ -1015,7 +1040,7 @@ impl<'a> Bench<'a> {
                         for _ in 0..self.reps {
                             out.extend(self.stream(
                                 scenario,
-                                &t.tcp_unpinned,
+                                Placed::unpinned(&t.tcp_unpinned),
                                 size,
                                 conns,
                                 under,
@@ -1203,15 +1228,19 @@ impl<'a> Bench<'a> {
     fn stream(
         &self,
         scenario: &str,
-        target: &str,
+        to: Placed<'_>,
         size: u64,
         conns: u64,
         under: &UnderTest<'_>,
         totals: &mut StreamTotals,
     ) -> Result<[Sample; 2]> {
+        let Placed {
+            target,
+            client_cpus,
+        } = to;
         let cpu0 = under.cpu_seconds();
         let j = self.meshbench_json(
-            None,
+            client_cpus,
             &[
                 "stream",
                 "--connect",
@@ -1231,8 +1260,14 @@ impl<'a> Bench<'a> {
                 .and_then(Value::as_f64)
                 .map(|ms| (conns as f64, ms)),
         );
+        // The split placement of latency (SPLIT_CLIENT_CPU) for one connection: unpinned,
+        // one stream settles in one of a few placements that run it at 11 to 19 Gbit/s here
+        // whatever the path, so a scenario's unpinned x1 figure says as much about where it
+        // landed as about its path.
+        let placement = if client_cpus.is_some() { " split" } else { "" };
+        let workload = format!("stream {} x{conns}{placement}", human(size));
         if self.streams_only {
-            let run = format!("{scenario} stream {} x{conns}", human(size));
+            let run = format!("{scenario} {workload}");
             let drain = j.get("drain_ms_max").and_then(Value::as_f64);
             if let Some(line) = timeline(&j) {
                 let drained = drain
@@ -1246,7 +1281,6 @@ impl<'a> Bench<'a> {
                 ));
             }
         }
-        let workload = format!("stream {} x{conns}", human(size));
         let sample = |metric: &str, unit: &'static str, value: f64| Sample {
             scenario: scenario.to_string(),
             workload: workload.clone(),
@@ -1450,11 +1484,18 @@ impl<'a> Bench<'a> {
                             .stream_conns
                             .iter()
                             .map(|&conns| {
-                                self.stream(sc.name, &targets.tcp_unpinned, size, conns, &under, t)
+                                self.stream(
+                                    sc.name,
+                                    Placed::unpinned(&targets.tcp_unpinned),
+                                    size,
+                                    conns,
+                                    &under,
+                                    t,
+                                )
                             })
                             .collect::<Result<Vec<_>>>()
                     };
-                    let switches = since(before, self.kernel_path_switches(&sc));
+                    let mut switches = since(before, self.kernel_path_switches(&sc));
                     if self.streams_only {
                         let waits = totals
                             .get_mut(sc.name)
@@ -1463,7 +1504,30 @@ impl<'a> Bench<'a> {
                         self.say_decisions(&sc, size, counters, &waits);
                     }
                     self.teardown(&sc, peer)?;
-                    let runs = runs.with_context(|| format!("scenario {}", sc.name))?;
+                    let mut runs = runs.with_context(|| format!("scenario {}", sc.name))?;
+                    if self.sizes.stream_conns.contains(&1) {
+                        // One connection again in the split placement: the server (on the
+                        // pinned port) and the proxy (or peer) on PIN_CPU, the client on
+                        // SPLIT_CLIENT_CPU. Its CPU stays out of the CPU-per-GiB totals,
+                        // which compare the unpinned runs.
+                        let peer = self.setup(&sc, Some(PIN_CPU))?;
+                        let before = self.kernel_path_switches(&sc);
+                        let run = {
+                            let under = self.under_test(peer.as_ref(), sc.kind);
+                            self.stream(
+                                sc.name,
+                                Placed::split(&targets.tcp_pinned),
+                                size,
+                                1,
+                                &under,
+                                &mut StreamTotals::default(),
+                            )
+                        };
+                        let split = since(before, self.kernel_path_switches(&sc));
+                        switches = switches.zip(split).map(|(a, b)| a + b);
+                        self.teardown(&sc, peer)?;
+                        runs.push(run.with_context(|| format!("scenario {}", sc.name))?);
+                    }
                     let entry = done.entry(sc.name).or_insert_with(|| Streams {
                         samples: Vec::new(),
                         switches: Some(0),

@@ -235,7 +235,7 @@ pub fn streams_vs_plain(samples: &[Sample]) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<16} {:>11} {:>18} {:>18} {:>18}",
+        "{:<22} {:>11} {:>18} {:>18} {:>18}",
         "workload", "TCP Gbit/s", "adaptive", "kernel", "naive"
     );
     // Per policy (adaptive, kernel-only path): where it is slower, and whether it was measured.
@@ -270,7 +270,7 @@ pub fn streams_vs_plain(samples: &[Sample]) -> String {
         };
         let _ = writeln!(
             out,
-            "{w:<16} {:>11} {:>18} {:>18} {:>18}",
+            "{w:<22} {:>11} {:>18} {:>18} {:>18}",
             fmt(median(plain)),
             cell(a),
             cell(k),
