@@ -717,7 +717,7 @@ pub fn write_all(dir: &Path, run: &Run<'_>) -> Result<()> {
         },
         super::SCENARIOS
             .iter()
-            .filter(|s| s.interleaved)
+            .filter(|s| s.interleaved && samples.iter().any(|x| x.scenario == s.name))
             .map(|s| s.name)
             .collect::<Vec<_>>()
             .join(", ")
