@@ -50,6 +50,8 @@ const PINNED_PINGPONG_SIZES: &[u64] = &[1, 64, 1024, 16384, 65536, 1 << 20];
 /// Split is one fixed placement where every path pays a cross-CPU wake-up, as a client and a
 /// server of two pods on a real node do: the client's request crosses, and so does the reply.
 const SPLIT_CLIENT_CPU: &str = "1";
+/// Ping-pong sizes of the split latency runs.
+const SPLIT_PINGPONG_SIZES: &[u64] = &[1, 1024];
 /// Where a stream run connects, and the CPUs its client runs on (`None`: unpinned).
 #[derive(Clone, Copy)]
 struct Placed<'a> {
@@ -75,8 +77,6 @@ impl<'a> Placed<'a> {
     }
 }
 
-/// Ping-pong sizes of the split latency runs.
-const SPLIT_PINGPONG_SIZES: &[u64] = &[1, 1024];
 const NGINX_BASE: u16 = 20000;
 
 #[derive(Clone, Debug)]
