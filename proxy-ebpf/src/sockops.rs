@@ -163,11 +163,13 @@ pub fn handle(ctx: &SockOpsContext, side: Side) {
             // PASSIVE_ESTABLISHED: a server socket. Only pair it if the proxy connected to it
             // (and then the proxy's side already checked the excluded ports).
             let plain = key.without_netns();
-            // SAFETY: only tested for presence.
-            if !sockmap || unsafe { MESH_EXPECT.get(plain) }.is_none() {
+            // The delete is the claim: the proxy deletes the same entry when it finds its
+            // socket unpaired (`Maps::release_unpaired`) and then takes that socket out of
+            // the SOCKHASH. Exactly one delete succeeds, so a server never pairs with a
+            // proxy socket that left, whose short-circuit queue would be dropped with it.
+            if !sockmap || MESH_EXPECT.remove(plain).is_err() {
                 return;
             }
-            let _ = MESH_EXPECT.remove(plain);
             if carried_early_data(ctx, op) {
                 return;
             }

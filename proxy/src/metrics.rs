@@ -367,6 +367,11 @@ impl Metrics {
             Unit::Seconds,
             m.leave_socket.clone(),
         );
+        r.register(
+            "tcp_short_circuit_unpaired_released",
+            "The proxy's upstream sockets taken out of the SOCKHASH because no workload on this node paired with them (a server on another node or outside the mesh), once the server had sent its first bytes: in the SOCKHASH every send on them took the short-circuit's slower send path for nothing",
+            crate::ebpf::released_unpaired().clone(),
+        );
         let sweeps = crate::ebpf::sweep::counts();
         r.register(
             "tcp_short_circuit_release_sweeps",
@@ -1143,7 +1148,8 @@ mod tests {
         // The release sweeps' count and time (ebpf::sweep), shown before any ran.
         assert!(
             text.contains("mesh_tcp_short_circuit_release_sweeps_total ")
-                && text.contains("mesh_tcp_short_circuit_release_sweep_seconds_total "),
+                && text.contains("mesh_tcp_short_circuit_release_sweep_seconds_total ")
+                && text.contains("mesh_tcp_short_circuit_unpaired_released_total "),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");

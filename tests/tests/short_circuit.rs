@@ -11,7 +11,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use tests::{Background, Binaries, Node, Pod, ProxyOptions, require_privileges, run_bounded};
+use tests::{
+    Background, Binaries, Node, Pod, ProxyOptions, metric_sum, require_privileges, run_bounded,
+};
 
 const PORT: u16 = 8090;
 const LIMIT: Duration = Duration::from_secs(300);
@@ -1001,6 +1003,80 @@ fn truly_blocking_waitall_request_response_never_stalls() -> Result<()> {
     ensure!(
         p.counter("sockhash_inserted")? - inserted >= 4 * 150,
         "the blocking programs' sockets did not enter the SOCKHASH: the test would not show a stall"
+    );
+    Ok(())
+}
+
+/// The proxy's upstream socket enters the SOCKHASH at connect (its server may be a workload
+/// on this node, which pairs with it when it accepts). When none does (a server on another
+/// node or outside the mesh: here, one in the server's namespace but outside the workload
+/// cgroups), the socket leaves the SOCKHASH once the server has sent its first bytes, since
+/// every send on it took the short-circuit's slower send path for nothing; the server's
+/// sock_ops and the proxy claim the pairing with one delete each, so a socket that left
+/// never gets a peer. Request/response stays intact either way, and a workload server's
+/// socket stays paired.
+#[test]
+fn an_upstream_socket_no_workload_pairs_with_leaves_the_sockhash() -> Result<()> {
+    require!();
+    // meshtest's rr client and server block: let their sockets on.
+    let opts = ProxyOptions {
+        extra_args: vec!["--sockmap-blocking-sockets".into(), "on".into()],
+        ..ProxyOptions::default()
+    };
+    let mut p = Pair::new(&opts, false)?;
+    let released = |p: &Pair| -> Result<f64> {
+        Ok(metric_sum(
+            &p.node.admin_metrics()?,
+            "mesh_tcp_short_circuit_unpaired_released_total",
+            &[],
+        ))
+    };
+    let rr = [
+        "rr",
+        "--connections",
+        "20",
+        "--concurrency",
+        "5",
+        "--requests",
+        "50",
+        "--size",
+        "1000",
+    ];
+
+    // A server outside the workload cgroups: its sockets run no sock_ops.
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", p.server_pod.netns))
+        .arg("--")
+        .arg(&p.node.bins.meshtest)
+        .args(["rr-serve", "--listen", &format!("[::]:{PORT}")]);
+    let mut outside = Background::spawn(cmd, p.node.scratch.join("outside.out"))?;
+    outside.wait_for("listening")?;
+    let before = released(&p)?;
+    let out = p.run_client(&rr).context("to a server outside the mesh")?;
+    ensure!(out.contains("\"mismatches\":0"), "{out}");
+    let left = released(&p)? - before;
+    ensure!(
+        left == 20.0,
+        "{left} upstream sockets left the SOCKHASH for 20 connections to a server outside the mesh (expected 20)"
+    );
+    drop(outside);
+
+    // A workload server pairs: its proxy socket stays.
+    p.serve(&["rr-serve"])?;
+    let before = released(&p)?;
+    let moved =
+        |p: &Pair| -> Result<u64> { Ok(p.counter("msg_redirected")? + p.counter("msg_direct")?) };
+    let redirected = moved(&p)?;
+    let out = p.run_client(&rr).context("to a workload server")?;
+    ensure!(out.contains("\"mismatches\":0"), "{out}");
+    let left = released(&p)? - before;
+    ensure!(
+        left == 0.0,
+        "{left} upstream sockets paired with a workload server left the SOCKHASH"
+    );
+    ensure!(
+        moved(&p)? > redirected,
+        "nothing was redirected to the workload server: the test shows nothing"
     );
     Ok(())
 }

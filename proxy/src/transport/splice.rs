@@ -404,6 +404,9 @@ pub struct Pacer {
     /// From the workload's ask (its `Flow::asked_ns`, the kernel's clock) to the start of
     /// leaving: how long the proxy took to notice.
     leave_noticed: OnceLock<Duration>,
+    /// Whether the upstream socket's pairing was settled (the first bytes from upstream):
+    /// see `relayed`.
+    pairing_known: AtomicBool,
 }
 
 /// The sockets of a connection in [`LeaveTimes::out`]'s order, as the label of
@@ -500,6 +503,7 @@ impl Pacer {
             started: OnceLock::new(),
             leave_started: OnceLock::new(),
             leave_noticed: OnceLock::new(),
+            pairing_known: AtomicBool::new(false),
         }
     }
 
@@ -880,6 +884,14 @@ impl Pacer {
 impl Relay for Pacer {
     fn relayed(&self, to_upstream: bool, total: u64, waited: bool) -> Option<Duration> {
         self.started.get_or_init(Instant::now);
+        if !to_upstream && !self.pairing_known.swap(true, Ordering::Relaxed) {
+            // The server has sent bytes, so it accepted the connection: its sock_ops ran
+            // and paired with our upstream socket if it ever will. If it did not (a server
+            // on another node, or outside the mesh), that socket leaves the SOCKHASH here
+            // (`Maps::release_unpaired`). Asked no earlier: a server's pairing may lag our
+            // connect when softirq runs on another CPU, and asking first would keep it off.
+            self.maps.release_unpaired(&self.outbound);
+        }
         let pause = self.held(to_upstream);
         // The workload whose bytes these are is held back by the reader on the other side
         // (a paced or waiting write), not by the proxy's speed: leaving would not help it.
