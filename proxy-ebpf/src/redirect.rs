@@ -970,8 +970,8 @@ fn resumable(flow: &Flow) -> bool {
 /// running this program again (`bpf_msg_apply_bytes`). Counters then stop seeing those
 /// messages. The socket still pays the psock's send path (`tcp_bpf_sendmsg` copies each
 /// send into an sk_msg and pushes it as page fragments) while it stays in the SOCKHASH:
-/// measured 41-54 µs per small send against 12-16 µs on plain TCP, which is why the proxy
-/// takes its unpaired upstream sockets out (`Maps::release_unpaired`).
+/// measured 41-54 µs per small send against 12-16 µs on plain TCP (under `perf trace`),
+/// which is why the proxy takes its unpaired upstream sockets out (`Maps::release_unpaired`).
 #[inline(always)]
 fn stop_judging(ctx: &SkMsgContext) {
     // SAFETY: ctx.msg is the context pointer; the helper only sets the psock's apply_bytes.
