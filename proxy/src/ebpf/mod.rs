@@ -545,7 +545,7 @@ impl Maps {
     /// such a socket gained nothing and every send of the proxy's on it took the
     /// short-circuit's send path (`tcp_bpf_sendmsg`: measured 41-54 µs per small send
     /// against 12-16 µs on plain TCP, under `perf trace`; HTTP/1.1 at 1000 req/s to a
-    /// server outside the mesh, p50 130-175 µs against 116-124 µs).
+    /// server outside the mesh, p50 130-178 µs against 116-124 µs).
     ///
     /// Safe because it claims the server's side first: it deletes the `MESH_EXPECT` entry
     /// the proxy's sock_ops left for the server's, and only a successful delete lets the
